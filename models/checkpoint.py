@@ -1,0 +1,275 @@
+"""Checkpoints in the Hugging Face layout, plus `edgesmith.json` for lineage and versions.
+
+A checkpoint directory holds `config.json` (HF Llama fields), `model.safetensors` (HF tensor
+names), `tokenizer.json` + `tokenizer_config.json`, and `edgesmith.json`. `transformers`
+loads an unquantized one as it is. Writes go to a temporary directory renamed into place, so a
+crash never leaves half a checkpoint; reads verify the weights' sha256 and name the file at fault.
+Nothing is loaded with pickle. This module does not train, quantize or export.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from models.errors import EdgesmithError
+from models.llama import ModelConfig, Transformer
+from models.tokenizer import Tokenizer
+from models.version import versions
+
+FORMAT = "edgesmith-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- HF config mapping
+
+
+def to_hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+
+
+# Fields of a HF Llama config our model cannot represent, with the one value it can.
+_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_scaling": None}
+
+
+def from_hf_config(d: dict, source: str) -> ModelConfig:
+    """Map a HF Llama config.json to ModelConfig; name the field when ours cannot represent it."""
+    model_type = d.get("model_type")
+    if model_type != "llama":
+        raise EdgesmithError(f"{source}: model_type={model_type!r} is not supported; allowed: 'llama'")
+    for key, allowed in _FIXED.items():
+        if d.get(key, allowed) != allowed:
+            raise EdgesmithError(f"{source}: {key}={d[key]!r} is not supported; allowed: {allowed!r}")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    for key in required:
+        if key not in d:
+            raise EdgesmithError(f"{source}: missing field {key!r}")
+    heads = d["num_attention_heads"]
+    head_dim = d.get("head_dim") or d["hidden_size"] // heads
+    if head_dim * heads != d["hidden_size"]:
+        raise EdgesmithError(f"{source}: head_dim={head_dim} is not supported; allowed: hidden_size / "
+                             f"num_attention_heads = {d['hidden_size'] // heads}")
+    try:
+        return ModelConfig(
+            vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
+            n_heads=heads, n_kv_heads=d.get("num_key_value_heads") or heads, ffn_dim=d["intermediate_size"],
+            max_seq_len=d.get("max_position_embeddings", 2048), rope_theta=float(d.get("rope_theta", 10000.0)),
+            norm_eps=float(d.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        )
+    except EdgesmithError as e:
+        raise EdgesmithError(f"{source}: {e}") from None
+
+
+def hf_name(name: str) -> str:
+    """Our state-dict key -> the HF LlamaForCausalLM key."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small file through a temporary name, so readers never see half of it."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished directory into place; an existing one is swapped out, then deleted."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def temp_dir_for(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def child_lineage(parent: Checkpoint | None, step: dict) -> dict:
+    """Lineage of a checkpoint made from `parent` (None: made from scratch) by one more step."""
+    passes = list(parent.meta["lineage"]["passes"]) if parent else []
+    return {"parent": str(parent.path) if parent else None, "passes": passes + [step]}
+
+
+def save_checkpoint(model: Transformer, tokenizer: Tokenizer, out: str | Path, lineage: dict) -> Path:
+    """Write a checkpoint directory atomically; returns its path."""
+    out = Path(out)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise EdgesmithError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                             f"{model.config.vocab_size}")
+    tmp = temp_dir_for(out)
+    try:
+        state = model.state_dict()
+        if model.config.tie_embeddings:
+            state.pop("lm_head.weight")  # HF stores a tied head once, as the embedding
+        tensors = {hf_name(k): v.detach().contiguous().cpu() for k, v in state.items()}
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        dtype = model.embed_tokens.weight.dtype
+        (tmp / "config.json").write_text(json.dumps(to_hf_config(model.config, tokenizer, dtype), indent=2) + "\n")
+        tokenizer.save(tmp)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "num_params": model.num_params(),
+            "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
+            "files": {WEIGHTS: {"sha256": sha256_file(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}},
+            "quantization": None,
+            "lineage": lineage,
+            "versions": versions(),
+        }
+        (tmp / "edgesmith.json").write_text(json.dumps(meta, indent=2) + "\n")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: ModelConfig
+    tokenizer: Tokenizer
+    meta: dict = field(default_factory=dict)
+    model: Transformer | None = None
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise EdgesmithError(f"{path}: missing")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgesmithError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise EdgesmithError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a truncated or corrupt file fails with one line naming it."""
+    if not path.is_file():
+        raise EdgesmithError(f"{path}: missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise EdgesmithError(f"{path}: truncated or corrupt safetensors file ({str(e).strip()})") from None
+
+
+def load_state_dict_(model: Transformer, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy HF-named tensors into the model, naming any missing, unexpected or mis-shaped tensor."""
+    expected = model.state_dict()
+    if model.config.tie_embeddings:
+        expected.pop("lm_head.weight")
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}  # some writers store it anyway
+    by_hf = {hf_name(k): k for k in expected}
+    for name in tensors:
+        if name not in by_hf and not name.endswith("rotary_emb.inv_freq"):
+            raise EdgesmithError(f"{source}: unexpected tensor {name!r}")
+    state = {}
+    for name, ours in by_hf.items():
+        if name not in tensors:
+            raise EdgesmithError(f"{source}: missing tensor {name!r}")
+        t = tensors[name]
+        if tuple(t.shape) != tuple(expected[ours].shape):
+            raise EdgesmithError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, "
+                                 f"expected {tuple(expected[ours].shape)}")
+        state[ours] = t
+    model.load_state_dict(state, strict=False, assign=False)
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, with_model: bool = True) -> Checkpoint:
+    """Read a checkpoint directory, verify it, and build the model (unless `with_model=False`)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise EdgesmithError(f"{path}: not a checkpoint directory (no such directory)")
+    meta = read_json(path / "edgesmith.json")
+    if meta.get("format") != FORMAT:
+        raise EdgesmithError(f"{path / 'edgesmith.json'}: not an edgesmith checkpoint (format={meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EdgesmithError(f"{path / 'edgesmith.json'}: format_version={meta.get('format_version')!r} is not "
+                             f"supported; allowed: {FORMAT_VERSION}")
+    config = from_hf_config(read_json(path / "config.json"), str(path / "config.json"))
+    tokenizer = Tokenizer.load(path)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise EdgesmithError(f"{path / 'tokenizer.json'}: {tokenizer.vocab_size} tokens but config.json "
+                             f"vocab_size is {config.vocab_size}")
+    ckpt = Checkpoint(path=path, config=config, tokenizer=tokenizer, meta=meta)
+    if with_model:
+        ckpt.model = build_model(path, config, meta, dtype)
+    return ckpt
+
+
+def build_model(path: Path, config: ModelConfig, meta: dict, dtype: torch.dtype) -> Transformer:
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise EdgesmithError(f"{weights}: missing")
+    recorded = meta.get("files", {}).get(WEIGHTS, {})
+    if recorded.get("bytes") is not None and weights.stat().st_size != recorded["bytes"]:
+        raise EdgesmithError(f"{weights}: {weights.stat().st_size} bytes, edgesmith.json records "
+                             f"{recorded['bytes']} (truncated or replaced)")
+    if recorded.get("sha256") and sha256_file(weights) != recorded["sha256"]:
+        raise EdgesmithError(f"{weights}: sha256 does not match edgesmith.json (corrupt or replaced)")
+    tensors = read_safetensors(weights)
+    model = Transformer(config)
+    load_state_dict_(model, tensors, weights)
+    return model.to(dtype).eval()

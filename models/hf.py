@@ -1,0 +1,56 @@
+"""Import a Llama directory saved by Hugging Face `transformers` as an edgesmith checkpoint.
+
+Reads `config.json`, the safetensors weights (one file or shards with an index) and
+`tokenizer.json`; refuses pickle weights. Exporting the other way needs no code: our checkpoints
+are already in the HF layout. This module does not import `transformers`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.checkpoint import (from_hf_config, load_state_dict_, read_json, read_safetensors,
+                               save_checkpoint, sha256_file)
+from models.errors import EdgesmithError
+from models.llama import Transformer
+from models.tokenizer import Tokenizer
+
+
+def read_hf_weights(src: Path) -> dict:
+    single, index = src / "model.safetensors", src / "model.safetensors.index.json"
+    if single.is_file():
+        return read_safetensors(single)
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise EdgesmithError(f"{index}: no 'weight_map' object")
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(read_safetensors(src / shard))
+        return tensors
+    pickles = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
+    if pickles:
+        raise EdgesmithError(f"{src / pickles[0]}: pickle weights are never loaded; re-save the model with "
+                             "save_pretrained(..., safe_serialization=True)")
+    raise EdgesmithError(f"{single}: missing (no safetensors weights in {src})")
+
+
+def import_hf(src: str | Path, out: str | Path) -> Path:
+    """Convert a transformers-saved Llama directory into a checkpoint at `out`."""
+    src = Path(src)
+    if not src.is_dir():
+        raise EdgesmithError(f"{src}: no such directory")
+    config = from_hf_config(read_json(src / "config.json"), str(src / "config.json"))
+    tokenizer = Tokenizer.load(src)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise EdgesmithError(f"{src / 'tokenizer.json'}: {tokenizer.vocab_size} tokens but config.json "
+                             f"vocab_size is {config.vocab_size}")
+    tensors = read_hf_weights(src)
+    model = Transformer(config)
+    load_state_dict_(model, tensors, src)
+    dtype = next(iter(tensors.values())).dtype
+    model = model.to(dtype)
+    step = {"kind": "import-hf", "source": str(src.resolve()),
+            "config_sha256": sha256_file(src / "config.json")}
+    return save_checkpoint(model, tokenizer, out, lineage={"parent": None, "passes": [step]})
+

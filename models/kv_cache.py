@@ -1,0 +1,35 @@
+"""Static KV cache: preallocated buffers written by index, never grown.
+
+Shapes stay fixed at `(B, n_kv_heads, max_seq, head_dim)` so the same module trains, compiles
+and exports (the gpt-fast / ExecuTorch layout). This module does not decide what is valid to
+attend to; the attention mask built from `input_pos` does.
+"""
+
+import torch
+from torch import nn
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        # persistent=False: the cache is state of a run, not of the model, so it stays out of checkpoints.
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k_cache.shape[2]
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v `(B, n_kv, T, hd)` at positions `input_pos` `(T,)`; return the whole cache."""
+        B = k.shape[0]
+        k_out, v_out = self.k_cache[:B], self.v_cache[:B]
+        k_out[:, :, input_pos] = k.to(k_out.dtype)
+        v_out[:, :, input_pos] = v.to(v_out.dtype)
+        return k_out, v_out
+
+    def reset(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()

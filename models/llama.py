@@ -1,0 +1,244 @@
+"""The one model: a Llama-compatible decoder with a static KV cache.
+
+RMSNorm, rotary embeddings (Hugging Face's rotate-half convention, so HF Llama weights load with
+no permutation), grouped-query attention, SwiGLU MLP, optional tied embeddings. Module names mirror
+`transformers.LlamaForCausalLM` (`layers.0.self_attn.q_proj`, ...) so a checkpoint key is ours with
+`model.` in front. Training, compression, export and the torch runtime all use this definition;
+backend variants are module swaps applied by a pass. This module knows nothing about tokenizers,
+files or devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.errors import EdgesmithError
+from models.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 2048
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 384
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise EdgesmithError(f"ModelConfig.{name}: {value!r} must be a positive integer")
+        for name in ("dim", "ffn_dim"):
+            if getattr(self, name) % 32:
+                raise EdgesmithError(
+                    f"ModelConfig.{name}: {getattr(self, name)} is not a multiple of 32 "
+                    "(quantization blocks are 32 wide)")
+        if self.dim % self.n_heads:
+            raise EdgesmithError(f"ModelConfig.n_heads: {self.n_heads} does not divide dim {self.dim}; "
+                                 f"allowed: {_divisors(self.dim)}")
+        if self.n_heads % self.n_kv_heads:
+            raise EdgesmithError(f"ModelConfig.n_kv_heads: {self.n_kv_heads} does not divide n_heads "
+                                 f"{self.n_heads}; allowed: {_divisors(self.n_heads)}")
+        if self.head_dim % 2:
+            raise EdgesmithError(f"ModelConfig.n_heads: head_dim {self.head_dim} must be even for rotary embeddings")
+        if not self.rope_theta > 0:
+            raise EdgesmithError(f"ModelConfig.rope_theta: {self.rope_theta!r} must be positive")
+        if not 0 < self.norm_eps < 1:
+            raise EdgesmithError(f"ModelConfig.norm_eps: {self.norm_eps!r} must be in (0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> ModelConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise EdgesmithError(f"{source}: unknown ModelConfig field {unknown[0]!r}; allowed: {', '.join(sorted(fields))}")
+        return cls(**d)
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(i) for i in range(1, n + 1) if n % i == 0)
+
+
+SIZES: dict[str, ModelConfig] = {
+    "nano": ModelConfig(vocab_size=2048, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384),
+    "micro": ModelConfig(vocab_size=4096, dim=256, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=768),
+    "small": ModelConfig(vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1536),
+}
+
+
+def config_for(size: str) -> ModelConfig:
+    if size not in SIZES:
+        raise EdgesmithError(f"unknown model size {size!r}; allowed: {', '.join(SIZES)}")
+    return SIZES[size]
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, exactly as HF LlamaRMSNorm does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables `(max_seq_len, head_dim)` in HF's layout: frequencies repeated in halves."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.int64).float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x `(B, nh, T, hd)`, cos/sin `(T, hd)`: rotate the two halves of each head."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
+        n_rep = self.n_heads // self.n_kv_heads
+        if n_rep > 1:
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.causal_mask: torch.Tensor | None = None
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+
+    def setup_cache(self, batch_size: int = 1, max_seq_len: int | None = None, dtype: torch.dtype | None = None):
+        """Preallocate the KV cache of every layer; `forward(..., input_pos)` then reads and writes it."""
+        S = max_seq_len or self.config.max_seq_len
+        if S > self.config.max_seq_len:
+            raise EdgesmithError(f"max_seq_len {S} exceeds the model's max_seq_len {self.config.max_seq_len}")
+        dtype = dtype or self.embed_tokens.weight.dtype
+        device = self.embed_tokens.weight.device
+        for layer in self.layers:
+            attn = layer.self_attn
+            attn.kv_cache = KVCache(batch_size, attn.n_kv_heads, S, attn.head_dim, dtype).to(device)
+        self.causal_mask = torch.tril(torch.ones(S, S, dtype=torch.bool, device=device))
+
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            if layer.self_attn.kv_cache is not None:
+                layer.self_attn.kv_cache.reset()
+
+    @property
+    def cache_len(self) -> int:
+        """Positions the cache holds (0 when no cache is set up)."""
+        return 0 if self.causal_mask is None else self.causal_mask.shape[0]
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens `(B, T)` -> logits `(B, T, vocab)`.
+
+        `input_pos=None` is a full causal forward that touches no cache (training, evaluation).
+        With `input_pos` `(T,)` the call is a prefill of T tokens or a one-token decode: keys and
+        values are written into the static cache at those positions and attention reads the cache.
+        """
+        B, T = tokens.shape
+        x = self.embed_tokens(tokens)
+        if input_pos is None:
+            if T > self.config.max_seq_len:
+                raise EdgesmithError(f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+            cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
+        else:
+            if self.causal_mask is None:
+                raise EdgesmithError("forward with input_pos needs a KV cache: call setup_cache() first")
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+            mask = self.causal_mask[input_pos].view(1, 1, T, -1)  # (1, 1, T, S): key j visible iff j <= pos
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, mask)
+        return self.lm_head(self.norm(x))
+

@@ -1,0 +1,1 @@
+"""Training. For now one plain single-process loop (`simple.py`); the distributed trainer replaces it."""
