@@ -22,7 +22,7 @@ from toolchain.data import get_batch
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 16
     seq_len: int = 256
     lr: float = 3e-3
