@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from models.errors import EdgesmithError
 from models.llama import ModelConfig, Transformer
+from models.quant import QuantizedLinear, apply_quantization_meta_, quantization_meta
 from models.tokenizer import Tokenizer
 from models.version import versions
 
@@ -145,8 +146,14 @@ def child_lineage(parent: Checkpoint | None, step: dict) -> dict:
     return {"parent": str(parent.path) if parent else None, "passes": passes + [step]}
 
 
-def save_checkpoint(model: Transformer, tokenizer: Tokenizer, out: str | Path, lineage: dict) -> Path:
-    """Write a checkpoint directory atomically; returns its path."""
+def save_checkpoint(model: Transformer, tokenizer: Tokenizer, out: str | Path, lineage: dict,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """Write a checkpoint directory atomically; returns its path.
+
+    A quantized model (models/quant.py modules) stores `<hf name>.qweight` (int8) and `<hf name>.scales`
+    (float16) and its scheme in edgesmith.json "quantization"; `extra_files` (name -> text, e.g. a
+    compression report) are written inside the same atomic directory.
+    """
     out = Path(out)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise EdgesmithError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
@@ -165,14 +172,17 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer, out: str | Path, l
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "num_params": model.num_params(),
+            "num_params": model.num_params() + sum(m.qweight.numel() for m in model.modules()
+                                                   if isinstance(m, QuantizedLinear)),
             "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
             "files": {WEIGHTS: {"sha256": sha256_file(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}},
-            "quantization": None,
+            "quantization": quantization_meta(model),
             "lineage": lineage,
             "versions": versions(),
         }
         (tmp / "edgesmith.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -271,5 +281,6 @@ def build_model(path: Path, config: ModelConfig, meta: dict, dtype: torch.dtype)
         raise EdgesmithError(f"{weights}: sha256 does not match edgesmith.json (corrupt or replaced)")
     tensors = read_safetensors(weights)
     model = Transformer(config)
+    apply_quantization_meta_(model, meta.get("quantization"), str(path / "edgesmith.json"))
     load_state_dict_(model, tensors, weights)
     return model.to(dtype).eval()

@@ -33,3 +33,47 @@ class KVCache(nn.Module):
     def reset(self) -> None:
         self.k_cache.zero_()
         self.v_cache.zero_()
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x `(B, n_kv, T, hd)`, scale `(n_kv,)` -> int8 codes, round half away from zero, clamped to ±127."""
+    y = x.float() / scale.float().view(1, -1, 1, 1)
+    return (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp(-127, 127).to(torch.int8)
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale.float().view(1, -1, 1, 1)).to(dtype)
+
+
+class Int8KVCache(nn.Module):
+    """The static cache stored as int8 codes with one fixed (calibrated) scale per KV head for K and
+    one for V: `k = k_scale[h] * code`. Same interface as KVCache; `update` returns the cache
+    dequantized to `dtype` (the reference path; a fused attention kernel reads the codes directly)."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 k_scale: torch.Tensor, v_scale: torch.Tensor, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.dtype = dtype
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.int8), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=torch.int8), persistent=False)
+        self.register_buffer("k_scale", k_scale.detach().float().clone(), persistent=False)
+        self.register_buffer("v_scale", v_scale.detach().float().clone(), persistent=False)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k_cache.shape[2]
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        B = k.shape[0]
+        k_out, v_out = self.k_cache[:B], self.v_cache[:B]
+        k_out[:, :, input_pos] = quantize_kv(k, self.k_scale)
+        v_out[:, :, input_pos] = quantize_kv(v, self.v_scale)
+        return dequantize_kv(k_out, self.k_scale, self.dtype), dequantize_kv(v_out, self.v_scale, self.dtype)
+
+    def reset(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()

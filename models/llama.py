@@ -131,14 +131,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
+    def read_kv(self, input_pos, k, v):
+        """The keys and values attention reads: these ones (no cache) or the whole static cache
+        `(B, nkv, S, hd)` after writing these at `input_pos`. Variants (an int8 cache) override this."""
+        if input_pos is None:
+            return k, v
+        return self.kv_cache.update(input_pos, k, v)
+
     def forward(self, x, cos, sin, input_pos=None, mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
+        k, v = self.read_kv(input_pos, k, v)
         n_rep = self.n_heads // self.n_kv_heads
         if n_rep > 1:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)

@@ -1,0 +1,322 @@
+"""The canonical quantized representation every method produces and every exporter reads.
+
+API (stable; the trainer's QLoRA and the GGUF / ONNX / ExecuTorch exporters import it):
+
+- `QuantizedLinear(in_features, out_features, bits=4, group_size=32, act_bits=None)`: a Linear
+  without bias whose weight is held as
+    `qweight`  int8 buffer `(out_features, in_features)`, one b-bit signed code per weight;
+    `scales`   float16 buffer `(out_features, in_features // group_size)`, one per group of
+               `group_size` consecutive input columns;
+  symmetric, no zero point: `w[o, i] = scales[o, i // group_size] * qweight[o, i]`.
+  `act_bits=8` also quantizes the input dynamically per token to int8 (SmoothQuant W8A8 / 8da4w).
+  `forward` dequantizes and runs a float matmul (the fused kernel replaces it later, same numbers).
+  `dequantize(dtype)` returns the float weight; `QuantizedLinear.from_float(linear, bits, group_size)`
+  rounds to nearest (the rule below); `QuantizedLinear.from_codes(qweight, scales, bits, group_size)`
+  wraps codes chosen by any method (GPTQ, AWQ). `.to(dtype)` never casts codes or scales.
+- `quantize_rtn(w, bits, group_size) -> (qweight, scales)` and `quantize_codes(w, d, bits)`
+  (codes of `w` for given per-element fp32 scales `d`), the building blocks of every method.
+- `quantize_linear_(model, bits, group_size, include=None) -> list[str]` swaps `nn.Linear`
+  submodules in place; `replace_module_(model, name, module)`; `check_scheme(bits, group_size,
+  in_features, name)` raises one clear EdgesmithError; `scheme_of(model)` lists every quantized
+  Linear's scheme for `edgesmith.json`.
+- `Int8KVAttention(attn, k_scale, v_scale)`: an Attention whose KV cache is `Int8KVCache` (int8 codes,
+  one fixed scale per KV head for K and for V, persistent buffers `k_scale`/`v_scale` `(n_kv_heads,)`
+  float32). Without a cache it quantize-dequantizes K and V the same way, so evaluation sees the loss.
+- `quantization_meta(model)` / `apply_quantization_meta_(model, meta)`: the `edgesmith.json`
+  "quantization" entry (keys are HF module names) and the module swaps that rebuild a model from it.
+
+The rounding rule is llama.cpp's reference quantizer (`quantize_row_q4_0_ref`, `quantize_row_q8_0_ref`
+in ggml-quants.c; `gguf.quants.Q4_0/Q8_0` in Python), so our round-to-nearest codes are bit-identical
+to llama.cpp's own Q4_0 / Q8_0 of the same float32 weights:
+
+- 4 bits: codes in [-8, 7]. Per group, `m` is the signed value of largest magnitude,
+  `d = m / -8` (fp32), codes `trunc(w / d + 8.5)` clamped to [0, 15], minus 8; stored scale
+  `fp16(d)`. The scale is signed (the extreme lands on code -8, so all 16 levels are used).
+  GGUF Q4_0 block (group 32): `d = scale` (fp16), `q = code + 8` in [0, 15], low nibbles are columns
+  0..15 and high nibbles 16..31. ONNX Runtime MatMulNBits bits=4: `q = code + 8` with the default
+  zero point 8 (= 2^(bits-1)), `scale` as is.
+- 8 bits: codes in [-127, 127]. `d = max|w| / 127` (fp32, positive), codes `roundf(w / d)` (half away
+  from zero), stored scale `fp16(d)`. GGUF Q8_0 block: `d = scale`, `qs = code` (int8). MatMulNBits
+  bits=8: `q = code + 128` with the default zero point 128.
+- An all-zero group has scale 0 and codes 0.
+
+This module does not choose codes from data (toolchain/compress does), pack nibbles or write files.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.errors import EdgesmithError
+from models.kv_cache import Int8KVCache, KVCache, dequantize_kv, quantize_kv
+from models.llama import Attention
+
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+ACT_BITS = (None, 8)
+CODE_RANGE = {4: (-8, 7), 8: (-127, 127)}
+
+
+def check_scheme(bits: int, group_size: int, in_features: int | None = None, name: str | None = None) -> None:
+    """Raise one clear line when (bits, group_size) is not allowed or does not fit a layer."""
+    if isinstance(bits, bool) or bits not in BITS:
+        raise EdgesmithError(f"bits={bits!r} is not allowed; allowed: {', '.join(map(str, BITS))}")
+    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise EdgesmithError(f"group_size={group_size!r} is not allowed; allowed: {', '.join(map(str, GROUP_SIZES))}")
+    if in_features is not None and in_features % group_size:
+        raise EdgesmithError(f"layer {name or '?'}: group_size={group_size} does not divide its in_features "
+                             f"{in_features}")
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """C roundf: half away from zero (torch.round is half to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def group_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 scale `d` of each group: w `(..., G)` -> `(..., 1)` (llama.cpp's Q4_0 / Q8_0 rule)."""
+    w = w.float()
+    if bits == 4:
+        idx = w.abs().argmax(dim=-1, keepdim=True)
+        return torch.gather(w, -1, idx) / -8.0
+    return w.abs().amax(dim=-1, keepdim=True) / 127.0
+
+
+def quantize_codes(w: torch.Tensor, d: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of `w` for fp32 scales `d` (broadcastable), rounded as llama.cpp does; int8 result."""
+    w, d = w.float(), d.float()
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
+    if bits == 4:
+        q = torch.trunc(w * inv + 8.5).clamp(0, 15) - 8
+    else:
+        q = _roundf(w * inv).clamp(-127, 127)
+    return q.to(torch.int8)
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: float weight `(out, in)` -> (qweight int8 `(out, in)`, scales fp16 `(out, in/g)`)."""
+    check_scheme(bits, group_size, w.shape[1])
+    out_f, in_f = w.shape
+    groups = w.detach().float().reshape(out_f, in_f // group_size, group_size)  # (out, ng, g)
+    d = group_scales(groups, bits)
+    codes = quantize_codes(groups, d, bits)
+    return codes.reshape(out_f, in_f), d.squeeze(-1).to(torch.float16)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    out_f, in_f = qweight.shape
+    g = in_f // scales.shape[1]
+    w = qweight.float().reshape(out_f, -1, g) * scales.float().unsqueeze(-1)  # (out, ng, g)
+    return w.reshape(out_f, in_f).to(dtype)
+
+
+def fake_quantize_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Dynamic symmetric per-token (last dim) int8 quantize-dequantize of activations."""
+    qmax = 2 ** (bits - 1) - 1
+    s = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / qmax
+    return (_roundf(x.float() / s).clamp(-qmax, qmax) * s).to(x.dtype)
+
+
+class QuantizedLinear(nn.Module):
+    """A bias-free Linear stored as int8 codes + fp16 group scales (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 32,
+                 act_bits: int | None = None):
+        super().__init__()
+        check_scheme(bits, group_size, in_features)
+        if act_bits not in ACT_BITS:
+            raise EdgesmithError(f"act_bits={act_bits!r} is not allowed; allowed: None, 8")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.act_bits = bits, group_size, act_bits
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.zeros(out_features, in_features // group_size, dtype=torch.float16))
+
+    @classmethod
+    def from_codes(cls, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+                   act_bits: int | None = None) -> QuantizedLinear:
+        out_f, in_f = qweight.shape
+        m = cls(in_f, out_f, bits, group_size, act_bits)
+        lo, hi = CODE_RANGE[bits]
+        if qweight.dtype != torch.int8 or int(qweight.min()) < lo or int(qweight.max()) > hi:
+            raise EdgesmithError(f"qweight must be int8 codes in [{lo}, {hi}] for {bits} bits")
+        if tuple(scales.shape) != (out_f, in_f // group_size):
+            raise EdgesmithError(f"scales shape {tuple(scales.shape)}, expected {(out_f, in_f // group_size)}")
+        m.qweight.copy_(qweight)
+        m.scales.copy_(scales.to(torch.float16))
+        return m.to(qweight.device)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32,
+                   act_bits: int | None = None, name: str | None = None) -> QuantizedLinear:
+        if linear.bias is not None:
+            raise EdgesmithError(f"layer {name or '?'}: has a bias; QuantizedLinear is bias-free")
+        check_scheme(bits, group_size, linear.in_features, name)
+        qweight, scales = quantize_rtn(linear.weight, bits, group_size)
+        return cls.from_codes(qweight, scales, bits, group_size, act_bits)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.qweight, self.scales, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits is not None:
+            x = fake_quantize_per_token(x, self.act_bits)
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def scheme(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "act_bits": self.act_bits}
+
+    def _apply(self, fn, recurse=True):
+        # Casts (model.to(bfloat16), .half()) must not touch the canonical fp16 scales; device moves do.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        self.scales = scales.to(self.qweight.device)
+        return self
+
+    def extra_repr(self) -> str:
+        act = f", act_bits={self.act_bits}" if self.act_bits else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}{act}")
+
+
+# ----------------------------------------------------------------------------- module swaps
+
+
+def replace_module_(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at dotted path `name` inside `model`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Dotted names of every float nn.Linear, in module order."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def quantize_linear_(model: nn.Module, bits: int = 4, group_size: int = 32, include=None,
+                     act_bits: int | None = None) -> list[str]:
+    """Swap each nn.Linear (for which `include(name)` is true) for its RTN QuantizedLinear; names swapped.
+
+    A Linear whose weight is shared with another module (a tied lm_head) is left float: quantizing it
+    would silently untie the embedding.
+    """
+    check_scheme(bits, group_size)
+    shared = _shared_weight_names(model)
+    done = []
+    for name in linear_names(model):
+        if (include is not None and not include(name)) or name in shared:
+            continue
+        lin = model.get_submodule(name)
+        replace_module_(model, name, QuantizedLinear.from_float(lin, bits, group_size, act_bits, name=name))
+        done.append(name)
+    return done
+
+
+def _shared_weight_names(model: nn.Module) -> set[str]:
+    owners: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor):
+            owners.setdefault(id(w), []).append(name)
+    return {n for names in owners.values() if len(names) > 1 for n in names}
+
+
+def scheme_of(model: nn.Module) -> dict[str, dict]:
+    """`{module name: {"bits", "group_size", "act_bits"}}` for every QuantizedLinear in `model`."""
+    return {n: m.scheme() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+# ----------------------------------------------------------------------------- int8 KV cache
+
+
+class Int8KVAttention(Attention):
+    """Attention with an int8 KV cache and fixed per-head scales (see models/kv_cache.Int8KVCache)."""
+
+    def __init__(self, attn: Attention, k_scale: torch.Tensor, v_scale: torch.Tensor):
+        nn.Module.__init__(self)
+        self.n_heads, self.n_kv_heads, self.head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.register_buffer("k_scale", k_scale.detach().float().clone().reshape(self.n_kv_heads))
+        self.register_buffer("v_scale", v_scale.detach().float().clone().reshape(self.n_kv_heads))
+        self.kv_cache = None
+
+    def _apply(self, fn, recurse=True):
+        # Like QuantizedLinear: dtype casts keep the calibrated fp32 scales; device moves apply.
+        k_scale, v_scale = self.k_scale, self.v_scale
+        super()._apply(fn, recurse)
+        device = fn(torch.zeros(0)).device
+        self.k_scale, self.v_scale = k_scale.to(device), v_scale.to(device)
+        return self
+
+    def __setattr__(self, name, value):
+        # Transformer.setup_cache assigns a float KVCache; this attention keeps its cache in int8.
+        if name == "kv_cache" and isinstance(value, KVCache):
+            B, H, S, D = value.k_cache.shape
+            value = Int8KVCache(B, H, S, D, self.k_scale, self.v_scale, value.k_cache.dtype).to(value.k_cache.device)
+        super().__setattr__(name, value)
+
+    def read_kv(self, input_pos, k, v):
+        if input_pos is not None:
+            return self.kv_cache.update(input_pos, k, v)  # int8 codes in, dequantized cache out
+        # No cache (evaluation): round K and V through int8 the same way, so the loss shows.
+        return (dequantize_kv(quantize_kv(k, self.k_scale), self.k_scale, k.dtype),
+                dequantize_kv(quantize_kv(v, self.v_scale), self.v_scale, v.dtype))
+
+
+# ----------------------------------------------------------------------------- checkpoint metadata
+
+META_VERSION = 1
+
+
+def _hf(name: str) -> str:
+    return name if name.startswith("lm_head") else f"model.{name}"
+
+
+def _ours(name: str) -> str:
+    return name.removeprefix("model.")
+
+
+def quantization_meta(model: nn.Module) -> dict | None:
+    """The edgesmith.json "quantization" entry, or None for a float model."""
+    weights = {_hf(n): s for n, s in scheme_of(model).items()}
+    kv = [n for n, m in model.named_modules() if isinstance(m, Int8KVAttention)]
+    if not weights and not kv:
+        return None
+    return {
+        "version": META_VERSION,
+        "format": "symmetric int codes, w = scale * code; tensors <name>.qweight (int8), <name>.scales (float16)",
+        "weights": weights,
+        "kv_cache": {"dtype": "int8", "scales": "per-head", "layers": [_hf(n) for n in kv]} if kv else None,
+    }
+
+
+def apply_quantization_meta_(model: nn.Module, meta: dict | None, source: str = "edgesmith.json") -> nn.Module:
+    """Swap in empty QuantizedLinear / Int8KVAttention modules so the quantized tensors load into place."""
+    if not meta:
+        return model
+    if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
+        raise EdgesmithError(f"{source}: quantization.version={meta.get('version') if isinstance(meta, dict) else meta!r}"
+                             f" is not supported; allowed: {META_VERSION}")
+    for hf_name, s in (meta.get("weights") or {}).items():
+        name = _ours(hf_name)
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise EdgesmithError(f"{source}: quantization names unknown layer {hf_name!r}") from None
+        if not isinstance(lin, nn.Linear):
+            raise EdgesmithError(f"{source}: quantization names {hf_name!r}, which is not a Linear")
+        try:
+            q = QuantizedLinear(lin.in_features, lin.out_features, s["bits"], s["group_size"], s.get("act_bits"))
+        except (KeyError, TypeError) as e:
+            raise EdgesmithError(f"{source}: quantization scheme of {hf_name!r} is malformed ({e})") from None
+        except EdgesmithError as e:
+            raise EdgesmithError(f"{source}: {hf_name}: {e}") from None
+        replace_module_(model, name, q)
+    for hf_name in ((meta.get("kv_cache") or {}).get("layers") or []):
+        name = _ours(hf_name)
+        attn = model.get_submodule(name)
+        zeros = torch.zeros(attn.n_kv_heads)
+        replace_module_(model, name, Int8KVAttention(attn, zeros, zeros))
+    return model

@@ -1,0 +1,30 @@
+"""Round-to-nearest weight quantization: llama.cpp's Q4_0 / Q8_0 rule per group, no calibration.
+
+The baseline every other method must beat; its codes equal llama.cpp's own quantizer's bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from models.quant import QuantizedLinear, replace_module_
+from toolchain.compress import PASSES
+from toolchain.compress.common import WeightQuant, plan_layers
+
+
+@dataclass(frozen=True)
+class RTN(WeightQuant):
+    pass
+
+
+@PASSES.register("rtn", RTN)
+def rtn(model: nn.Module, cfg: RTN, ctx) -> nn.Module:
+    plan = plan_layers(model, cfg, ctx.report)
+    for name, bits in plan.items():
+        if bits is not None:
+            lin = model.get_submodule(name)
+            replace_module_(model, name, QuantizedLinear.from_float(lin, bits, cfg.group_size, name=name))
+    ctx.report["layers"] = {n: b for n, b in plan.items()}
+    return model

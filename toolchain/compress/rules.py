@@ -1,0 +1,57 @@
+"""Per-layer quantization rules: ordered (regex, value) pairs, the first full match wins.
+
+A value is a bit width (4 or 8) or `"skip"` (the layer stays float). A layer no rule matches gets
+the pass's default bits. A rule that matches no layer at all is almost always a typo, so it warns
+(and the warning goes into the pass report). This module only resolves names; it quantizes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+from models.errors import EdgesmithError
+from models.quant import BITS
+
+SKIP = "skip"
+
+
+def parse_rules(rules) -> tuple[tuple[str, int | str], ...]:
+    """Validate rules given as a dict (ordered) or a sequence of pairs; return a tuple of pairs."""
+    items = list(rules.items()) if isinstance(rules, dict) else list(rules or ())
+    out = []
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise EdgesmithError(f"rule {item!r}: expected a (regex, value) pair")
+        pattern, value = item
+        if not isinstance(pattern, str):
+            raise EdgesmithError(f"rule {item!r}: the pattern must be a string")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise EdgesmithError(f"rule {pattern!r}: not a valid regular expression ({e})") from None
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if value != SKIP and (isinstance(value, bool) or value not in BITS):
+            raise EdgesmithError(f"rule {pattern!r}: value {value!r} is not allowed; allowed: "
+                                 f"{', '.join(map(str, BITS))}, {SKIP!r}")
+        out.append((pattern, value))
+    return tuple(out)
+
+
+def resolve(names: list[str], rules, default: int | str) -> tuple[dict[str, int | None], list[str]]:
+    """Bits per layer name (None = skip) and the warnings for rules that matched no layer."""
+    rules = parse_rules(rules)
+    compiled = [(re.compile(p), v) for p, v in rules]
+    plan: dict[str, int | None] = {}
+    for name in names:
+        value = default
+        for rx, v in compiled:
+            if rx.fullmatch(name):
+                value = v
+                break
+        plan[name] = None if value == SKIP else value
+    problems = [f"rule '{p}' matches no layer" for p, _ in rules if not any(re.fullmatch(p, n) for n in names)]
+    for msg in problems:
+        warnings.warn(msg, stacklevel=2)
+    return plan, problems
