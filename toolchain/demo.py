@@ -1,7 +1,7 @@
 """The main job, first version: tokenizer + nano model on the embedded corpus, saved and measured.
 
 `edgesmith run` with no arguments lands here: train a byte-level BPE tokenizer on the train split,
-tokenize the corpus once, train the model with the plain loop, save the checkpoint under
+tokenize the corpus once, train the model with the trainer (one process), save the checkpoint under
 `runs/<name>/checkpoints/00-train`, then report validation perplexity against the unigram baseline
 and a sample generation. The recipe pipeline replaces this module; it holds no logic the pipeline
 will not need.
@@ -28,7 +28,7 @@ from runtimes.generate import generate
 from runtimes.sampling import GenerationConfig
 from toolchain.data import Corpus, cache_root, load_corpus, tokenize_corpus
 from toolchain.evaluate import perplexity, unigram_perplexity
-from toolchain.train.simple import TrainConfig, train
+from toolchain.train.trainer import TrainConfig, train
 
 EVAL_TOKENS = 64 * 1024  # validation tokens scored; enough for a stable figure, fast on 2 cores
 SAMPLE_PROMPT = "def "
@@ -93,10 +93,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     model = Transformer(model_cfg)
     print(f"model {cfg.model}: {model.num_params() / 1e6:.2f} M parameters; training {cfg.train.steps} steps "
           f"of {cfg.train.batch_size} x {cfg.train.seq_len} tokens")
-    history = train(model, tokens.train, cfg.train)
+    model, history = train(model, tokens.train, None, cfg.train)
 
     ckpt_dir = Path(cfg.out) / "checkpoints" / "00-train"
-    step = {"kind": "train", "trainer": "simple", "model": cfg.model, "data": corpus.name,
+    step = {"kind": "train", "trainer": "edgesmith", "model": cfg.model, "data": corpus.name,
             "config": dataclasses.asdict(cfg.train), "final_loss": history[-1]["loss"]}
     save_checkpoint(model, tokenizer, ckpt_dir, child_lineage(None, step))
 
@@ -110,7 +110,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "val_perplexity": ppl,
         "unigram_perplexity": unigram,
         "final_train_loss": history[-1]["loss"],
-        "train_tokens_per_s": sorted(h["tok_s"] for h in history)[len(history) // 2],
+        "train_tokens_per_s": sorted(h["tokens_per_s"] for h in history)[len(history) // 2],
         "wall_s": time.perf_counter() - t_start,
         "sample": sample,
     }

@@ -1,0 +1,78 @@
+"""Training throughput: tokens/s of `edgesmith train` for nano and micro at sequence length 256,
+1 process vs 2 DDP processes (gloo on CPU), fp32 vs bf16 autocast, measured in one run.
+
+Each cell is a real `edgesmith train` subprocess (the 2-process cells re-launch through torchrun);
+the figure is the median of the per-step tokens/s in its metrics.jsonl, after the warm-up steps.
+One process uses all usable cores as threads; two processes get half each, so the ratio is what
+DDP buys on this machine. Prints a table with the ratios.
+
+    python scripts/bench_train.py                                  # full size (nano + micro, 30 steps)
+    python scripts/bench_train.py --models nano --steps 8 --precisions fp32 --data DIR  # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_cell(model: str, nproc: int, precision: str, args, root: Path) -> float:
+    out = root / f"{model}-{nproc}-{precision}"
+    cmd = [sys.executable, "-m", "toolchain.cli", "train", "--model", model, "--data", args.data,
+           "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+           "--precision", precision, "--nproc", str(nproc), "--warmup", "2", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # let the trainer split the cores
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode:
+        sys.exit(f"bench_train: {' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
+    rates = [json.loads(line)["tokens_per_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(rates[args.skip:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="nano,micro")
+    p.add_argument("--data", default="stdlib")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the median")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch (sequences)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--precisions", default="fp32,bf16")
+    args = p.parse_args()
+    if args.steps <= args.skip:
+        sys.exit("bench_train: --steps must exceed --skip")
+    print(f"edgesmith train throughput: seq {args.seq_len}, global batch {args.batch_size}, {args.steps} steps "
+          f"(median of steps {args.skip + 1}..{args.steps}), data {args.data}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f} at start")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models.split(","):
+            cell = {}
+            for precision in args.precisions.split(","):
+                for nproc in (1, 2):
+                    t = time.perf_counter()
+                    cell[nproc, precision] = run_cell(model, nproc, precision, args, Path(tmp))
+                    print(f"  {model} {precision} {nproc} proc: {cell[nproc, precision]:,.0f} tok/s "
+                          f"({time.perf_counter() - t:.0f} s)", flush=True)
+            rows.append((model, cell))
+    print()
+    print("| model | precision | 1 proc tok/s | 2 proc DDP tok/s | DDP ratio | bf16 / fp32 (1 proc) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for model, cell in rows:
+        for precision in args.precisions.split(","):
+            one, two = cell[1, precision], cell[2, precision]
+            speed = (f"{cell[1, 'bf16'] / cell[1, 'fp32']:.2f}x"
+                     if precision == "bf16" and (1, "fp32") in cell else "")
+            print(f"| {model} | {precision} | {one:,.0f} | {two:,.0f} | {two / one:.2f}x | {speed} |")
+    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

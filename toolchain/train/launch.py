@@ -1,0 +1,114 @@
+"""Process groups for the trainer: join one started by torchrun, or re-launch through it.
+
+`edgesmith train --nproc N` (N > 1) re-runs the same command line under `torch.distributed.run`
+(`--standalone`, N processes on this machine). A process started by torchrun -- ours or an outside
+one spanning several nodes (`--nnodes`, `--node-rank`, `--rdzv-endpoint`) -- finds RANK/WORLD_SIZE
+in its environment and joins that group: gloo on CPU, nccl on CUDA. CPU threads are split so ranks
+on one machine do not oversubscribe its cores. This module does not train or read data.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads_per_rank(local_world: int) -> int:
+    """OMP_NUM_THREADS when set (torchrun sets it), else the usable cores shared among local ranks."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, usable_cores() // max(1, local_world))
+
+
+def init_distributed() -> DistEnv:
+    """Join the torchrun group if this process is in one; otherwise a single-process DistEnv."""
+    if not under_torchrun():
+        torch.set_num_threads(threads_per_rank(1))
+        return DistEnv(device="cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        backend, device = "nccl", f"cuda:{local_rank}"
+    else:
+        backend, device = "gloo", "cpu"
+    torch.set_num_threads(threads_per_rank(local_world))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return DistEnv(rank, world, local_rank, local_world, device)
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def nproc_warning(nproc: int) -> str | None:
+    """gloo ranks beyond the usable cores only time-share them: say so, but run."""
+    cores = usable_cores()
+    if not torch.cuda.is_available() and nproc > cores:
+        return (f"edgesmith: warning: --nproc {nproc} is more than the {cores} usable CPU cores; "
+                f"the ranks will share cores (1 thread each) and run slower than {cores}")
+    return None
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    """ARGV without `--nproc N`: ranks take their count from torchrun, whose own parser would read
+    `--nproc` as an ambiguous abbreviation of its `--nproc-per-node`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def relaunch(argv: list[str], nproc: int) -> int:
+    """Run `python -m toolchain.cli ARGV` as `nproc` ranks under torchrun on this machine; its exit code."""
+    threads = max(1, usable_cores() // nproc)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
+           "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "toolchain.cli", *strip_nproc(argv)]
+    return subprocess.run(cmd, env=env).returncode
