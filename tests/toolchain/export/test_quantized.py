@@ -1,0 +1,135 @@
+"""Quantized checkpoints: our codes go into GGUF Q4_0/Q8_0 and ONNX MatMulNBits / block-wise Q/DQ
+exactly (no re-quantizing), parity against the fake-quant model; what a format cannot hold is
+refused in one line naming the tensor, leaving nothing behind."""
+
+import gguf
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint
+from models.errors import EdgesmithError
+from models.quant import Int8KVAttention, quantize_linear_, quantize_rtn, replace_module_
+from toolchain.export import ExportConfig, export
+from toolchain.export.gguf import pack_q4_0, pack_q8_0
+from toolchain.export.onnx_graph import matmulnbits_weight
+
+
+@pytest.fixture(scope="module")
+def quantized(float_checkpoint, tmp_path_factory):
+    """{(bits, group): checkpoint path} made by round-to-nearest from the float checkpoint."""
+    root = tmp_path_factory.mktemp("quant")
+    out = {}
+    for bits, group in [(4, 32), (8, 32), (4, 64)]:
+        ckpt = load_checkpoint(float_checkpoint)
+        quantize_linear_(ckpt.model, bits, group)
+        step = {"kind": "quantize", "method": "rtn", "bits": bits, "group_size": group}
+        out[bits, group] = save_checkpoint(ckpt.model, ckpt.tokenizer, root / f"q{bits}g{group}",
+                                           child_lineage(ckpt, step))
+    return out
+
+
+@pytest.mark.parametrize("bits, qtype, pack", [(4, gguf.GGMLQuantizationType.Q4_0, pack_q4_0),
+                                               (8, gguf.GGMLQuantizationType.Q8_0, pack_q8_0)])
+def test_packed_blocks_equal_llama_cpp_quantizer(bits, qtype, pack):
+    # setup: weights with an all-zero group and ties, as the reference quantizer sees them
+    torch.manual_seed(0)
+    w = torch.randn(8, 96)
+    w[0, :32] = 0
+    # execute
+    ours = pack(*quantize_rtn(w, bits, 32))
+    # assert: byte for byte what gguf-py (llama.cpp's reference rule) writes for the same floats
+    np.testing.assert_array_equal(ours, gguf.quants.quantize(w.numpy(), qtype))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gguf_holds_the_codes_and_runs_in_llama_cpp(quantized, tmp_path, bits):
+    # execute
+    out = tmp_path / "gguf"
+    manifest = export(quantized[bits, 32], out, ExportConfig(format="gguf", max_seq_len=64))
+    # assert: parity in llama.cpp (which quantizes activations to 8 bits, so the int threshold applies)
+    p = manifest["parity"]
+    assert p["passed"] and p["kind"] == f"int{bits}" and p["greedy_matched"] == 32
+    assert p["max_abs_logit_diff"] < 2e-2 * p["max_abs_reference_logit"]  # measured ~1e-2
+    qtype = f"Q{bits}_0"
+    assert manifest["quantization"]["stored_as"]["model.layers.0.mlp.down_proj"] == qtype
+    # assert: the file holds exactly our codes and scales
+    model = load_checkpoint(quantized[bits, 32]).model
+    reader = gguf.GGUFReader(out / "model.gguf")
+    t = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    assert t.tensor_type.name == qtype
+    m = model.layers[1].mlp.down_proj
+    np.testing.assert_array_equal(np.asarray(t.data), (pack_q4_0 if bits == 4 else pack_q8_0)(m.qweight, m.scales))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_onnx_matmulnbits_from_our_codes_is_exact(quantized, tmp_path, bits):
+    # execute
+    manifest = export(quantized[bits, 32], tmp_path / "onnx", ExportConfig(format="onnx", max_seq_len=64))
+    # assert: float-exact parity (MatMulNBits dequantizes our codes to the same weights)
+    p = manifest["parity"]
+    assert p["passed"] and p["kind"] == "fp32" and p["greedy_matched"] == 32
+    assert p["max_abs_logit_diff"] < 1e-4 * p["max_abs_reference_logit"]
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 * 7 + 1  # every projection and the head
+    assert all(onnx.helper.get_attribute_value(a) == bits for n in nbits for a in n.attribute if a.name == "bits")
+    assert {"GroupQueryAttention", "MatMulNBits"} <= {n.op_type for n in graph.node}
+
+
+def test_matmulnbits_layout_unpacks_to_our_codes(quantized):
+    # setup
+    m = load_checkpoint(quantized[4, 64]).model.layers[0].self_attn.q_proj
+    # execute
+    blob, scales = matmulnbits_weight(m)
+    # assert: low nibble = even column, value = code + 8; one scale per (row, block)
+    lo, hi = blob & 0xF, blob >> 4
+    codes = np.stack([lo, hi], axis=-1).reshape(m.out_features, m.in_features).astype(np.int16) - 8
+    np.testing.assert_array_equal(codes, m.qweight.numpy())
+    np.testing.assert_array_equal(scales, m.scales.float().numpy().reshape(-1))
+    assert blob.shape == (m.out_features, m.in_features // 64, 32)
+
+
+@pytest.mark.parametrize("fmt, fuse", [("onnx", False), ("tensorrt", False)])
+def test_plain_graph_holds_codes_as_blockwise_qdq(quantized, tmp_path, fmt, fuse):
+    # execute
+    manifest = export(quantized[4, 64], tmp_path / fmt, ExportConfig(format=fmt, fuse=fuse, max_seq_len=64))
+    # assert
+    p = manifest["parity"]
+    assert p["passed"] and p["greedy_matched"] == 32 and p["max_abs_logit_diff"] < 1e-4 * p["max_abs_reference_logit"]
+    model = onnx.load(str(tmp_path / fmt / "model.onnx"))
+    assert model.opset_import[0].version == 21 and {n.domain for n in model.graph.node} == {""}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 15 and all(onnx.helper.get_attribute_value(a) == 64 for n in dq for a in n.attribute
+                                 if a.name == "block_size")
+    int4 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == 15
+
+
+def test_gguf_refuses_group_it_cannot_hold(quantized, tmp_path):
+    # execute / assert
+    with pytest.raises(EdgesmithError, match=r"^layers\.0\.self_attn\.q_proj\.weight: 4-bit group 64 cannot be "
+                                             r"held by GGUF Q4_0 .*allowed: group_size 32$"):
+        export(quantized[4, 64], tmp_path / "a", ExportConfig(format="gguf", max_seq_len=64))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_executorch_refuses_quantized_weights_for_now(quantized, tmp_path):
+    with pytest.raises(EdgesmithError, match=r"^layers\.0\.self_attn\.q_proj\.weight: 4-bit weights cannot be "
+                                             "exported to ExecuTorch yet"):
+        export(quantized[4, 32], tmp_path / "a", ExportConfig(format="executorch", max_seq_len=64))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx", "tensorrt", "executorch"])
+def test_int8_kv_cache_is_refused_by_name(float_checkpoint, tmp_path, fmt):
+    # setup: a checkpoint whose first attention keeps an int8 cache
+    ckpt = load_checkpoint(float_checkpoint)
+    attn = ckpt.model.layers[0].self_attn
+    replace_module_(ckpt.model, "layers.0.self_attn", Int8KVAttention(attn, torch.ones(2) * 0.05, torch.ones(2) * 0.05))
+    path = save_checkpoint(ckpt.model, ckpt.tokenizer, tmp_path / "kv8", child_lineage(ckpt, {"kind": "kv-int8"}))
+    # execute / assert
+    with pytest.raises(EdgesmithError, match=r"^layers\.0\.self_attn: an int8 KV cache"):
+        export(path, tmp_path / "a", ExportConfig(format=fmt, max_seq_len=64))
+    assert not (tmp_path / "a").exists() and [p.name for p in tmp_path.iterdir()] == ["kv8"]

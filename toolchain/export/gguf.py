@@ -1,0 +1,208 @@
+"""GGUF export for llama.cpp: llama architecture, F32 / F16 tensors, the tokenizer embedded.
+
+Tensor names and metadata follow llama.cpp's llama architecture. Our attention uses Hugging
+Face's rotate-half RoPE while llama.cpp's llama RoPE rotates adjacent pairs, so the rows of
+q_proj / k_proj are permuted per head the way llama.cpp's convert_hf_to_gguf.py does
+(`LlamaModel.permute`: reshape (heads, 2, hd/2, in), swap axes 1 and 2). The tokenizer goes in as
+byte-level BPE with its merges (`tokenizer.ggml.model = "gpt2"`, pre-tokenizer `"gpt-2"`), padded
+with unused tokens up to the model's vocab_size. Norm weights stay F32 at every precision, as
+llama.cpp's converter keeps them.
+
+Quantized checkpoints (models/quant.py `QuantizedLinear`) keep their codes: 4-bit group-32
+becomes Q4_0 and 8-bit group-32 Q8_0, block for block, without re-quantizing (`d = scale`,
+Q4_0 `q = code + 8` with columns 0..15 in the low nibbles and 16..31 in the high ones, Q8_0
+`qs = code`). A scheme a GGUF block cannot hold is refused with one line naming the tensor. The
+rest (embedding, norms, any Linear left float) is F32 or F16 per `--precision`. This module writes
+the file; parity runs it through `runtimes.llamacpp`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.checkpoint import Checkpoint
+from models.errors import EdgesmithError
+from models.llama import ModelConfig, Transformer
+from models.quant import Int8KVAttention, QuantizedLinear
+from models.tokenizer import Tokenizer
+from toolchain.export.registry import FormatSpec, quantization_scheme, register_format
+
+FILE = "model.gguf"
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF rotate-half row order -> llama.cpp's interleaved-pair order, per head (q_proj or k_proj)."""
+    out_features = w.shape[0]
+    return (w.reshape(n_heads, 2, out_features // n_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(w.shape))
+
+
+def tensor_map(cfg: ModelConfig) -> dict[str, str]:
+    """Our state-dict key -> the GGUF tensor name (llama architecture)."""
+    names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = "output.weight"
+    per_layer = {
+        "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    for i in range(cfg.n_layers):
+        for ours, theirs in per_layer.items():
+            names[f"layers.{i}.{ours}"] = f"blk.{i}.{theirs}"
+    return names
+
+
+def pack_q4_0(qweight: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
+    """int8 codes in [-8, 7] `(out, in)` + fp16 scales `(out, in/32)` -> Q4_0 bytes `(out, in/32*18)`."""
+    out_f, in_f = qweight.shape
+    q = (qweight.numpy().astype(np.int16) + 8).astype(np.uint8).reshape(out_f, in_f // 32, 32)
+    qs = q[..., :16] | (q[..., 16:] << 4)  # (out, nb, 16)
+    d = scales.numpy().astype(np.float16).reshape(out_f, in_f // 32, 1).view(np.uint8)  # (out, nb, 2)
+    return np.concatenate([d, qs], axis=-1).reshape(out_f, -1)
+
+
+def pack_q8_0(qweight: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
+    """int8 codes `(out, in)` + fp16 scales `(out, in/32)` -> Q8_0 bytes `(out, in/32*34)`."""
+    out_f, in_f = qweight.shape
+    qs = qweight.numpy().astype(np.int8).reshape(out_f, in_f // 32, 32).view(np.uint8)
+    d = scales.numpy().astype(np.float16).reshape(out_f, in_f // 32, 1).view(np.uint8)
+    return np.concatenate([d, qs], axis=-1).reshape(out_f, -1)
+
+
+def check_holdable(model: Transformer) -> None:
+    """Refuse, naming the tensor, what GGUF's Q4_0 / Q8_0 blocks cannot hold exactly."""
+    for name, m in model.named_modules():
+        if isinstance(m, Int8KVAttention):
+            raise EdgesmithError(f"{name}: an int8 KV cache with calibrated per-head scales cannot be held by "
+                                 "GGUF (llama.cpp quantizes its cache itself); export the checkpoint before that pass")
+        if isinstance(m, QuantizedLinear) and m.group_size != 32:
+            qtype = "Q4_0" if m.bits == 4 else "Q8_0"
+            raise EdgesmithError(f"{name}.weight: {m.bits}-bit group {m.group_size} cannot be held by GGUF "
+                                 f"{qtype} (blocks of 32 with one scale each); allowed: group_size 32")
+
+
+def gguf_tensors(model: Transformer, precision: str) -> dict[str, tuple[np.ndarray, object]]:
+    """GGUF name -> (array, raw GGML type or None) as the file stores it (RoPE permutation applied)."""
+    import gguf
+
+    cfg = model.config
+    state = model.state_dict()
+    out = {}
+    for ours, name in tensor_map(cfg).items():
+        module = model.get_submodule(ours.removesuffix(".weight"))
+        heads = cfg.n_heads if ours.endswith("q_proj.weight") else cfg.n_kv_heads if ours.endswith("k_proj.weight") else 0
+        if isinstance(module, QuantizedLinear):
+            qweight, scales = module.qweight.detach(), module.scales.detach()
+            if heads:  # rows move together with their scales; blocks run along the input, so they stay whole
+                qweight, scales = permute_rope_rows(qweight, heads), permute_rope_rows(scales, heads)
+            if module.bits == 4:
+                out[name] = (pack_q4_0(qweight, scales), gguf.GGMLQuantizationType.Q4_0)
+            else:
+                out[name] = (pack_q8_0(qweight, scales), gguf.GGMLQuantizationType.Q8_0)
+            continue
+        w = state[ours].detach().float()
+        if heads:
+            w = permute_rope_rows(w, heads)
+        dtype = np.float16 if precision == "fp16" and w.dim() == 2 else np.float32
+        out[name] = (w.numpy().astype(dtype), None)
+    return out
+
+
+def vocab_for_gguf(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """Tokens, token types and merges ("a b") in llama.cpp's gpt2 layout, padded to `vocab_size`."""
+    import gguf
+
+    data = json.loads(tokenizer.tok.to_str())
+    if data["model"].get("type") != "BPE":
+        raise EdgesmithError(f"tokenizer.json: model type {data['model'].get('type')!r} cannot be embedded "
+                             "in GGUF as gpt2; allowed: 'BPE'")
+    by_id = {i: t for t, i in tokenizer.tok.get_vocab(with_added_tokens=True).items()}
+    added = {a["content"]: a.get("special", False) for a in data.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        t = by_id[i]
+        tokens.append(t)
+        if t in added:
+            types.append(gguf.TokenType.CONTROL if added[t] else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
+    return tokens, [int(t) for t in types], merges
+
+
+def file_type(model: Transformer, precision: str):
+    import gguf
+
+    bits = {m.bits for m in model.modules() if isinstance(m, QuantizedLinear)}
+    if bits:
+        return gguf.LlamaFileType.MOSTLY_Q4_0 if 4 in bits else gguf.LlamaFileType.MOSTLY_Q8_0
+    return gguf.LlamaFileType.MOSTLY_F16 if precision == "fp16" else gguf.LlamaFileType.ALL_F32
+
+
+def write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, precision: str, max_seq_len: int,
+               name: str = "edgesmith") -> None:
+    import gguf
+
+    cfg = model.config
+    check_holdable(model)
+
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_name(name)
+    w.add_context_length(max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.ffn_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(file_type(model, precision))
+    tokens, types, merges = vocab_for_gguf(tokenizer, cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tokenizer.bos_id)
+    w.add_eos_token_id(tokenizer.eos_id)
+    if tokenizer.pad_id is not None:
+        w.add_pad_token_id(tokenizer.pad_id)
+    w.add_add_bos_token(False)  # our callers put <|bos|> themselves, as everywhere else
+    for tname, (array, raw_dtype) in gguf_tensors(model, precision).items():
+        w.add_tensor(tname, array, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+
+
+def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
+    write_gguf(tmp / FILE, ckpt.model, ckpt.tokenizer, cfg.precision, max_seq_len)
+    types = sorted({"F16" if cfg.precision == "fp16" else "F32"} |
+                   {f"Q{m.bits}_0" for m in ckpt.model.modules() if isinstance(m, QuantizedLinear)})
+    return {"entry": FILE, "options": {"tensor_types": types},
+            "quantization": quantization_scheme(ckpt, {4: "Q4_0", 8: "Q8_0"})}
+
+
+def _backend(directory: Path):
+    from runtimes.llamacpp import LlamaCppBackend
+
+    return LlamaCppBackend(directory)
+
+
+register_format(FormatSpec(name="gguf", precisions=("fp32", "fp16"), write=write, backend=_backend,
+                           runtime_package="llama-cpp-python"))

@@ -1,0 +1,80 @@
+"""The registry of export formats: a dict plus a decorator, filled lazily by module path.
+
+Each format lives in one file (`toolchain/export/<name>.py`) and registers a `FormatSpec` with
+`@register_format`. `get_format(name)` imports that file only when the format is asked for, so
+heavy backends (ExecuTorch, TensorRT, llama.cpp) are never imported by formats that don't need
+them. This module holds no format logic.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.errors import EdgesmithError
+
+# name -> module that registers it; adding a format is one file plus one line here.
+MODULES = {
+    "onnx": "toolchain.export.onnx",
+    "executorch": "toolchain.export.executorch",
+    "gguf": "toolchain.export.gguf",
+    "tensorrt": "toolchain.export.tensorrt",
+}
+
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    name: str
+    precisions: tuple[str, ...]  # float precisions it can write (quantized checkpoints keep their codes)
+    write: Callable  # write(ckpt, cfg, tmp_dir) -> dict(entry=..., options=..., quantization=...)
+    backend: Callable  # backend(artifact_dir) -> object with prefill/decode/reset, for the parity check
+    runtime_package: str  # the distribution whose version the manifest records
+    can_check: Callable[[], str | None] = lambda: None  # None, or why this machine cannot run it
+    # True when the runtime computes quantized weights exactly as the fake-quant reference does
+    # (dequantize, float matmul): such artifacts are held to the float thresholds.
+    quant_exact: bool = False
+
+
+_REGISTRY: dict[str, FormatSpec] = {}
+
+
+def register_format(spec: FormatSpec) -> FormatSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"export format {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_format(name: str) -> FormatSpec:
+    if name not in MODULES:
+        raise EdgesmithError(f"--format: unknown format {name!r}; allowed: {', '.join(MODULES)}")
+    if name not in _REGISTRY:
+        importlib.import_module(MODULES[name])
+    return _REGISTRY[name]
+
+
+def files_in(directory: Path) -> list[str]:
+    """Every regular file under `directory`, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+
+
+def quantization_scheme(ckpt, target: dict[int, str]) -> dict | None:
+    """The manifest's quantization entry: the checkpoint's scheme and what each bit width became."""
+    quant = ckpt.meta.get("quantization")
+    if not quant:
+        return None
+    return {**quant, "stored_as": {name: target[s["bits"]] for name, s in (quant.get("weights") or {}).items()}}
+
+
+def refuse_int8_kv_cache(model, fmt: str) -> None:
+    """The graphs write a float KV cache: refuse a model whose attention keeps an int8 cache."""
+    from models.quant import Int8KVAttention
+
+    for name, m in model.named_modules():
+        if isinstance(m, Int8KVAttention):
+            raise EdgesmithError(f"{name}: an int8 KV cache (calibrated per-head scales) cannot be exported to "
+                                 f"{fmt} yet; export the checkpoint from before that pass")
