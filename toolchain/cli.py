@@ -14,7 +14,7 @@ from pathlib import Path
 
 from models.errors import EdgesmithError
 from models.version import edgesmith_version
-from toolchain.train.simple import TrainConfig
+from toolchain.train.trainer import TrainConfig
 
 TRAIN_DEFAULTS = TrainConfig()
 
@@ -25,7 +25,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     cfg = DemoConfig(model=args.model, data=args.data, vocab_size=args.vocab_size, out=args.out,
                      train=TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                        lr=args.lr, seed=args.seed))
-    print("edgesmith run:", {k: v for k, v in vars(args).items() if k not in ("func", "command")})
+    print("edgesmith run:", {k: v for k, v in vars(args).items() if k not in ("func", "command", "argv")})
     s = run_demo(cfg)
     print()
     print(f"checkpoint            {s['checkpoint']}")
@@ -75,12 +75,52 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from toolchain.data import load_corpus, tokenize_corpus
     from toolchain.evaluate import perplexity
 
+    if args.reference is not None:
+        return _eval_reference(args)
     ckpt = load_checkpoint(args.checkpoint)
     seq_len = min(args.seq_len, ckpt.config.max_seq_len)
     tokens = tokenize_corpus(load_corpus(args.data), ckpt.tokenizer)
     ppl = perplexity(ckpt.model, tokens.val, seq_len, max_tokens=args.max_tokens)
     n = min(len(tokens.val) - 1, args.max_tokens) // seq_len * seq_len
     print(f"validation perplexity {ppl:.3f}  ({n:,} tokens of {args.data}, windows of {seq_len})")
+
+
+def _eval_reference(args: argparse.Namespace) -> None:
+    from toolchain.compress.driver import evaluate
+    from toolchain.compress.quality import format_table
+
+    r = evaluate(args.checkpoint, args.reference, args.data, args.seq_len, args.max_tokens)
+    print(f"validation perplexity {r['perplexity']:.3f}  (reference {r['reference_perplexity']:.3f}; "
+          f"{r['tokens']:,} tokens of {args.data}, windows of {r['seq_len']})")
+    print(f"mean KL vs reference  {r['kl']:.3g} nats/token")
+    print(f"top-1 agreement       {r['top1']:.4f}")
+    print("per-layer output SQNR against the reference (calibration tokens, train split):")
+    print(format_table(r["layer_sqnr_db"]))
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    from toolchain.compress import parse_pass
+    from toolchain.compress.driver import REPORT, compress_checkpoint
+    from toolchain.compress.quality import format_table
+
+    rules = [_parse_rule(r) for r in args.rule]
+    passes = [parse_pass(spec, rules) for spec in args.passes]
+    r = compress_checkpoint(args.checkpoint, args.out, passes, data=args.data, calib_seq_len=args.seq_len,
+                            eval_seq_len=args.seq_len, eval_tokens=args.max_tokens, seed=args.seed, force=args.force)
+    for w in (w for p in r["passes"] for w in p["report"].get("warnings", [])):
+        print(f"warning: {w}")
+    q = r["quality"]
+    print(f"compressed {args.checkpoint} -> {args.out} in {r['seconds']:.1f} s (report: {Path(args.out) / REPORT})")
+    print(f"validation perplexity {q['perplexity']:.3f} (reference {q['reference_perplexity']:.3f}), "
+          f"KL {q['kl']:.3g}, top-1 agreement {q['top1']:.4f}")
+    print(format_table({k: (float("inf") if v is None else v) for k, v in r["layer_sqnr_db"].items()}))
+
+
+def _parse_rule(text: str) -> tuple[str, str]:
+    pattern, eq, value = text.rpartition("=")
+    if not eq or not pattern:
+        raise EdgesmithError(f"--rule {text!r}: expected REGEX=VALUE with VALUE 4, 8 or skip")
+    return pattern, value
 
 
 def cmd_import_hf(args: argparse.Namespace) -> None:
@@ -90,6 +130,83 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
     if out.exists() and any(out.iterdir()) and not args.force:
         raise EdgesmithError(f"{out}: already exists (pass --force to replace it)")
     print(f"imported {args.src} -> {import_hf(args.src, out)}")
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                       warmup=args.warmup, grad_accum=args.grad_accum, precision=args.precision,
+                       strategy=args.strategy, grad_ckpt=args.grad_ckpt, eval_every=args.eval_every,
+                       save_every=args.save_every, keep=args.keep, seed=args.seed)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from toolchain.train.run import TrainJob, run_train
+
+    job = TrainJob(model=args.model, data=args.data, out=args.out, train=_train_config(args), nproc=args.nproc,
+                   resume=args.resume)
+    s = run_train(job, args.argv)
+    if s is not None:
+        print(f"checkpoint            {s['checkpoint']}")
+        print(f"final train loss      {s['final_loss']:.4f} (step {s['steps']})")
+        if s["val_perplexity"] is not None:
+            print(f"validation perplexity {s['val_perplexity']:.2f}")
+        print(f"train tokens/s        {s['tokens_per_s']:,.0f} (median step, {s['world_size']} rank(s))")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from toolchain.train.finetune import FinetuneJob, run_finetune
+
+    job = FinetuneJob(checkpoint=args.checkpoint, data=args.data, out=args.out, train=_train_config(args),
+                      rank=args.lora_rank, alpha=args.lora_alpha, targets=args.targets, qlora=args.qlora,
+                      merge=args.merge, nproc=args.nproc, resume=args.resume)
+    s = run_finetune(job, args.argv)
+    if s is not None:
+        print(f"trainable parameters  {s['trainable_params']:,} of {s['total_params']:,} (LoRA adapters)")
+        print(f"final train loss      {s['final_loss']:.4f} (step {s['steps']})")
+        if s["val_perplexity"] is not None:
+            print(f"validation perplexity {s['val_perplexity']:.2f}")
+        print(f"output                {s['output']}")
+
+
+def _add_train_options(t: argparse.ArgumentParser, steps: int, lr: float, batch_size: int) -> None:
+    # Optimization
+    t.add_argument("--steps", type=int, default=steps)
+    t.add_argument("--batch-size", type=int, default=batch_size, help="global batch in sequences "
+                   "(processes x per-process batch x --grad-accum)")
+    t.add_argument("--seq-len", type=int, default=TRAIN_DEFAULTS.seq_len)
+    t.add_argument("--lr", type=float, default=lr)
+    t.add_argument("--warmup", type=int, default=TRAIN_DEFAULTS.warmup)
+    t.add_argument("--grad-accum", type=int, default=1, metavar="K")
+    t.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast)")
+    t.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per block")
+    t.add_argument("--seed", type=int, default=0)
+    # Distribution
+    t.add_argument("--nproc", type=int, default=1, metavar="N", help="processes on this machine (torchrun)")
+    t.add_argument("--strategy", default="ddp", help="ddp or fsdp (FSDP2 fully_shard)")
+    # Monitoring and checkpoints
+    t.add_argument("--eval-every", type=int, default=0, help="validation perplexity every N steps (0: at the end)")
+    t.add_argument("--save-every", type=int, default=0, help="training-state checkpoint every N steps")
+    t.add_argument("--keep", type=int, default=2, metavar="K", help="training-state checkpoints kept")
+    t.add_argument("--resume", nargs="?", const="latest", default=None, metavar="STATE",
+                   help="continue from the newest state under --out (or the given state directory)")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from toolchain.export import ExportConfig, export
+
+    cfg = ExportConfig(format=args.format, precision=args.precision, max_seq_len=args.max_seq_len,
+                       fuse=not args.no_fuse, force=args.force)
+    m = export(args.checkpoint, args.out, cfg)
+    total = sum(f["bytes"] for f in m["files"].values())
+    print(f"exported {args.checkpoint} -> {args.out} ({m['format']}, {m['precision']}, {total / 1e6:.2f} MB, "
+          f"{m['export_s']:.1f} s)")
+    p = m["parity"]
+    if "skipped" in p:
+        print(f"parity                skipped: {p['skipped']}")
+    else:
+        print(f"parity ({p['runtime']})  max |logit diff| {p['max_abs_logit_diff']:.3g}, argmax agreement "
+              f"{p['argmax_agreement']:.3f} over {p['positions']} positions, greedy {p['greedy_matched']}/"
+              f"{p['greedy_steps']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,18 +246,68 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default="stdlib", help="corpus whose validation split is scored (default stdlib)")
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--max-tokens", type=int, default=64 * 1024)
+    e.add_argument("--reference", default=None, metavar="CKPT", help="unquantized checkpoint: adds KL, top-1 "
+                   "agreement and per-layer SQNR")
     e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compress", help="quantize a checkpoint (rtn, gptq, awq, smoothquant, kv_int8)")
+    c.add_argument("checkpoint")
+    c.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
+                   help="quantize:method=gptq,bits=4,group_size=32[,act_order=true,...]; repeat to chain")
+    c.add_argument("--rule", action="append", default=[], metavar="REGEX=VALUE",
+                   help="per-layer rule, first match wins; VALUE 4, 8 or skip (e.g. --rule lm_head=8)")
+    c.add_argument("--out", required=True)
+    # Data
+    c.add_argument("--data", default="stdlib", help="corpus: calibration from its train split, quality on validation")
+    c.add_argument("--seq-len", type=int, default=128, help="calibration and evaluation window")
+    c.add_argument("--max-tokens", type=int, default=32 * 1024, help="validation tokens scored")
+    c.add_argument("--seed", type=int, default=0, help="calibration window choice")
+    c.add_argument("--force", action="store_true", help="replace --out if it exists")
+    c.set_defaults(func=cmd_compress)
 
     i = sub.add_parser("import-hf", help="import a Llama directory saved by transformers")
     i.add_argument("src")
     i.add_argument("--out", required=True)
     i.add_argument("--force", action="store_true", help="replace --out if it exists")
     i.set_defaults(func=cmd_import_hf)
+
+    t = sub.add_parser("train", help="train a model (one process, or DDP/FSDP ranks through torchrun)")
+    # Model and data
+    t.add_argument("--model", default="nano", help="nano, micro, small or a CONFIG.json")
+    t.add_argument("--data", default="stdlib", help="'stdlib' (embedded default), a text file or a folder")
+    t.add_argument("--out", required=True, help="run directory: checkpoint/, state/, metrics.jsonl, loss.png")
+    _add_train_options(t, TRAIN_DEFAULTS.steps, TRAIN_DEFAULTS.lr, TRAIN_DEFAULTS.batch_size)
+    t.set_defaults(func=cmd_train)
+
+    f = sub.add_parser("finetune", help="LoRA / QLoRA fine-tuning of a checkpoint")
+    f.add_argument("checkpoint")
+    f.add_argument("--data", required=True, help="a text file or a folder (or 'stdlib')")
+    f.add_argument("--out", required=True, help="run directory: adapter/ or merged/, state/, metrics.jsonl")
+    f.add_argument("--lora-rank", type=int, required=True, metavar="R")
+    f.add_argument("--lora-alpha", type=float, default=None, metavar="A", help="scale alpha / R (default: 2 R)")
+    f.add_argument("--targets", default=None, metavar="REGEX", help="Linear names to adapt (default: every "
+                   "projection of attention and MLP)")
+    f.add_argument("--qlora", action="store_true", help="keep the frozen base in 4 bits (group 32)")
+    f.add_argument("--merge", action="store_true", help="write a plain checkpoint with the adapters folded in")
+    _add_train_options(f, 200, 1e-3, 8)
+    f.set_defaults(func=cmd_finetune)
+
+    x = sub.add_parser("export", help="export a checkpoint to onnx, executorch, gguf or tensorrt (parity-checked)")
+    x.add_argument("checkpoint")
+    x.add_argument("--format", required=True, help="onnx, executorch, gguf or tensorrt")
+    x.add_argument("--out", required=True, help="artifact directory (files + manifest.json)")
+    x.add_argument("--precision", default="fp32", help="fp32 or fp16 (quantized checkpoints keep their codes)")
+    x.add_argument("--max-seq-len", type=int, default=None, metavar="N", help="KV cache length (default: the model's)")
+    x.add_argument("--no-fuse", action="store_true", help="onnx: plain standard-op graph instead of contrib ops")
+    x.add_argument("--force", action="store_true", help="replace --out if it exists")
+    x.set_defaults(func=cmd_export)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except EdgesmithError as e:
