@@ -115,10 +115,11 @@ def test_gguf_refuses_group_it_cannot_hold(quantized, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_executorch_refuses_quantized_weights_for_now(quantized, tmp_path):
-    with pytest.raises(EdgesmithError, match=r"^layers\.0\.self_attn\.q_proj\.weight: 4-bit weights cannot be "
-                                             "exported to ExecuTorch yet"):
-        export(quantized[4, 32], tmp_path / "a", ExportConfig(format="executorch", max_seq_len=64))
+def test_executorch_refuses_fp16_for_quantized_weights(quantized, tmp_path):
+    with pytest.raises(EdgesmithError, match=r"^--precision: fp16 is not supported for a quantized checkpoint "
+                                             r"\(layers\.0\.self_attn\.q_proj\.weight\) by --format executorch; "
+                                             r"allowed: fp32$"):
+        export(quantized[4, 32], tmp_path / "a", ExportConfig(format="executorch", precision="fp16", max_seq_len=64))
     assert list(tmp_path.iterdir()) == []
 
 
