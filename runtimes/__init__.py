@@ -1,5 +1,12 @@
-"""What runs a model or an artifact: sampling and streaming generation with the KV cache (and,
-as backends land, one Session per format).
+"""What runs a model or an artifact: `load(path) -> Session`, one backend per format (torch,
+onnxruntime, executorch, llamacpp, tensorrt), one sampler, streaming and speculative generation,
+perplexity through the runtime.
 
 May import `models` and `kernels`. Never imports `toolchain`: a device has runtimes, not the trainer.
 """
+
+from runtimes.loader import load
+from runtimes.sampling import GenerationConfig
+from runtimes.session import GenerationStats, Session
+
+__all__ = ["load", "GenerationConfig", "GenerationStats", "Session"]

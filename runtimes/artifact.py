@@ -45,3 +45,8 @@ def verify_file(path: Path, rec: dict) -> None:
         raise EdgesmithError(f"{path}: {size} bytes, {MANIFEST} records {rec.get('bytes')} (truncated or replaced)")
     if sha256_file(path) != rec.get("sha256"):
         raise EdgesmithError(f"{path}: sha256 does not match {MANIFEST} (corrupt or replaced)")
+
+
+def artifact_bytes(manifest: dict) -> int:
+    """Bytes of every file the manifest lists (what a runtime loads, give or take the tokenizer)."""
+    return sum(int(rec.get("bytes", 0)) for rec in manifest.get("files", {}).values())

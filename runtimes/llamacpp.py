@@ -1,60 +1,121 @@
-"""llama.cpp backend (through llama-cpp-python) for a GGUF artifact directory.
+"""llama.cpp backend for a GGUF artifact directory, through llama-cpp-python's low-level C API.
 
-Loads `model.gguf` after checking the manifest's sha256 values, and exposes the minimal backend
-contract the export parity check and the Session API build on: `prefill(ids)` returns the logits
-of every prompt position `(T, V)`, `decode(id)` feeds one token and returns `(V,)`, `reset()`
-empties the KV cache. It does no sampling and knows nothing about tokenizers.
+Checks the manifest's sha256 values, then `llama_model_load_from_file` + `llama_init_from_model`
+with one sequence of `max_seq_len` positions and a batch as large, and runs each call as one
+`llama_batch` through `llama_decode`, asking for logits only where they are used (every position
+for `prefill`/`extend`, the last one for decodes and for generation's prefill); they are read
+with `llama_get_logits`. `rewind(n)` removes positions >= n from the KV cache with
+`llama_memory_seq_rm` (speculative rollback); `reset` clears the memory.
+
+Threads: `n_threads` defaults to one for tiny models and one per core otherwise
+(`runtimes.session.default_threads`): this llama.cpp build parallelizes with OpenMP, whose threads
+spin-wait between the many tiny ops of a small model, which collapses its speed on a loaded
+machine (DESIGN.md). `flash_attn` is off by default (llama-cpp-python's default; the llama.cpp CLI
+turns it on): it changes the order of the attention sums, and the export parity check runs
+without it. `kv_cache` is the cache's type: by default F32 for an fp32 artifact (llama.cpp defaults to
+F16) so that it computes what the fp32 reference computes, F16 otherwise; "f16" halves the cache
+traffic of long contexts. No sampling, no tokenizer (the Session has both).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from models.errors import EdgesmithError
-from runtimes.artifact import read_manifest
+from runtimes.artifact import artifact_bytes, read_manifest
+from runtimes.session import Session, default_threads
 
 RUNTIME_PACKAGE = "llama-cpp-python"
+KV_TYPES = ("f32", "f16")
+_backend_ready = False
 
 
-class LlamaCppBackend:
-    def __init__(self, directory: str | Path, n_threads: int = 1, flash_attn: bool = False,
-                 n_ctx: int | None = None):
-        import llama_cpp
+class LlamaCppSession(Session):
+    backend = "llamacpp"
 
+    def __init__(self, directory: str | Path, n_threads: int | None = None, flash_attn: bool = False,
+                 n_ctx: int | None = None, kv_cache: str | None = None, tokenizer=None, verbose: bool = False):
+        import llama_cpp as lc
+
+        if kv_cache is not None and kv_cache not in KV_TYPES:
+            raise EdgesmithError(f"kv_cache {kv_cache!r}; allowed: {', '.join(KV_TYPES)} "
+                                 "(default: f32 for fp32 artifacts)")
+
+        global _backend_ready
+        self.lc = lc
+        self._model = self._ctx = self._batch = None
         directory = Path(directory)
-        self.manifest = read_manifest(directory, "gguf")
-        self.max_seq_len = int(n_ctx or self.manifest["options"]["max_seq_len"])
-        # logits_all: prefill returns every position's logits, which the parity check compares.
-        # n_threads=1 by default: on tiny models OpenMP spin-waiting across threads costs more than it saves.
-        # llama.cpp keeps the KV cache in F16 by default; an fp32 artifact gets an F32 cache so that
-        # it computes what the fp32 reference computes.
-        kv_type = llama_cpp.GGML_TYPE_F32 if self.manifest["precision"] == "fp32" else llama_cpp.GGML_TYPE_F16
-        self.llm = llama_cpp.Llama(str(directory / self.manifest["entry"]), n_ctx=self.max_seq_len,
-                                   n_batch=self.max_seq_len, n_ubatch=self.max_seq_len, logits_all=True,
-                                   n_threads=n_threads, n_threads_batch=n_threads, flash_attn=flash_attn,
-                                   type_k=kv_type, type_v=kv_type, verbose=False)
-        self.vocab_size = self.llm.n_vocab()
+        manifest = read_manifest(directory, "gguf")
+        S = int(n_ctx or manifest["options"]["max_seq_len"])
+        self.n_threads = n_threads or default_threads(artifact_bytes(manifest))
+        self.flash_attn = bool(flash_attn)
+        # llama-cpp-python prints llama.cpp's log through this logger. Quiet unless `verbose`: failures
+        # surface as exceptions here, and a context longer than a tiny model's training length logs
+        # an ERROR line for what is only a note (n_ctx is padded to 256).
+        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.CRITICAL + 1)
+        if not _backend_ready:
+            lc.llama_backend_init()
+            _backend_ready = True
+        mparams = lc.llama_model_default_params()
+        self._model = lc.llama_model_load_from_file(str(directory / manifest["entry"]).encode(), mparams)
+        if not self._model:
+            raise EdgesmithError(f"{directory / manifest['entry']}: llama.cpp could not load the model")
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = S
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = self.n_threads
+        cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        kv_cache = kv_cache or ("f32" if manifest["precision"] == "fp32" else "f16")
+        cparams.type_k = cparams.type_v = lc.GGML_TYPE_F32 if kv_cache == "f32" else lc.GGML_TYPE_F16
+        cparams.no_perf = True
+        self._ctx = lc.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            raise EdgesmithError(f"{directory}: llama.cpp could not create a context of {S} positions")
+        self._memory = lc.llama_get_memory(self._ctx)
+        self._batch = lc.llama_batch_init(S, 0, 1)
+        vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model))
+        super().__init__(S, vocab, tokenizer, manifest, directory)
 
-    def reset(self) -> None:
-        self.llm.reset()
+    def _forward(self, ids: list[int], start: int, all_logits: bool) -> np.ndarray:
+        lc, b, T = self.lc, self._batch, len(ids)
+        b.n_tokens = T
+        for i, token in enumerate(ids):
+            b.token[i] = token
+            b.pos[i] = start + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = all_logits or i == T - 1
+        rc = lc.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} for {T} tokens at position {start}")
+        rows = T if all_logits else 1
+        out = np.ctypeslib.as_array(lc.llama_get_logits(self._ctx), shape=(rows * self.vocab_size,))
+        return out.reshape(rows, self.vocab_size).copy()  # the buffer is reused by the next call
 
-    def prefill(self, ids: list[int]) -> np.ndarray:
-        """Run `ids` from an empty cache; logits `(T, V)` of every position."""
-        if not ids:
-            raise EdgesmithError("prefill: empty prompt (at least one token is needed)")
-        self._check_room(len(ids))
-        self.llm.reset()
-        self.llm.eval(list(ids))
-        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+    def _rewind(self, n: int) -> None:
+        if n == 0:
+            self.lc.llama_memory_clear(self._memory, True)
+        elif not self.lc.llama_memory_seq_rm(self._memory, 0, n, -1):
+            raise RuntimeError(f"llama_memory_seq_rm could not remove positions >= {n}")
 
-    def decode(self, token: int) -> np.ndarray:
-        """Feed one token at the next position; its logits `(V,)`."""
-        self._check_room(1)
-        self.llm.eval([int(token)])
-        return np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+    def close(self) -> None:
+        lc = self.lc
+        if self._batch is not None:
+            lc.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            lc.llama_model_free(self._model)
+            self._model = None
 
-    def _check_room(self, n: int) -> None:
-        if self.llm.n_tokens + n > self.max_seq_len:
-            raise EdgesmithError(f"{self.llm.n_tokens + n} tokens exceed the artifact's max_seq_len {self.max_seq_len}")
+    def __del__(self):
+        if getattr(self, "lc", None) is not None:
+            self.close()
+
+
+LlamaCppBackend = LlamaCppSession  # the name the exporter's parity check uses

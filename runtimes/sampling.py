@@ -41,17 +41,22 @@ class GenerationConfig:
         return g
 
 
-def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator,
-           history: list[int] | None = None) -> int:
-    """logits `(V,)` -> one token id."""
-    logits = logits.float()
+def penalize(logits: torch.Tensor, cfg: GenerationConfig, history: list[int] | None) -> torch.Tensor:
+    """A float copy of logits `(V,)` with the repetition penalty applied to the tokens in `history`."""
+    logits = logits.float().clone()  # never write into the caller's (or a runtime's) buffer
     if cfg.repetition_penalty != 1.0 and history:
         seen = torch.tensor(sorted(set(history)), dtype=torch.long)
         picked = logits[seen]
         logits[seen] = torch.where(picked > 0, picked / cfg.repetition_penalty, picked * cfg.repetition_penalty)
+    return logits
+
+
+def probabilities(logits: torch.Tensor, cfg: GenerationConfig, history: list[int] | None = None) -> torch.Tensor:
+    """The distribution `sample` draws from when `cfg.temperature > 0`: penalty, temperature, top-k,
+    top-p, softmax. Speculative decoding compares the target's and the draft's with it."""
     if cfg.temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits / cfg.temperature
+        raise EdgesmithError("probabilities: greedy decoding (temperature 0) has no sampling distribution")
+    logits = penalize(logits, cfg, history) / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.numel():
         kth = torch.topk(logits, cfg.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -61,5 +66,12 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generat
         drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) >= cfg.top_p  # keep the smallest set reaching top_p
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator,
+           history: list[int] | None = None) -> int:
+    """logits `(V,)` -> one token id."""
+    if cfg.temperature == 0:
+        return int(torch.argmax(penalize(logits, cfg, history)))
+    return int(torch.multinomial(probabilities(logits, cfg, history), 1, generator=generator))

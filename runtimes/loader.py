@@ -1,0 +1,90 @@
+"""`runtimes.load(path, **options) -> Session`: the backend for an artifact directory or a checkpoint.
+
+An artifact directory (with `manifest.json`) gets the backend of its format (BACKEND_OF_FORMAT);
+a checkpoint directory (`edgesmith.json`, or a transformers-saved Llama with `config.json`) gets
+the torch backend. Backends live one per module and are imported only when asked for, by module
+path (BACKENDS), so loading a GGUF never imports ExecuTorch. The tokenizer is the directory's
+`tokenizer.json` when it has one our Tokenizer reads. Options are the backend's keyword
+arguments; an unknown one is refused in one line that lists the allowed ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+from models.errors import EdgesmithError
+from runtimes.artifact import MANIFEST, read_manifest
+from runtimes.session import Session
+
+# backend -> (module, Session class, how it is built: "directory" or "checkpoint")
+BACKENDS = {
+    "torch": ("runtimes.torch", "TorchSession"),
+    "onnxruntime": ("runtimes.onnxruntime", "OnnxRuntimeSession"),
+    "executorch": ("runtimes.executorch", "ExecuTorchSession"),
+    "llamacpp": ("runtimes.llamacpp", "LlamaCppSession"),
+    "tensorrt": ("runtimes.tensorrt", "TensorRTSession"),
+}
+BACKEND_OF_FORMAT = {"gguf": "llamacpp", "onnx": "onnxruntime", "executorch": "executorch", "tensorrt": "tensorrt"}
+# A TensorRT artifact also holds the TensorRT-ready ONNX, which ONNX Runtime runs anywhere.
+ALSO_RUNS = {"tensorrt": ("onnxruntime",)}
+
+
+def backend_class(name: str) -> type[Session]:
+    if name not in BACKENDS:
+        raise EdgesmithError(f"backend {name!r}; allowed: {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def artifact_tokenizer(directory: Path, manifest: dict):
+    """Our Tokenizer from the artifact's tokenizer.json, or None when it has none we can read
+    (an optimum export of a model whose tokenizer lacks our special tokens)."""
+    from models.tokenizer import Tokenizer
+
+    if not (directory / "tokenizer.json").is_file():
+        return None
+    try:
+        return Tokenizer.load(directory)
+    except EdgesmithError:
+        return None
+
+
+def check_options(cls: type, factory, options: dict, name: str) -> None:
+    params = inspect.signature(factory).parameters
+    allowed = [p for p in params if p not in ("self", "directory", "path", "model", "tokenizer", "fmt")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise EdgesmithError(f"{name} backend: unknown option {unknown[0]!r}; allowed: {', '.join(allowed) or 'none'}")
+
+
+def load(path: str | Path, backend: str | None = None, **options) -> Session:
+    """A Session for an artifact directory or a checkpoint. `backend` overrides the choice where
+    another backend can run the same files (a TensorRT artifact's ONNX in onnxruntime)."""
+    path = Path(path)
+    if not path.is_dir():
+        # the checkpoint loader's wording, which scripts may already match
+        raise EdgesmithError(f"{path}: not a checkpoint directory (no such directory)")
+    if (path / MANIFEST).is_file():
+        manifest = read_manifest(path, verify=False)  # the backend verifies every file's sha256
+        fmt = manifest.get("format")
+        if fmt not in BACKEND_OF_FORMAT:
+            raise EdgesmithError(f"{path / MANIFEST}: format {fmt!r}; allowed: {', '.join(BACKEND_OF_FORMAT)}")
+        name = backend or BACKEND_OF_FORMAT[fmt]
+        allowed = (BACKEND_OF_FORMAT[fmt], *ALSO_RUNS.get(fmt, ()))
+        if name not in allowed:
+            raise EdgesmithError(f"backend {name!r} cannot run a {fmt} artifact; allowed: {', '.join(allowed)}")
+        cls = backend_class(name)
+        check_options(cls, cls.__init__, options, name)
+        if name == "onnxruntime" and fmt != "onnx":
+            options["fmt"] = fmt
+        return cls(path, tokenizer=artifact_tokenizer(path, manifest), **options)
+    if (path / "edgesmith.json").is_file() or (path / "config.json").is_file():
+        if backend not in (None, "torch"):
+            raise EdgesmithError(f"{path}: a checkpoint runs on the torch backend (export it to run it on {backend})")
+        cls = backend_class("torch")
+        check_options(cls, cls.from_path, options, "torch")
+        return cls.from_path(path, **options)
+    raise EdgesmithError(f"{path}: neither an artifact directory ({MANIFEST}) nor a checkpoint (edgesmith.json or "
+                         "config.json)")

@@ -1,0 +1,103 @@
+"""The torch backend: our Transformer in eager mode with its static KV cache, optionally with the
+one-token decode step compiled by `torch.compile`.
+
+Loads an edgesmith checkpoint (weights verified against `edgesmith.json`) or a plain Hugging Face
+Llama directory (`config.json` + safetensors, converted in memory). Quantized Linears (weight-only
+codes) are dequantized once at load into float Linears holding exactly the fake-quant weights, so
+the numerics are the checkpoint's and no call re-dequantizes; Linears that also quantize their
+activations (SmoothQuant) are kept as they are. The cache is the model's own (`setup_cache`), written
+by position, so `rewind` is free. The tokenizer is the checkpoint's `tokenizer.json`.
+
+Compilation (`compile=True`) wraps only the decode step, with static shapes: prefill and multi-token
+calls stay eager (gpt-fast compiles the hot function only). It is compiled on the first decode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.errors import EdgesmithError
+from models.llama import Transformer
+from models.quant import QuantizedLinear, replace_module_
+from runtimes.session import Session
+
+RUNTIME_PACKAGE = "torch"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dequantize_linears_(model: nn.Module) -> list[str]:
+    """Swap each weight-only QuantizedLinear for an nn.Linear holding `scale * code`; names swapped."""
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and m.act_bits is None]
+    for name in names:
+        q = model.get_submodule(name)
+        linear = nn.Linear(q.in_features, q.out_features, bias=False, device=q.qweight.device)
+        linear.weight = nn.Parameter(q.dequantize(torch.float32), requires_grad=False)
+        replace_module_(model, name, linear)
+    return names
+
+
+def load_model(path: Path):
+    """(model, tokenizer) from an edgesmith checkpoint or a transformers-saved Llama directory."""
+    from models.checkpoint import load_checkpoint
+
+    if (path / "edgesmith.json").is_file():
+        ckpt = load_checkpoint(path)
+        return ckpt.model, ckpt.tokenizer
+    from models.checkpoint import from_hf_config, load_state_dict_, read_json
+    from models.hf import read_hf_weights
+    from models.tokenizer import Tokenizer
+
+    config = from_hf_config(read_json(path / "config.json"), str(path / "config.json"))
+    model = Transformer(config)
+    load_state_dict_(model, read_hf_weights(path), path)
+    tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
+    return model.eval(), tokenizer
+
+
+class TorchSession(Session):
+    backend = "torch"
+
+    def __init__(self, model: Transformer, tokenizer=None, max_seq_len: int | None = None, compile: bool = False,
+                 dtype: str | None = None, path=None):
+        if dtype is not None and dtype not in DTYPES:
+            raise EdgesmithError(f"torch session dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+        S = max_seq_len or model.config.max_seq_len
+        if not 1 <= S <= model.config.max_seq_len:
+            raise EdgesmithError(f"max_seq_len {S}: must be in 1..{model.config.max_seq_len} (the model's)")
+        super().__init__(S, model.config.vocab_size, tokenizer, path=path)
+        self.model = (model if dtype is None else model.to(DTYPES[dtype])).eval()  # None: as it is
+        model.setup_cache(1, S)  # zeros, in the model's dtype
+        self.compiled = compile
+        self._decode_step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
+
+    @classmethod
+    def from_path(cls, path: str | Path, compile: bool = False, dtype: str = "fp32", max_seq_len: int | None = None,
+                  n_threads: int | None = None) -> TorchSession:
+        """Load a checkpoint directory. `n_threads` sets torch's (process-wide) intra-op thread count."""
+        path = Path(path)
+        if n_threads is not None:
+            if n_threads < 1:
+                raise EdgesmithError(f"n_threads: {n_threads} must be >= 1")
+            torch.set_num_threads(n_threads)
+        model, tokenizer = load_model(path)
+        dequantize_linears_(model)
+        return cls(model, tokenizer, max_seq_len=max_seq_len, compile=compile, dtype=dtype, path=path)
+
+    def _step(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, input_pos)
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int], start: int, all_logits: bool) -> np.ndarray:
+        tokens = torch.tensor([ids], dtype=torch.long)
+        input_pos = torch.arange(start, start + len(ids))
+        step = self._decode_step if len(ids) == 1 else self._step
+        logits = step(tokens, input_pos)[0]
+        return (logits if all_logits else logits[-1:]).float().numpy()
+
+    def _rewind(self, n: int) -> None:
+        if n == 0:  # a fresh start leaves nothing of the previous run in memory
+            self.model.reset_cache()

@@ -1,0 +1,446 @@
+"""Runtime benchmark: every backend behind the Session API, with llama.cpp and optimum anchors.
+
+A random-weight Llama (default ~245 M parameters: dim 1024, 16 layers, 16/4 heads, ffn 2816,
+vocab 32000, max_seq_len 1024) is saved as a float checkpoint and as its RTN 4-bit group-32 child
+(our `rtn` pass), and exported with our exporters (GGUF F16 and Q4_0, fused ONNX fp32 and 4-bit
+MatMulNBits, ExecuTorch fp32 and 8da4w). Random weights give nearly flat logits whose near-ties
+would make the exporters' parity checks coin tosses, so the head is scaled up (LOGIT_SCALE): the
+logits are peaked, every shape and every byte moved per token is the same.
+
+Each row runs in its own subprocess (so its peak RSS is its own) through the same harness: greedy
+argmax over the logits the runtime returns, medians over `--repeats`:
+
+- prefill tok/s of a `--prompt-len` (512) token prompt, and TTFT = that prefill + the first argmax;
+- decode tok/s over `--decode-tokens` (128) tokens after a 128-token prompt, and after a
+  `--long-context` (896) token prompt: their ratio shows what a growing KV cache costs;
+- weight bandwidth achieved in decode: bytes of Linear weights read per token (lm_head included;
+  the embedding row and the KV cache excluded) x decode tok/s, as a share of this machine's
+  bandwidth measured first by the same script (median of torch sums over a large fp32 tensor).
+
+Anchors in the same run: llama.cpp itself (llama-cpp-python's `Llama`, flash attention on, one
+thread per core) on the same GGUF files, Q4_0 and F16; optimum's ONNX export of the same float
+checkpoint run with `ORTModelForCausalLM`, in fp32 and quantized by ONNX Runtime's own
+`MatMulNBitsQuantizer` (4 bits, block 32, symmetric, accuracy_level 4: what a user of optimum would
+pick). The last table prints the ratios the issue sets targets for. Speculative decoding (fp32 ONNX
+target, its 4-bit artifact as draft) reports acceptance and speedup.
+
+    python scripts/bench_runtime.py                 # full size, all rows (run on an idle machine)
+    python scripts/bench_runtime.py --small         # dim 256, 4 layers, vocab 4096: proves it works
+    python scripts/bench_runtime.py --rows ort-int4,llama-q4-anchor --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LOGIT_SCALE = 25.0
+Q4_0, NBITS_Q4, XNNPACK_Q4 = 18 / 32, (16 + 4) / 32, (16 + 2) / 32  # bytes per weight (NBITS: fp32 scales)
+
+# key -> (label, kind, artifact, session options, bytes per Linear weight)
+ROWS = {
+    "torch": ("torch fp32 (eager)", "session", "ckpt", {}, 4),
+    "torch-compile": ("torch fp32 (compiled decode)", "session", "ckpt", {"compile": True}, 4),
+    "ort-fp32": ("onnxruntime fp32 fused", "session", "onnx", {}, 4),
+    "ort-int4": ("onnxruntime int4 fused acc=4", "session", "onnx-q4", {"accuracy_level": 4}, NBITS_Q4),
+    "ort-int4-acc0": ("onnxruntime int4 fused acc=0", "session", "onnx-q4", {}, NBITS_Q4),
+    "et-fp32": ("executorch fp32 (xnnpack)", "session", "executorch", {}, 4),
+    "et-int4": ("executorch 8da4w (xnnpack)", "session", "executorch-q4", {}, XNNPACK_Q4),
+    "llama-f16": ("llamacpp session F16", "session", "gguf-f16", {"flash_attn": True, "kv_cache": "f16"}, 2),
+    "llama-q4": ("llamacpp session Q4_0", "session", "gguf-q4", {"flash_attn": True, "kv_cache": "f16"}, Q4_0),
+    "llama-f16-anchor": ("anchor: llama.cpp F16", "llama", "gguf-f16", {}, 2),
+    "llama-q4-anchor": ("anchor: llama.cpp Q4_0", "llama", "gguf-q4", {}, Q4_0),
+    "optimum-fp32-anchor": ("anchor: optimum ORT fp32", "optimum", "optimum", {}, 4),
+    "optimum-int4-anchor": ("anchor: optimum ORT int4", "optimum", "optimum-q4", {}, NBITS_Q4),
+}
+DEFAULT_ROWS = [k for k in ROWS if k != "torch-compile"]
+SIZES = {"full": dict(dim=1024, layers=16, heads=16, kv_heads=4, ffn=2816, vocab=32000),
+         "small": dict(dim=256, layers=4, heads=8, kv_heads=4, ffn=768, vocab=4096)}
+
+
+# ----------------------------------------------------------------------------- machine and model
+
+
+def measure_bandwidth(threads: int, gib: float, repeats: int = 5) -> float:
+    """GB/s of a multi-threaded sum over a `gib` GiB fp32 tensor (reads only, like weight streaming)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    x = torch.ones(int(gib * (1 << 30)) // 4)
+    x.sum()  # touch every page once
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    torch.set_num_threads(before)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def linear_weights(c: dict) -> int:
+    hd = c["dim"] // c["heads"]
+    per_layer = c["dim"] * hd * (2 * c["heads"] + 2 * c["kv_heads"]) + 3 * c["dim"] * c["ffn"]
+    return c["layers"] * per_layer + c["dim"] * c["vocab"]
+
+
+def make_checkpoints(c: dict, root: Path) -> dict[str, Path]:
+    from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint
+    from models.llama import ModelConfig, Transformer
+    from models.tokenizer import train_tokenizer
+    from toolchain.compress import Context, apply, parse_pass
+
+    cfg = ModelConfig(vocab_size=c["vocab"], dim=c["dim"], n_layers=c["layers"], n_heads=c["heads"],
+                      n_kv_heads=c["kv_heads"], ffn_dim=c["ffn"], max_seq_len=c["max_seq_len"])
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LOGIT_SCALE)
+    text = "".join(Path(json.__file__).parent.joinpath(n).read_text() for n in ("decoder.py", "encoder.py"))
+    tok = train_tokenizer([text], vocab_size=min(512, c["vocab"]), show_progress=False)
+    paths = {"ckpt": save_checkpoint(model, tok, root / "float", {"parent": None, "passes": []})}
+    ckpt = load_checkpoint(paths["ckpt"])
+    spec = "quantize:method=rtn,bits=4,group_size=32"
+    q4 = apply(ckpt.model, parse_pass(spec), Context())
+    paths["ckpt-q4"] = save_checkpoint(q4, tok, root / "q4", child_lineage(ckpt, {"kind": "quantize", "spec": spec}))
+    print(f"model: {model.num_params() / 1e6:.1f} M parameters, {linear_weights(c) / 1e6:.1f} M in Linears",
+          flush=True)
+    return paths
+
+
+def export_optimum(ckpt: Path, out: Path, quantize: bool) -> Path:
+    from optimum.exporters.onnx import main_export
+
+    main_export(str(ckpt), output=str(out), task="text-generation-with-past", do_validation=False)
+    if quantize:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        q = MatMulNBitsQuantizer(onnx.load(str(out / "model.onnx")), bits=4, block_size=32, is_symmetric=True,
+                                 accuracy_level=4)
+        q.process()
+        for f in out.glob("model.onnx*"):
+            f.unlink()
+        q.model.save_model_to_file(str(out / "model.onnx"), use_external_data_format=True)
+    return out
+
+
+def make_artifacts(needed: set[str], ckpts: dict[str, Path], root: Path, S: int) -> dict[str, Path]:
+    from toolchain.export import ExportConfig, export
+
+    plan = {"onnx": ("ckpt", ExportConfig("onnx", max_seq_len=S)),
+            "onnx-q4": ("ckpt-q4", ExportConfig("onnx", max_seq_len=S)),
+            "executorch": ("ckpt", ExportConfig("executorch", max_seq_len=S)),
+            "executorch-q4": ("ckpt-q4", ExportConfig("executorch", max_seq_len=S)),
+            "gguf-f16": ("ckpt", ExportConfig("gguf", precision="fp16", max_seq_len=S)),
+            "gguf-q4": ("ckpt-q4", ExportConfig("gguf", max_seq_len=S))}
+    paths = dict(ckpts)
+    for name in sorted(needed - set(paths)):
+        t0 = time.perf_counter()
+        if name.startswith("optimum"):
+            paths[name] = export_optimum(ckpts["ckpt"], root / name, quantize=name.endswith("q4"))
+        else:
+            source, cfg = plan[name]
+            export(ckpts[source], root / name, cfg, log=lambda line: None)
+            paths[name] = root / name
+        print(f"  exported {name} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return paths
+
+
+# ----------------------------------------------------------------------------- the harness (in a worker)
+
+
+class SessionRunner:
+    def __init__(self, path: str, options: dict, threads: int):
+        import runtimes
+
+        if (Path(path) / "edgesmith.json").is_file():  # a checkpoint: the torch backend
+            torch.set_num_threads(threads)
+            self.s = runtimes.load(path, **options)
+        else:
+            self.s = runtimes.load(path, n_threads=threads, **options)
+
+    def prefill(self, ids):
+        return self.s.prefill(ids, all_logits=False)[-1]
+
+    def decode(self, token):
+        return self.s.decode(token)
+
+
+class LlamaRunner:
+    """llama.cpp as its own CLI runs it: flash attention on, one thread per core."""
+
+    def __init__(self, path: str, options: dict, threads: int):
+        import llama_cpp
+
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+        self.lc = llama_cpp
+        self.llm = llama_cpp.Llama(str(Path(path) / manifest["entry"]), n_ctx=int(manifest["options"]["max_seq_len"]),
+                                   n_batch=2048, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
+                                   flash_attn=True, logits_all=False, verbose=False)
+        self.V = self.llm.n_vocab()
+
+    def _logits(self):
+        return np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.V,))
+
+    def prefill(self, ids):
+        self.llm.reset()
+        self.llm.eval(ids)
+        return self._logits()
+
+    def decode(self, token):
+        self.llm.eval([token])
+        return self._logits()
+
+
+class OptimumRunner:
+    """optimum's ORTModelForCausalLM, called the way `generate` calls it (past_key_values handed back)."""
+
+    def __init__(self, path: str, options: dict, threads: int):
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        self.model = ORTModelForCausalLM.from_pretrained(path, use_cache=True, session_options=so)
+
+    @torch.inference_mode()
+    def prefill(self, ids):
+        out = self.model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         use_cache=True)
+        self.past, self.n = out.past_key_values, len(ids)
+        return out.logits[0, -1].numpy()
+
+    @torch.inference_mode()
+    def decode(self, token):
+        self.n += 1
+        out = self.model(input_ids=torch.tensor([[token]]), attention_mask=torch.ones(1, self.n, dtype=torch.long),
+                         past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[0, -1].numpy()
+
+
+RUNNERS = {"session": SessionRunner, "llama": LlamaRunner, "optimum": OptimumRunner}
+
+
+def decode_rate(r, prompt: list[int], n: int) -> float:
+    token = int(np.argmax(r.prefill(prompt)))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        token = int(np.argmax(r.decode(token)))
+    return n / (time.perf_counter() - t0)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set. VmHWM, not getrusage's ru_maxrss: on Linux ru_maxrss survives
+    exec, so a worker would report the peak of the parent it was forked from."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        line = next(li for li in status.read_text().splitlines() if li.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(spec: dict) -> dict:
+    import runtimes  # noqa: F401  (the imports every row pays, counted in the baseline)
+
+    baseline = peak_rss_mb()
+    t0 = time.perf_counter()
+    r = RUNNERS[spec["kind"]](spec["path"], spec["options"], spec["threads"])
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, spec["vocab"], spec["long_context"]).tolist()
+    p, n = spec["prompt_len"], spec["decode_tokens"]
+    decode_rate(r, ids[:16], 4)  # warm up (compilation, lazy allocations)
+    prefill_s, ttft_s, short, long = [], [], [], []
+    for _ in range(spec["repeats"]):
+        t = time.perf_counter()
+        logits = r.prefill(ids[:p])
+        prefill_s.append(time.perf_counter() - t)
+        int(np.argmax(logits))
+        ttft_s.append(time.perf_counter() - t)
+        short.append(decode_rate(r, ids[:128], n))
+        long.append(decode_rate(r, ids[: spec["long_context"]], n))
+    return {"load_s": load_s, "prefill_tok_s": p / statistics.median(prefill_s),
+            "ttft_ms": statistics.median(ttft_s) * 1e3,
+            "decode_tok_s": statistics.median(short), "decode_long_tok_s": statistics.median(long),
+            "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline}
+
+
+def speculative_worker(spec: dict) -> dict:
+    import runtimes
+    from runtimes import GenerationConfig
+    from runtimes.speculative import compare_speculative
+
+    target = runtimes.load(spec["path"], n_threads=spec["threads"])
+    draft = runtimes.load(spec["draft"], n_threads=spec["threads"], accuracy_level=4)
+    prompt = np.random.default_rng(0).integers(0, spec["vocab"], 128).tolist()
+    list(target.generate(prompt[:16], GenerationConfig(max_new_tokens=4)))
+    r = compare_speculative(target, draft, prompt, GenerationConfig(max_new_tokens=spec["decode_tokens"]), 4)
+    s = r["speculative_stats"]
+    return {"identical": r["identical"], "acceptance": s.acceptance_rate, "tokens_per_target_forward":
+            s.tokens_per_target_forward, "speedup": r["speedup"], "plain_tok_s": r["plain_stats"].decode_tokens_per_s,
+            "speculative_tok_s": s.decode_tokens_per_s}
+
+
+def in_subprocess(spec: dict, timeout: int) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail[:160]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def print_tables(results: dict, c: dict, bandwidth: float, bandwidth_1: float, spec_result: dict | None) -> None:
+    weights = linear_weights(c)
+    print(f"\nmachine: {bandwidth:.1f} GB/s streaming bandwidth with {c['threads']} threads "
+          f"({bandwidth_1:.1f} GB/s with 1); load average {os.getloadavg()[0]:.2f}")
+    head = (f"{'row':<30} {'W MB/tok':>8} {'load s':>6} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode tok/s':>12} "
+            f"{'@' + str(c['long_context']):>8} {'long/short':>10} {'RSS MB':>7} {'+loaded':>7} {'GB/s':>6} "
+            f"{'of bw':>6}")
+    print(head)
+    print("-" * len(head))
+    for key, r in results.items():
+        label, bpw = ROWS[key][0], ROWS[key][4]
+        mb = weights * bpw / 1e6
+        if "error" in r:
+            print(f"{label:<30} {mb:>8.1f}  failed: {r['error']}")
+            continue
+        gbs = mb * r["decode_tok_s"] / 1e3
+        print(f"{label:<30} {mb:>8.1f} {r['load_s']:>6.1f} {r['prefill_tok_s']:>13.1f} {r['ttft_ms']:>8.1f} "
+              f"{r['decode_tok_s']:>12.1f} {r['decode_long_tok_s']:>8.1f} "
+              f"{r['decode_long_tok_s'] / r['decode_tok_s']:>10.2f} {r['peak_rss_mb']:>7.0f} "
+              f"{r['peak_rss_mb'] - r['baseline_rss_mb']:>7.0f} {gbs:>6.1f} {gbs / bandwidth:>6.0%}")
+
+    def rate(key, field="decode_tok_s"):
+        r = results.get(key) or {}
+        return r.get(field)
+
+    print("\nratios (decode tok/s unless said; target from the issue in brackets)")
+    checks = [("onnxruntime int4 acc=4 / llama.cpp Q4_0", rate("ort-int4"), rate("llama-q4-anchor"), ">= 1.0", 1.0),
+              ("optimum int4 / llama.cpp Q4_0", rate("optimum-int4-anchor"), rate("llama-q4-anchor"), "about 0.7",
+               None),
+              ("torch fp32 / llama.cpp Q4_0", rate("torch"), rate("llama-q4-anchor"), ">= 0.5", 0.5),
+              ("llamacpp session Q4_0 / llama.cpp Q4_0", rate("llama-q4"), rate("llama-q4-anchor"), "about 1", None),
+              ("llamacpp session F16 / llama.cpp F16", rate("llama-f16"), rate("llama-f16-anchor"), "about 1", None),
+              ("executorch 8da4w / llama.cpp Q4_0", rate("et-int4"), rate("llama-q4-anchor"), "-", None),
+              (f"onnxruntime int4 @{c['long_context']} / @128", rate("ort-int4", "decode_long_tok_s"), rate("ort-int4"),
+               ">= 0.85", 0.85),
+              (f"onnxruntime fp32 @{c['long_context']} / @128", rate("ort-fp32", "decode_long_tok_s"), rate("ort-fp32"),
+               ">= 0.85", 0.85),
+              (f"optimum int4 @{c['long_context']} / @128", rate("optimum-int4-anchor", "decode_long_tok_s"),
+               rate("optimum-int4-anchor"), "about 0.5", None),
+              ("onnxruntime int4 prefill / llama.cpp Q4_0 prefill", rate("ort-int4", "prefill_tok_s"),
+               rate("llama-q4-anchor", "prefill_tok_s"), "-", None)]
+    for name, a, b, target, floor in checks:
+        if a is None or b is None:
+            print(f"  {name:<50} (not measured)")
+            continue
+        verdict = "" if floor is None else ("  met" if a / b >= floor else "  NOT met")
+        print(f"  {name:<50} {a / b:6.2f}   [{target}]{verdict}")
+    if spec_result:
+        if "error" in spec_result:
+            print(f"\nspeculative decoding: failed: {spec_result['error']}")
+        else:
+            print(f"\nspeculative decoding (onnxruntime fp32 target, its int4 acc=4 artifact as draft, k=4, greedy, "
+                  f"{c['decode_tokens']} tokens): output identical to plain greedy: {spec_result['identical']}, "
+                  f"acceptance {spec_result['acceptance']:.1%}, {spec_result['tokens_per_target_forward']:.2f} "
+                  f"tokens per target forward, {spec_result['plain_tok_s']:.1f} -> "
+                  f"{spec_result['speculative_tok_s']:.1f} "
+                  f"tok/s, speedup {spec_result['speedup']:.2f}x")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # Model
+    p.add_argument("--small", action="store_true", help="dim 256, 4 layers, vocab 4096 (a quick check)")
+    for name in SIZES["full"]:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    # Measurement
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma list of: {', '.join(ROWS)}")
+    p.add_argument("--threads", type=int, default=None, help="threads for every row (default: one per core)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--long-context", type=int, default=896)
+    p.add_argument("--bandwidth-gib", type=float, default=None,
+                   help="size of the bandwidth probe (default 1, small 0.25)")
+    p.add_argument("--no-speculative", action="store_true")
+    p.add_argument("--keep", default=None, metavar="DIR", help="build (or reuse) checkpoints and artifacts here")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per row")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps(speculative_worker(spec) if spec["kind"] == "speculative" else worker(spec)))
+        return
+    from runtimes.session import cpu_cores
+
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        sys.exit(f"--rows: unknown row {unknown[0]!r}; allowed: {', '.join(ROWS)}")
+    c = {k: getattr(args, k) if getattr(args, k) is not None else v
+         for k, v in SIZES["small" if args.small else "full"].items()}
+    c.update(max_seq_len=args.max_seq_len, threads=args.threads or cpu_cores(), long_context=args.long_context,
+             decode_tokens=args.decode_tokens)
+    if args.long_context + args.decode_tokens > args.max_seq_len or args.prompt_len > args.long_context:
+        sys.exit("--long-context + --decode-tokens must fit --max-seq-len, and --prompt-len <= --long-context")
+    print("bench_runtime:", {k: v for k, v in vars(args).items() if k != "worker"}, flush=True)
+    gib = args.bandwidth_gib or (0.25 if args.small else 1.0)
+    bandwidth, bandwidth_1 = measure_bandwidth(c["threads"], gib), measure_bandwidth(1, gib)
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_runtime-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        ckpts = ({"ckpt": root / "float", "ckpt-q4": root / "q4"} if (root / "q4" / "edgesmith.json").is_file()
+                 else make_checkpoints(c, root))
+        needed = {ROWS[r][2] for r in rows} | ({"onnx", "onnx-q4"} if not args.no_speculative else set())
+        existing = {n: root / n for n in needed
+                    if (root / n / "manifest.json").is_file() or (root / n / "config.json").is_file()}
+        paths = {**existing, **make_artifacts(needed - set(existing), ckpts, root, args.max_seq_len)}
+        print(f"checkpoints and artifacts ready in {time.perf_counter() - t0:.0f} s", flush=True)
+        from tqdm import tqdm
+
+        results = {}
+        for key in (bar := tqdm(rows, desc="rows", unit="row")):
+            bar.set_postfix_str(key)
+            label, kind, art, options, _ = ROWS[key]
+            spec = {"kind": kind, "path": str(paths[art]), "options": options, "threads": c["threads"],
+                    "vocab": c["vocab"], "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens,
+                    "long_context": args.long_context, "repeats": args.repeats}
+            results[key] = in_subprocess(spec, args.timeout)
+        spec_result = None
+        if not args.no_speculative:
+            spec_result = in_subprocess({"kind": "speculative", "path": str(paths["onnx"]),
+                                         "draft": str(paths["onnx-q4"]), "threads": c["threads"], "vocab": c["vocab"],
+                                         "decode_tokens": args.decode_tokens}, args.timeout)
+        print_tables(results, c, bandwidth, bandwidth_1, spec_result)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
