@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 
 from models.errors import EdgesmithError
 from models.llama import ModelConfig, Transformer
-from models.quant import QuantizedLinear, apply_quantization_meta_, quantization_meta
+from models.lowrank import apply_lowrank_meta_, lowrank_meta
+from models.quant import apply_quantization_meta_, quantization_meta, quantized_numel
 from models.tokenizer import Tokenizer
 from models.version import versions
 
@@ -84,15 +85,15 @@ def from_hf_config(d: dict, source: str) -> ModelConfig:
             raise EdgesmithError(f"{source}: missing field {key!r}")
     heads = d["num_attention_heads"]
     head_dim = d.get("head_dim") or d["hidden_size"] // heads
-    if head_dim * heads != d["hidden_size"]:
-        raise EdgesmithError(f"{source}: head_dim={head_dim} is not supported; allowed: hidden_size / "
-                             f"num_attention_heads = {d['hidden_size'] // heads}")
+    # A head width other than hidden_size / heads (a head-pruned model) is kept explicitly.
+    override = None if head_dim * heads == d["hidden_size"] else head_dim
     try:
         return ModelConfig(
             vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
             n_heads=heads, n_kv_heads=d.get("num_key_value_heads") or heads, ffn_dim=d["intermediate_size"],
             max_seq_len=d.get("max_position_embeddings", 2048), rope_theta=float(d.get("rope_theta", 10000.0)),
             norm_eps=float(d.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            head_dim_override=override,
         )
     except EdgesmithError as e:
         raise EdgesmithError(f"{source}: {e}") from None
@@ -162,7 +163,8 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer, out: str | Path, l
     try:
         state = model.state_dict()
         if model.config.tie_embeddings:
-            state.pop("lm_head.weight")  # HF stores a tied head once, as the embedding
+            state.pop("lm_head.weight", None)  # HF stores a tied head once, as the embedding (a quantized
+            # tied head, models.quant.TiedQuantizedHead, has no tensors of its own)
         tensors = {hf_name(k): v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         dtype = model.embed_tokens.weight.dtype
@@ -172,11 +174,11 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer, out: str | Path, l
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "num_params": model.num_params() + sum(m.qweight.numel() for m in model.modules()
-                                                   if isinstance(m, QuantizedLinear)),
+            "num_params": model.num_params() + quantized_numel(model),
             "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
             "files": {WEIGHTS: {"sha256": sha256_file(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}},
             "quantization": quantization_meta(model),
+            **({"lowrank": lowrank_meta(model)} if lowrank_meta(model) else {}),
             "lineage": lineage,
             "versions": versions(),
         }
@@ -229,7 +231,7 @@ def load_state_dict_(model: Transformer, tensors: dict[str, torch.Tensor], sourc
     """Copy HF-named tensors into the model, naming any missing, unexpected or mis-shaped tensor."""
     expected = model.state_dict()
     if model.config.tie_embeddings:
-        expected.pop("lm_head.weight")
+        expected.pop("lm_head.weight", None)
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}  # some writers store it anyway
     by_hf = {hf_name(k): k for k in expected}
     for name in tensors:
@@ -281,6 +283,7 @@ def build_model(path: Path, config: ModelConfig, meta: dict, dtype: torch.dtype)
         raise EdgesmithError(f"{weights}: sha256 does not match edgesmith.json (corrupt or replaced)")
     tensors = read_safetensors(weights)
     model = Transformer(config)
+    apply_lowrank_meta_(model, meta.get("lowrank"), str(path / "edgesmith.json"))  # factors first: they may be quantized
     apply_quantization_meta_(model, meta.get("quantization"), str(path / "edgesmith.json"))
     load_state_dict_(model, tensors, weights)
     return model.to(dtype).eval()

@@ -33,6 +33,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    # Width of one attention head when it is not dim // n_heads (HF Llama's `head_dim`): structured
+    # head pruning removes heads but keeps their width. None: dim // n_heads.
+    head_dim_override: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
@@ -44,7 +47,14 @@ class ModelConfig:
                 raise EdgesmithError(
                     f"ModelConfig.{name}: {getattr(self, name)} is not a multiple of 32 "
                     "(quantization blocks are 32 wide)")
-        if self.dim % self.n_heads:
+        if self.head_dim_override is not None:
+            hd = self.head_dim_override
+            if isinstance(hd, bool) or not isinstance(hd, int) or hd <= 0:
+                raise EdgesmithError(f"ModelConfig.head_dim_override: {hd!r} must be a positive integer or None")
+            if (self.n_heads * hd) % 32:
+                raise EdgesmithError(f"ModelConfig.head_dim_override: n_heads x head_dim = {self.n_heads * hd} is "
+                                     "not a multiple of 32 (quantization blocks are 32 wide)")
+        elif self.dim % self.n_heads:
             raise EdgesmithError(f"ModelConfig.n_heads: {self.n_heads} does not divide dim {self.dim}; "
                                  f"allowed: {_divisors(self.dim)}")
         if self.n_heads % self.n_kv_heads:
@@ -59,10 +69,13 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_dim_override or self.dim // self.n_heads
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["head_dim_override"] is None:  # configs without it serialize as they always did
+            del d["head_dim_override"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> ModelConfig:

@@ -15,10 +15,21 @@ API (stable; the trainer's QLoRA and the GGUF / ONNX / ExecuTorch exporters impo
   wraps codes chosen by any method (GPTQ, AWQ). `.to(dtype)` never casts codes or scales.
 - `quantize_rtn(w, bits, group_size) -> (qweight, scales)` and `quantize_codes(w, d, bits)`
   (codes of `w` for given per-element fp32 scales `d`), the building blocks of every method.
+- `QuantizedEmbedding(num_embeddings, embedding_dim, bits=4, group_size=32)`: the token embedding in
+  the same representation, grouped along the embedding dim (`qweight` `(vocab, dim)`, `scales`
+  `(vocab, dim // group_size)`), i.e. exactly the layout of a QuantizedLinear with out = vocab, in =
+  dim, and of GGUF's token_embd Q4_0 / Q8_0. `forward(ids)` gathers the rows of codes and scales and
+  multiplies them (never the whole table); `weight` is the dequantized table for code that asks
+  `embed_tokens.weight` for its dtype or device. Codes are round to nearest: a lookup has no
+  activations to weigh errors by, so there is nothing for GPTQ / AWQ to trade.
+- Tied embeddings: `TiedQuantizedHead(table)` is the lm_head of a tied model whose embedding is
+  quantized. It reads the embedding's codes and scales (no tensors of its own), as llama.cpp runs a
+  tied model's output from `token_embd`; the checkpoint stores the table once.
 - `quantize_linear_(model, bits, group_size, include=None) -> list[str]` swaps `nn.Linear`
-  submodules in place; `replace_module_(model, name, module)`; `check_scheme(bits, group_size,
+  submodules in place; `quantize_embedding_(model, bits, group_size)` swaps the token embedding (and
+  ties a tied head to it); `replace_module_(model, name, module)`; `check_scheme(bits, group_size,
   in_features, name)` raises one clear EdgesmithError; `scheme_of(model)` lists every quantized
-  Linear's scheme for `edgesmith.json`.
+  module's scheme for `edgesmith.json`; `quantized_numel(model)` counts the codes once.
 - `Int8KVAttention(attn, k_scale, v_scale)`: an Attention whose KV cache is `Int8KVCache` (int8 codes,
   one fixed scale per KV head for K and for V, persistent buffers `k_scale`/`v_scale` `(n_kv_heads,)`
   float32). Without a cache it quantize-dequantizes K and V the same way, so evaluation sees the loss.
@@ -138,11 +149,7 @@ class QuantizedLinear(nn.Module):
                    act_bits: int | None = None) -> QuantizedLinear:
         out_f, in_f = qweight.shape
         m = cls(in_f, out_f, bits, group_size, act_bits)
-        lo, hi = CODE_RANGE[bits]
-        if qweight.dtype != torch.int8 or int(qweight.min()) < lo or int(qweight.max()) > hi:
-            raise EdgesmithError(f"qweight must be int8 codes in [{lo}, {hi}] for {bits} bits")
-        if tuple(scales.shape) != (out_f, in_f // group_size):
-            raise EdgesmithError(f"scales shape {tuple(scales.shape)}, expected {(out_f, in_f // group_size)}")
+        _check_codes(qweight, scales, bits, group_size)
         m.qweight.copy_(qweight)
         m.scales.copy_(scales.to(torch.float16))
         return m.to(qweight.device)
@@ -180,6 +187,96 @@ class QuantizedLinear(nn.Module):
                 f"group_size={self.group_size}{act}")
 
 
+class QuantizedEmbedding(nn.Module):
+    """An nn.Embedding stored as int8 codes + fp16 group scales along the embedding dim (module docstring)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 4, group_size: int = 32):
+        super().__init__()
+        check_scheme(bits, group_size, embedding_dim)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.bits, self.group_size = bits, group_size
+        self.dtype = torch.float32  # of the output; follows casts of the model (codes and scales never do)
+        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("scales", torch.zeros(num_embeddings, embedding_dim // group_size, dtype=torch.float16))
+
+    @classmethod
+    def from_codes(cls, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> QuantizedEmbedding:
+        m = cls(qweight.shape[0], qweight.shape[1], bits, group_size)
+        _check_codes(qweight, scales, bits, group_size)
+        m.qweight.copy_(qweight)
+        m.scales.copy_(scales.to(torch.float16))
+        return m.to(qweight.device)
+
+    @classmethod
+    def from_float(cls, emb: nn.Embedding, bits: int = 4, group_size: int = 32,
+                   name: str | None = None) -> QuantizedEmbedding:
+        check_scheme(bits, group_size, emb.embedding_dim, name)
+        m = cls.from_codes(*quantize_rtn(emb.weight, bits, group_size), bits, group_size)
+        m.dtype = emb.weight.dtype
+        return m
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.qweight, self.scales, dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized table (built on each access; forward never uses it)."""
+        return self.dequantize(self.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        codes = F.embedding(ids, self.qweight)  # (..., dim) int8
+        scales = F.embedding(ids, self.scales)  # (..., dim / g) fp16
+        w = codes.unflatten(-1, (-1, self.group_size)).float() * scales.float().unsqueeze(-1)  # (..., dim/g, g)
+        return w.flatten(-2).to(self.dtype)  # (..., dim): exactly dequantize(dtype)[ids]
+
+    def scheme(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "act_bits": None}
+
+    def _apply(self, fn, recurse=True):
+        # Like QuantizedLinear: a cast changes the output dtype only; device moves apply to everything.
+        scales = self.scales
+        self.dtype = fn(torch.zeros((), dtype=self.dtype)).dtype
+        super()._apply(fn, recurse)
+        self.scales = scales.to(self.qweight.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"
+
+
+class TiedQuantizedHead(QuantizedLinear):
+    """lm_head of a tied model with a quantized embedding: the table's codes and scales, read in place."""
+
+    def __init__(self, table: QuantizedEmbedding):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = table.embedding_dim, table.num_embeddings
+        self.bits, self.group_size, self.act_bits = table.bits, table.group_size, None
+        self.__dict__["table"] = table  # a reference, not a submodule: state dicts hold the table once
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        return self.table.qweight
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return self.table.scales
+
+    def scheme(self) -> dict:
+        return {**super().scheme(), "tied_to": "model.embed_tokens"}
+
+    def _apply(self, fn, recurse=True):
+        return nn.Module._apply(self, fn, recurse)  # nothing of its own to cast or move
+
+
+def _check_codes(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> None:
+    lo, hi = CODE_RANGE[bits]
+    if qweight.dtype != torch.int8 or int(qweight.min()) < lo or int(qweight.max()) > hi:
+        raise EdgesmithError(f"qweight must be int8 codes in [{lo}, {hi}] for {bits} bits")
+    rows, cols = qweight.shape
+    if tuple(scales.shape) != (rows, cols // group_size):
+        raise EdgesmithError(f"scales shape {tuple(scales.shape)}, expected {(rows, cols // group_size)}")
+
+
 # ----------------------------------------------------------------------------- module swaps
 
 
@@ -214,18 +311,43 @@ def quantize_linear_(model: nn.Module, bits: int = 4, group_size: int = 32, incl
     return done
 
 
+def quantize_embedding_(model: nn.Module, bits: int = 4, group_size: int = 32, include=None) -> list[str]:
+    """Swap each nn.Embedding (for which `include(name)` is true) for its RTN QuantizedEmbedding; names
+    swapped. A Linear that shared its weight (a tied lm_head) becomes a TiedQuantizedHead of the table."""
+    check_scheme(bits, group_size)
+    done = []
+    for name in [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]:
+        if include is not None and not include(name):
+            continue
+        emb = model.get_submodule(name)
+        tied = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight is emb.weight]
+        q = QuantizedEmbedding.from_float(emb, bits, group_size, name=name)
+        replace_module_(model, name, q)
+        for head in tied:
+            replace_module_(model, head, TiedQuantizedHead(q))
+        done.append(name)
+    return done
+
+
 def _shared_weight_names(model: nn.Module) -> set[str]:
     owners: dict[int, list[str]] = {}
     for name, m in model.named_modules(remove_duplicate=False):
         w = getattr(m, "weight", None)
-        if isinstance(w, torch.Tensor):
+        if isinstance(w, nn.Parameter):  # not QuantizedEmbedding.weight, a fresh tensor on every access
             owners.setdefault(id(w), []).append(name)
     return {n for names in owners.values() if len(names) > 1 for n in names}
 
 
 def scheme_of(model: nn.Module) -> dict[str, dict]:
-    """`{module name: {"bits", "group_size", "act_bits"}}` for every QuantizedLinear in `model`."""
-    return {n: m.scheme() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    """`{module name: {"bits", "group_size", "act_bits"[, "tied_to"]}}` for every quantized Linear and
+    embedding in `model`."""
+    return {n: m.scheme() for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+
+
+def quantized_numel(model: nn.Module) -> int:
+    """Codes held by quantized modules, each table once (a tied head shares the embedding's)."""
+    tensors = {id(m.qweight): m.qweight for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+    return sum(t.numel() for t in tensors.values())
 
 
 # ----------------------------------------------------------------------------- int8 KV cache
@@ -293,30 +415,53 @@ def quantization_meta(model: nn.Module) -> dict | None:
 
 
 def apply_quantization_meta_(model: nn.Module, meta: dict | None, source: str = "edgesmith.json") -> nn.Module:
-    """Swap in empty QuantizedLinear / Int8KVAttention modules so the quantized tensors load into place."""
+    """Swap in empty QuantizedLinear / QuantizedEmbedding / Int8KVAttention modules (and a tied head) so
+    the quantized tensors load into place."""
     if not meta:
         return model
     if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
         raise EdgesmithError(f"{source}: quantization.version={meta.get('version') if isinstance(meta, dict) else meta!r}"
                              f" is not supported; allowed: {META_VERSION}")
-    for hf_name, s in (meta.get("weights") or {}).items():
+    weights = meta.get("weights") or {}
+    for hf_name, s in weights.items():
         name = _ours(hf_name)
         try:
-            lin = model.get_submodule(name)
+            mod = model.get_submodule(name)
         except AttributeError:
             raise EdgesmithError(f"{source}: quantization names unknown layer {hf_name!r}") from None
-        if not isinstance(lin, nn.Linear):
-            raise EdgesmithError(f"{source}: quantization names {hf_name!r}, which is not a Linear")
+        if not isinstance(mod, (nn.Linear, nn.Embedding)):
+            raise EdgesmithError(f"{source}: quantization names {hf_name!r}, which is not a Linear or an Embedding")
+        if isinstance(s, dict) and "tied_to" in s:
+            continue  # rebuilt with the table it reads, below
         try:
-            q = QuantizedLinear(lin.in_features, lin.out_features, s["bits"], s["group_size"], s.get("act_bits"))
+            if isinstance(mod, nn.Embedding):
+                q = QuantizedEmbedding(mod.num_embeddings, mod.embedding_dim, s["bits"], s["group_size"])
+            else:
+                q = QuantizedLinear(mod.in_features, mod.out_features, s["bits"], s["group_size"], s.get("act_bits"))
         except (KeyError, TypeError) as e:
             raise EdgesmithError(f"{source}: quantization scheme of {hf_name!r} is malformed ({e})") from None
         except EdgesmithError as e:
             raise EdgesmithError(f"{source}: {hf_name}: {e}") from None
         replace_module_(model, name, q)
+    _tie_heads_(model, weights, source)
     for hf_name in ((meta.get("kv_cache") or {}).get("layers") or []):
         name = _ours(hf_name)
         attn = model.get_submodule(name)
         zeros = torch.zeros(attn.n_kv_heads)
         replace_module_(model, name, Int8KVAttention(attn, zeros, zeros))
     return model
+
+
+def _tie_heads_(model: nn.Module, weights: dict, source: str) -> None:
+    """Point a tied model's lm_head at its quantized embedding (float tied heads stay as they are)."""
+    if not getattr(getattr(model, "config", None), "tie_embeddings", False):
+        if any(isinstance(s, dict) and "tied_to" in s for s in weights.values()):
+            raise EdgesmithError(f"{source}: quantization ties lm_head to the embedding, but config.json has "
+                                 "tie_word_embeddings=false")
+        return
+    table = model.get_submodule("embed_tokens")
+    if isinstance(table, QuantizedEmbedding):
+        replace_module_(model, "lm_head", TiedQuantizedHead(table))
+    elif "lm_head" in weights:
+        raise EdgesmithError(f"{source}: quantization names 'lm_head' of a tied model whose embedding is float; "
+                             "a tied lm_head follows model.embed_tokens")

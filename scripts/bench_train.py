@@ -3,8 +3,10 @@
 
 Each cell is a real `edgesmith train` subprocess (the 2-process cells re-launch through torchrun);
 the figure is the median of the per-step tokens/s in its metrics.jsonl, after the warm-up steps.
-One process uses all usable cores as threads; two processes get half each, so the ratio is what
-DDP buys on this machine. Prints a table with the ratios.
+Three cells per model and precision: one process with one thread (one core's worth: the base a
+data-parallel scaling figure is taken against), one process using every usable core as threads
+(what a user gets without --nproc), and two DDP processes with the cores split between them. The
+table prints DDP against both.
 
     python scripts/bench_train.py                                  # full size (nano + micro, 30 steps)
     python scripts/bench_train.py --models nano --steps 8 --precisions fp32 --data DIR  # a quick check
@@ -23,12 +25,14 @@ import time
 from pathlib import Path
 
 
-def run_cell(model: str, nproc: int, precision: str, args, root: Path) -> float:
-    out = root / f"{model}-{nproc}-{precision}"
+def run_cell(model: str, nproc: int, precision: str, args, root: Path, threads: int | None = None) -> float:
+    out = root / f"{model}-{nproc}-{precision}-{threads}"
     cmd = [sys.executable, "-m", "toolchain.cli", "train", "--model", model, "--data", args.data,
            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
            "--precision", precision, "--nproc", str(nproc), "--warmup", "2", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # let the trainer split the cores
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode:
         sys.exit(f"bench_train: {' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
@@ -56,21 +60,23 @@ def main() -> None:
         for model in args.models.split(","):
             cell = {}
             for precision in args.precisions.split(","):
-                for nproc in (1, 2):
+                for key, nproc, threads in (("1x1", 1, 1), ("1", 1, None), ("2", 2, None)):
                     t = time.perf_counter()
-                    cell[nproc, precision] = run_cell(model, nproc, precision, args, Path(tmp))
-                    print(f"  {model} {precision} {nproc} proc: {cell[nproc, precision]:,.0f} tok/s "
-                          f"({time.perf_counter() - t:.0f} s)", flush=True)
+                    cell[key, precision] = run_cell(model, nproc, precision, args, Path(tmp), threads)
+                    print(f"  {model} {precision} {nproc} proc ({threads or 'all'} threads): "
+                          f"{cell[key, precision]:,.0f} tok/s ({time.perf_counter() - t:.0f} s)", flush=True)
             rows.append((model, cell))
     print()
-    print("| model | precision | 1 proc tok/s | 2 proc DDP tok/s | DDP ratio | bf16 / fp32 (1 proc) |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| model | precision | 1 proc, 1 thread | 1 proc, all cores | 2 proc DDP | DDP / 1 thread "
+          "| DDP / 1 proc all cores | bf16 / fp32 (1 proc) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for model, cell in rows:
         for precision in args.precisions.split(","):
-            one, two = cell[1, precision], cell[2, precision]
-            speed = (f"{cell[1, 'bf16'] / cell[1, 'fp32']:.2f}x"
-                     if precision == "bf16" and (1, "fp32") in cell else "")
-            print(f"| {model} | {precision} | {one:,.0f} | {two:,.0f} | {two / one:.2f}x | {speed} |")
+            base, one, two = cell["1x1", precision], cell["1", precision], cell["2", precision]
+            speed = (f"{cell['1', 'bf16'] / cell['1', 'fp32']:.2f}x"
+                     if precision == "bf16" and ("1", "fp32") in cell else "")
+            print(f"| {model} | {precision} | {base:,.0f} | {one:,.0f} | {two:,.0f} | {two / base:.2f}x "
+                  f"| {two / one:.2f}x | {speed} |")
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 

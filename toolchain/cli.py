@@ -52,37 +52,53 @@ def stream_text(tokenizer, ids):
         yield text[len(printed):]
 
 
+def _session_tokenizer(session, path):
+    if session.tokenizer is None:
+        raise EdgesmithError(f"{path}: no tokenizer.json with the <|bos|>/<|endoftext|> tokens (needed to encode text)")
+    return session.tokenizer
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
-    from models.checkpoint import load_checkpoint
-    from runtimes.generate import generate
+    import runtimes
     from runtimes.sampling import GenerationConfig
 
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    ckpt = load_checkpoint(args.checkpoint)
-    tok = ckpt.tokenizer
+    if args.draft_tokens is not None and args.draft is None:
+        raise EdgesmithError("--draft-tokens: needs --draft PATH (the draft model that proposes them)")
+    session = runtimes.load(args.checkpoint)
+    tok = _session_tokenizer(session, args.checkpoint)
+    draft = runtimes.load(args.draft) if args.draft is not None else None
     cfg = dataclasses.replace(cfg, stop_tokens=(tok.eos_id,))
-    ids = (t for t in generate(ckpt.model, [tok.bos_id, *tok.encode(args.prompt)], cfg) if t != tok.eos_id)
+    stream = session.generate([tok.bos_id, *tok.encode(args.prompt)], cfg, draft=draft,
+                              draft_tokens=4 if args.draft_tokens is None else args.draft_tokens)
+    ids = (t for t in stream if t != tok.eos_id)
     sys.stdout.write(args.prompt)
     for piece in stream_text(tok, ids):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if draft is not None:
+        print(f"{session.backend} + draft {draft.backend}: {session.stats.summary()}", file=sys.stderr)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from models.checkpoint import load_checkpoint
+    import runtimes
     from toolchain.data import load_corpus, tokenize_corpus
-    from toolchain.evaluate import perplexity
 
     if args.reference is not None:
         return _eval_reference(args)
-    ckpt = load_checkpoint(args.checkpoint)
-    seq_len = min(args.seq_len, ckpt.config.max_seq_len)
-    tokens = tokenize_corpus(load_corpus(args.data), ckpt.tokenizer)
-    ppl = perplexity(ckpt.model, tokens.val, seq_len, max_tokens=args.max_tokens)
+    session = runtimes.load(args.checkpoint)  # a checkpoint (torch) or any exported artifact
+    seq_len = min(args.seq_len, session.max_seq_len - 1)
+    tokens = tokenize_corpus(load_corpus(args.data), _session_tokenizer(session, args.checkpoint))
     n = min(len(tokens.val) - 1, args.max_tokens) // seq_len * seq_len
-    print(f"validation perplexity {ppl:.3f}  ({n:,} tokens of {args.data}, windows of {seq_len})")
+    if n == 0:
+        raise EdgesmithError(f"--data {args.data}: evaluation needs more than {seq_len} validation tokens, "
+                             f"got {len(tokens.val)}")
+    # windows of seq_len + 1 tokens sharing their boundary token: seq_len predictions each
+    ppl = session.perplexity(tokens.val[: n + 1], window=seq_len + 1, progress=True)
+    print(f"validation perplexity {ppl:.3f}  ({n:,} tokens of {args.data}, windows of {seq_len}, "
+          f"through {session.backend})")
 
 
 def _eval_reference(args: argparse.Namespace) -> None:
@@ -106,9 +122,19 @@ def cmd_compress(args: argparse.Namespace) -> None:
     rules = [_parse_rule(r) for r in args.rule]
     passes = [parse_pass(spec, rules) for spec in args.passes]
     r = compress_checkpoint(args.checkpoint, args.out, passes, data=args.data, calib_seq_len=args.seq_len,
-                            eval_seq_len=args.seq_len, eval_tokens=args.max_tokens, seed=args.seed, force=args.force)
+                            eval_seq_len=args.seq_len, eval_tokens=args.max_tokens, seed=args.seed, force=args.force,
+                            nproc=args.nproc, argv=args.argv)
+    if r is None:  # --nproc: the launcher, or a rank other than 0 (rank 0 prints)
+        return
     for w in (w for p in r["passes"] for w in p["report"].get("warnings", [])):
         print(f"warning: {w}")
+    for p in r["passes"]:
+        b, a = p["before"], p["after"]
+        name = p["kind"] + (f" {p['config']['method']}" if "method" in p["config"] else "")
+        print(f"{name:<18} params {b['params'] / 1e6:.3f} M -> {a['params'] / 1e6:.3f} M, size {b['size_mb']:.3f} -> "
+              f"{a['size_mb']:.3f} MB, perplexity {b['perplexity']:.3f} -> {a['perplexity']:.3f}  ({p['seconds']:.1f} s)")
+        if p["report"].get("note"):
+            print(f"  note: {p['report']['note']}")
     q = r["quality"]
     print(f"compressed {args.checkpoint} -> {args.out} in {r['seconds']:.1f} s (report: {Path(args.out) / REPORT})")
     print(f"validation perplexity {q['perplexity']:.3f} (reference {q['reference_perplexity']:.3f}), "
@@ -230,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     r.set_defaults(func=cmd_run)
 
-    g = sub.add_parser("generate", help="stream a completion from a checkpoint")
-    g.add_argument("checkpoint")
+    g = sub.add_parser("generate", help="stream a completion from a checkpoint or an exported artifact")
+    g.add_argument("checkpoint", metavar="PATH", help="checkpoint or artifact directory (gguf, onnx, executorch, "
+                   "tensorrt)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
@@ -239,10 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    # Speculative decoding
+    g.add_argument("--draft", default=None, metavar="PATH", help="draft model (checkpoint or artifact, same "
+                   "tokenizer) that proposes tokens the model verifies in one forward")
+    g.add_argument("--draft-tokens", type=int, default=None, metavar="K", help="tokens the draft proposes per "
+                   "round (default 4)")
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("eval", help="validation perplexity of a checkpoint")
-    e.add_argument("checkpoint")
+    e = sub.add_parser("eval", help="validation perplexity of a checkpoint or an artifact, through its runtime")
+    e.add_argument("checkpoint", metavar="PATH", help="checkpoint or artifact directory")
     e.add_argument("--data", default="stdlib", help="corpus whose validation split is scored (default stdlib)")
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--max-tokens", type=int, default=64 * 1024)
@@ -250,10 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "agreement and per-layer SQNR")
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("compress", help="quantize a checkpoint (rtn, gptq, awq, smoothquant, kv_int8)")
+    c = sub.add_parser("compress", help="prune, factorize, distill, QAT or quantize a checkpoint")
     c.add_argument("checkpoint")
     c.add_argument("--pass", dest="passes", action="append", default=[], metavar="SPEC",
-                   help="quantize:method=gptq,bits=4,group_size=32[,act_order=true,...]; repeat to chain")
+                   help="quantize:method=gptq,bits=4,group_size=32[,act_order=true,...], prune:method=heads,ratio=0.25, "
+                        "lowrank:energy=0.9, distill:steps=300, qat:bits=4,steps=200; repeat to chain")
     c.add_argument("--rule", action="append", default=[], metavar="REGEX=VALUE",
                    help="per-layer rule, first match wins; VALUE 4, 8 or skip (e.g. --rule lm_head=8)")
     c.add_argument("--out", required=True)
@@ -263,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=int, default=32 * 1024, help="validation tokens scored")
     c.add_argument("--seed", type=int, default=0, help="calibration window choice")
     c.add_argument("--force", action="store_true", help="replace --out if it exists")
+    c.add_argument("--nproc", type=int, default=1, help="DDP ranks (torchrun) for the training passes: distill, qat")
     c.set_defaults(func=cmd_compress)
 
     i = sub.add_parser("import-hf", help="import a Llama directory saved by transformers")

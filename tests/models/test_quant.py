@@ -1,5 +1,5 @@
 """The canonical quantized representation: llama.cpp's rounding bit for bit, shapes, casts, errors,
-and the int8 KV cache."""
+the quantized token embedding (and a tied head reading it), and the int8 KV cache."""
 
 import numpy as np
 import pytest
@@ -10,8 +10,9 @@ from torch import nn
 
 from models.errors import EdgesmithError
 from models.llama import ModelConfig, Transformer
-from models.quant import (Int8KVAttention, QuantizedLinear, apply_quantization_meta_, check_scheme, dequantize,
-                          quantization_meta, quantize_linear_, quantize_rtn)
+from models.quant import (Int8KVAttention, QuantizedEmbedding, QuantizedLinear, TiedQuantizedHead,
+                          apply_quantization_meta_, check_scheme, dequantize, quantization_meta, quantize_embedding_,
+                          quantize_linear_, quantize_rtn)
 
 
 def _weights(out_f=48, in_f=256, seed=0):
@@ -114,6 +115,65 @@ def test_quantize_linear_swaps_all_but_a_tied_head_and_meta_rebuilds_it(tiny_con
     assert meta["weights"]["model.layers.0.self_attn.q_proj"] == {"bits": 8, "group_size": 32, "act_bits": None}
     tokens = torch.randint(0, cfg.vocab_size, (1, 12))
     assert torch.equal(fresh.eval()(tokens), model(tokens))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_embedding_gathers_rows_without_dequantizing_the_table(bits, monkeypatch):
+    # setup: an embedding table with llama.cpp's edge cases in its rows
+    emb = nn.Embedding(48, 256)
+    emb.weight.data.copy_(_weights())
+    q = QuantizedEmbedding.from_float(emb, bits, 32)
+    ids = torch.tensor([[0, 1, 2, 3, 47, 1]])
+    table = q.dequantize()
+    monkeypatch.setattr("models.quant.dequantize", lambda *a: pytest.fail("forward dequantized the whole table"))
+    # execute
+    out = q(ids)
+    # assert: the RTN codes (llama.cpp's Q4_0 / Q8_0 rule, rows = tokens), rows looked up exactly
+    codes, scales = quantize_rtn(emb.weight, bits, 32)
+    assert torch.equal(q.qweight, codes) and torch.equal(q.scales, scales)
+    assert out.shape == (1, 6, 256) and torch.equal(out, table[ids])
+
+
+def test_quantized_embedding_follows_casts_but_keeps_codes_and_scales():
+    # setup
+    q = QuantizedEmbedding.from_float(nn.Embedding(16, 64), 4, 32)
+    scales = q.scales.clone()
+    ids = torch.tensor([[3, 9]])
+    # execute
+    q.to(torch.bfloat16)
+    # assert
+    assert q(ids).dtype == torch.bfloat16 and q.weight.dtype == torch.bfloat16
+    assert q.scales.dtype == torch.float16 and torch.equal(q.scales, scales) and q.qweight.dtype == torch.int8
+    torch.testing.assert_close(q(ids), q.dequantize(torch.bfloat16)[ids], rtol=0, atol=0)
+
+
+def test_tied_model_reads_the_quantized_table_and_round_trips(tiny_config, tokenizer, tmp_path):
+    # setup
+    from safetensors import safe_open
+
+    from models.checkpoint import load_checkpoint, save_checkpoint
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**tiny_config.to_dict(), "tie_embeddings": True})
+    model = Transformer(cfg).eval()
+    # execute
+    done = quantize_embedding_(model, bits=4, group_size=32) + quantize_linear_(model, bits=8, group_size=32)
+    out = save_checkpoint(model, tokenizer, tmp_path / "tied", {"parent": None, "passes": []})
+    back = load_checkpoint(out).model
+    # assert: the head is the table (llama.cpp's tied output = token_embd), stored once, rebuilt tied
+    assert done[0] == "embed_tokens" and "lm_head" not in done
+    assert isinstance(model.lm_head, TiedQuantizedHead) and model.lm_head.qweight is model.embed_tokens.qweight
+    assert isinstance(back.lm_head, TiedQuantizedHead) and back.lm_head.table is back.embed_tokens
+    assert quantization_meta(back)["weights"]["lm_head"] == {"bits": 4, "group_size": 32, "act_bits": None,
+                                                             "tied_to": "model.embed_tokens"}
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("model.embed_tokens.qweight").dtype == torch.int8
+        assert not [k for k in f.keys() if k.startswith("lm_head")]
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    tokens = torch.randint(0, cfg.vocab_size, (1, 12))
+    h = model.norm(torch.randn(1, 12, cfg.dim))
+    torch.testing.assert_close(model.lm_head(h), h @ model.embed_tokens.dequantize().T, rtol=0, atol=0)
+    assert torch.equal(back(tokens), model(tokens))
 
 
 def test_int8_kv_cache_decode_matches_full_forward(tiny_model):

@@ -20,6 +20,9 @@ from toolchain.registry import Registry
 
 PASSES = Registry("quantize method")
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "kv_int8")
+# The other pass kinds register one config each under their kind (prune has its own `method` field).
+KINDS = Registry("pass kind")
+KIND_MODULES = ("prune", "lowrank", "distill", "qat")
 
 
 @dataclass
@@ -30,18 +33,28 @@ class Context:
     calibration: torch.Tensor | None = None
     reference: nn.Module | None = None
     report: dict = field(default_factory=dict)
+    train_tokens: np.ndarray | None = None  # the train split: what distill and qat train on
+    val_tokens: np.ndarray | None = None  # the validation split: their before / after perplexity
+    env: object = None  # toolchain.train.launch.DistEnv of this rank (None: a single process)
 
 
 def _load_methods() -> None:
-    for m in METHODS:
+    for m in METHODS + KIND_MODULES:
         importlib.import_module(f"toolchain.compress.{m}")
 
 
-def apply(model: nn.Module, cfg, ctx: Context | None = None) -> nn.Module:
-    """Run the pass registered for `cfg`'s type on `model` (in place); returns the model."""
+def kind_of(cfg) -> str:
+    """'quantize', or the kind a prune / lowrank / distill / qat config is registered under."""
     _load_methods()
+    return next((k for k in KINDS.names() if KINDS.get(k).config is type(cfg)), "quantize")
+
+
+def apply(model: nn.Module, cfg, ctx: Context | None = None) -> nn.Module:
+    """Run the pass registered for `cfg`'s type on `model`; returns the model (a new one when the pass
+    changes its shape, e.g. structured pruning)."""
     ctx = ctx or Context()
-    entry = PASSES.for_config(cfg)
+    kind = kind_of(cfg)
+    entry = PASSES.for_config(cfg) if kind == "quantize" else KINDS.get(kind)
     return entry.fn(model, cfg, ctx)
 
 
@@ -63,19 +76,26 @@ def _parse_value(text: str):
 
 
 def parse_pass(spec: str, rules=()) -> object:
-    """`quantize:method=gptq,bits=4,group_size=32` -> the method's config (rules added if it has them)."""
+    """`quantize:method=gptq,bits=4,group_size=32` or `prune:method=heads,ratio=0.25` -> the config
+    (rules added if it has them)."""
     kind, _, body = spec.partition(":")
-    if kind != "quantize":
-        raise EdgesmithError(f"--pass {spec!r}: unknown pass kind {kind!r}; allowed: quantize")
+    if kind not in ("quantize",) + KIND_MODULES:
+        raise EdgesmithError(f"--pass {spec!r}: unknown pass kind {kind!r}; allowed: quantize, {', '.join(KIND_MODULES)}")
     kv = {}
     for part in filter(None, body.split(",")):
         key, eq, value = part.partition("=")
         if not eq:
             raise EdgesmithError(f"--pass {spec!r}: {part!r} is not key=value")
         kv[key.strip()] = _parse_value(value.strip())
+    if kind != "quantize":
+        _load_methods()
+        return _build(spec, KINDS.get(kind).config, kv, rules)
     if "method" not in kv:
         raise EdgesmithError(f"--pass {spec!r}: missing method=; allowed: {', '.join(METHODS)}")
-    cls = config_class(str(kv.pop("method")))
+    return _build(spec, config_class(str(kv.pop("method"))), kv, rules)
+
+
+def _build(spec: str, cls: type, kv: dict, rules) -> object:
     names = {f.name for f in fields(cls)}
     for key in kv:
         if key not in names:
@@ -90,7 +110,7 @@ def config_to_dict(cfg) -> dict:
     d = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
     if "rules" in d:
         d["rules"] = [list(r) for r in d["rules"]]
-    return {"method": PASSES.for_config(cfg).name, **d}
+    return d if kind_of(cfg) != "quantize" else {"method": PASSES.for_config(cfg).name, **d}
 
 
 def calibration_tokens(train: np.ndarray, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:

@@ -22,7 +22,7 @@ from models.errors import EdgesmithError
 from models.quant import QuantizedLinear, dequantize, group_scales, quantize_codes, quantize_rtn, replace_module_
 from toolchain.compress import PASSES
 from toolchain.compress.common import (WeightQuant, capture_inputs, fold_scales_, fold_target, plan_layers,
-                                       progress, require_calibration, stages)
+                                       progress, quantize_embeddings_, require_calibration, stages)
 
 
 CLIP_TOKENS = 1024  # calibration rows in the clip search (AutoAWQ uses 512)
@@ -104,6 +104,7 @@ def clip_search(W: torch.Tensor, X: torch.Tensor, bits: int, group_size: int, n_
 def awq(model: nn.Module, cfg: AWQ, ctx) -> nn.Module:
     plan = plan_layers(model, cfg, ctx.report)
     calib = require_calibration(ctx, cfg, "awq")
+    embeds = quantize_embeddings_(model, cfg)
     todo = [n for n, b in plan.items() if b is not None]
     chosen = {}
     block_of = lambda stage: stage[0].split(".")[1] if stage[0].startswith("layers.") else stage[0]  # noqa: E731
@@ -124,6 +125,6 @@ def awq(model: nn.Module, cfg: AWQ, ctx) -> nn.Module:
                 codes, scales = clip_search(model.get_submodule(name).weight, X, plan[name], cfg.group_size,
                                             cfg.n_clip, cfg.min_clip)
                 replace_module_(model, name, QuantizedLinear.from_codes(codes, scales, plan[name], cfg.group_size))
-    ctx.report["layers"] = dict(plan)
+    ctx.report["layers"] = {**embeds, **plan}
     ctx.report["awq_alpha"] = chosen
     return model

@@ -1,9 +1,10 @@
 """What the quantization methods share: the base config, the per-layer plan, calibration checks,
-activation capture with hooks, the stage order, and folding per-channel scales into the layer before.
+activation capture with hooks, the stage order, folding per-channel scales into the layer before, and
+the token embedding (round to nearest for every method).
 
 A *stage* is a set of Linears that read the same input (q/k/v; o; gate/up; down; lm_head), in
 forward order. Methods that need calibration process stages in order, so each stage sees inputs
-produced by the already-quantized stages before it. This module chooses no codes itself.
+produced by the already-quantized stages before it. This module chooses no Linear's codes.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from torch import nn
 from tqdm import tqdm
 
 from models.errors import EdgesmithError
-from models.quant import QuantizedLinear, _shared_weight_names, check_scheme, linear_names
-from toolchain.compress.rules import parse_rules, resolve
+from models.quant import QuantizedLinear, _shared_weight_names, check_scheme, linear_names, quantize_embedding_
+from toolchain.compress.rules import bits_for, parse_rules, resolve
 
 
 @dataclass(frozen=True)
@@ -35,17 +36,43 @@ class WeightQuant:
             raise EdgesmithError(f"n_calib={self.n_calib!r} must be a positive integer")
 
 
+def embedding_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+
+
 def plan_layers(model: nn.Module, cfg: WeightQuant, report: dict) -> dict[str, int | None]:
-    """Bits for every float Linear (None: stays float), validated against each layer's shape."""
+    """Bits for every float Linear (None: stays float), validated against each layer's shape.
+
+    The rules are matched against the float token embedding too, which is validated here but
+    quantized by `quantize_embeddings_` (so it is not in the returned plan)."""
     shared = _shared_weight_names(model)
+    embeds = embedding_names(model)
     names = [n for n in linear_names(model) if n not in shared]
-    plan, problems = resolve(names, cfg.rules, cfg.bits)
+    plan, problems = resolve(names + embeds, cfg.rules, cfg.bits)
     for name, bits in plan.items():
         if bits is not None:
-            check_scheme(bits, cfg.group_size, model.get_submodule(name).in_features, name)
-    report.setdefault("warnings", []).extend(problems + [f"{n}: weight shared with another module, left float"
-                                                         for n in sorted(shared)])
-    return plan
+            m = model.get_submodule(name)
+            check_scheme(bits, cfg.group_size, m.embedding_dim if isinstance(m, nn.Embedding) else m.in_features, name)
+    notes = []
+    for n in sorted(set(shared) - set(embeds)):
+        table = next((e for e in embeds if model.get_submodule(e).weight is model.get_submodule(n).weight), None)
+        notes.append(f"{n}: tied to {table}, reads its {plan[table]}-bit table" if table and plan[table] else
+                     f"{n}: weight shared with another module, left float")
+    report.setdefault("warnings", []).extend(problems + notes)
+    return {n: b for n, b in plan.items() if n not in embeds}
+
+
+def quantize_embeddings_(model: nn.Module, cfg: WeightQuant) -> dict[str, int | None]:
+    """Round-to-nearest codes for each float token embedding at the bits its rule gives (None: left
+    float), whatever the method: a lookup has no input activations for GPTQ / AWQ / SmoothQuant to
+    weigh its errors by. A tied lm_head then reads the quantized table. Methods call this before any
+    calibration forward, so every later stage sees the quantized embedding's output."""
+    done = {}
+    for name in embedding_names(model):
+        done[name] = bits_for(name, cfg.rules, cfg.bits)
+        if done[name] is not None:
+            quantize_embedding_(model, done[name], cfg.group_size, include=lambda n, name=name: n == name)
+    return done
 
 
 def require_calibration(ctx, cfg, method: str) -> torch.Tensor:

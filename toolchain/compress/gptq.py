@@ -18,8 +18,8 @@ from torch import nn
 from models.errors import EdgesmithError
 from models.quant import group_scales, quantize_codes
 from toolchain.compress import PASSES
-from toolchain.compress.common import (WeightQuant, capture_inputs, plan_layers, progress, require_calibration,
-                                       stages, swap_quantized_)
+from toolchain.compress.common import (WeightQuant, capture_inputs, plan_layers, progress, quantize_embeddings_,
+                                       require_calibration, stages, swap_quantized_)
 
 BLOCK = 128  # columns per lazy-update block; a multiple of every allowed group size
 
@@ -82,6 +82,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
 def gptq(model: nn.Module, cfg: GPTQ, ctx) -> nn.Module:
     plan = plan_layers(model, cfg, ctx.report)
     calib = require_calibration(ctx, cfg, "gptq")
+    embeds = quantize_embeddings_(model, cfg)
     todo = [n for n, b in plan.items() if b is not None]
     for stage in progress(stages(model, todo), "gptq"):
         in_f = model.get_submodule(stage[0]).in_features
@@ -97,5 +98,5 @@ def gptq(model: nn.Module, cfg: GPTQ, ctx) -> nn.Module:
             lin = model.get_submodule(name)
             codes, scales = gptq_quantize(lin.weight, H, plan[name], cfg.group_size, cfg.act_order, cfg.damp)
             swap_quantized_(model, name, codes, scales, plan[name], cfg.group_size)
-    ctx.report["layers"] = dict(plan)
+    ctx.report["layers"] = {**embeds, **plan}
     return model

@@ -3,8 +3,9 @@
 - `compare`: on validation tokens, perplexity of both models, mean KL(reference || model) of the
   next-token distributions, and top-1 agreement (same argmax).
 - `layer_sqnr`: per layer, SQNR in dB of that layer's output in the compressed model against the same
-  layer's output in the reference, both run on the same calibration tokens. Layers are every
-  attention block (`layers.N.self_attn`, output of o_proj), every MLP (`layers.N.mlp`) and `lm_head`:
+  layer's output in the reference, both run on the same calibration tokens. Layers are the token
+  embedding (`embed_tokens`), every attention block (`layers.N.self_attn`, output of o_proj), every
+  MLP (`layers.N.mlp`) and `lm_head`:
   outputs whose meaning no method changes (AWQ/SmoothQuant fold scales *inside* them), so a user sees
   where quality was lost and how the loss compounds through depth.
 This module does not quantize anything and does not load files.
@@ -21,6 +22,7 @@ from torch import nn
 
 from models.errors import EdgesmithError
 from models.llama import MLP, Attention
+from models.quant import QuantizedEmbedding
 
 
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -64,7 +66,8 @@ def compare(model: nn.Module, reference: nn.Module | None, tokens: np.ndarray, s
 
 
 def attribution_layers(model: nn.Module) -> list[str]:
-    names = [n for n, m in model.named_modules() if isinstance(m, (Attention, MLP))]
+    kinds = (nn.Embedding, QuantizedEmbedding, Attention, MLP)
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
     return names + (["lm_head"] if hasattr(model, "lm_head") else [])
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from models.quant import QuantizedLinear, replace_module_
 from toolchain.compress import PASSES
-from toolchain.compress.common import WeightQuant, plan_layers
+from toolchain.compress.common import WeightQuant, plan_layers, quantize_embeddings_
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,10 @@ class RTN(WeightQuant):
 @PASSES.register("rtn", RTN)
 def rtn(model: nn.Module, cfg: RTN, ctx) -> nn.Module:
     plan = plan_layers(model, cfg, ctx.report)
+    embeds = quantize_embeddings_(model, cfg)
     for name, bits in plan.items():
         if bits is not None:
             lin = model.get_submodule(name)
             replace_module_(model, name, QuantizedLinear.from_float(lin, bits, cfg.group_size, name=name))
-    ctx.report["layers"] = {n: b for n, b in plan.items()}
+    ctx.report["layers"] = {**embeds, **plan}
     return model

@@ -1,8 +1,10 @@
 """Per-layer quantization rules: ordered (regex, value) pairs, the first full match wins.
 
-A value is a bit width (4 or 8) or `"skip"` (the layer stays float). A layer no rule matches gets
-the pass's default bits. A rule that matches no layer at all is almost always a typo, so it warns
-(and the warning goes into the pass report). This module only resolves names; it quantizes nothing.
+Names are our module names: every Linear (`layers.0.self_attn.q_proj`, `lm_head`) and the token
+embedding (`embed_tokens`). A value is a bit width (4 or 8) or `"skip"` (the layer stays float). A
+layer no rule matches gets the pass's default bits. A rule that matches no layer at all is almost
+always a typo, so it warns (and the warning goes into the pass report). This module only resolves
+names; it quantizes nothing.
 """
 
 from __future__ import annotations
@@ -39,18 +41,16 @@ def parse_rules(rules) -> tuple[tuple[str, int | str], ...]:
     return tuple(out)
 
 
+def bits_for(name: str, rules, default: int | str) -> int | None:
+    """Bits of one layer (None = skip): the first rule that fully matches its name, else the default."""
+    value = next((v for p, v in parse_rules(rules) if re.fullmatch(p, name)), default)
+    return None if value == SKIP else value
+
+
 def resolve(names: list[str], rules, default: int | str) -> tuple[dict[str, int | None], list[str]]:
     """Bits per layer name (None = skip) and the warnings for rules that matched no layer."""
     rules = parse_rules(rules)
-    compiled = [(re.compile(p), v) for p, v in rules]
-    plan: dict[str, int | None] = {}
-    for name in names:
-        value = default
-        for rx, v in compiled:
-            if rx.fullmatch(name):
-                value = v
-                break
-        plan[name] = None if value == SKIP else value
+    plan = {name: bits_for(name, rules, default) for name in names}
     problems = [f"rule '{p}' matches no layer" for p, _ in rules if not any(re.fullmatch(p, n) for n in names)]
     for msg in problems:
         warnings.warn(msg, stacklevel=2)

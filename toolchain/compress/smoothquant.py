@@ -18,7 +18,7 @@ from models.errors import EdgesmithError
 from models.quant import QuantizedLinear, replace_module_
 from toolchain.compress import PASSES
 from toolchain.compress.common import (WeightQuant, capture_inputs, fold_scales_, fold_target, plan_layers,
-                                       progress, require_calibration, stages)
+                                       progress, quantize_embeddings_, require_calibration, stages)
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class SmoothQuant(WeightQuant):
 def smoothquant(model: nn.Module, cfg: SmoothQuant, ctx) -> nn.Module:
     plan = plan_layers(model, cfg, ctx.report)
     calib = require_calibration(ctx, cfg, "smoothquant")
+    embeds = quantize_embeddings_(model, cfg)  # weights only: its output feeds a norm, not a matmul
     todo = [n for n, b in plan.items() if b is not None]
     all_stages = stages(model, todo)
     # Activation ranges of the float model, measured once before any fold.
@@ -57,5 +58,5 @@ def smoothquant(model: nn.Module, cfg: SmoothQuant, ctx) -> nn.Module:
     for name in todo:
         lin = model.get_submodule(name)
         replace_module_(model, name, QuantizedLinear.from_float(lin, plan[name], cfg.group_size, act_bits=8, name=name))
-    ctx.report["layers"] = dict(plan)
+    ctx.report["layers"] = {**embeds, **plan}
     return model

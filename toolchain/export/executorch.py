@@ -32,6 +32,14 @@ The artifact therefore computes `dq8(x) @ (W + dW).T + x @ R.T` with W our fake-
 (max - min) / 255 of each token). Both are runtime numerics, not weight changes, so the int4 / int8
 parity thresholds (parity.THRESHOLDS, unchanged) apply; measured on the test model: max |logit diff|
 6.9e-3 (4-bit) and 5.7e-3 (8-bit) of max |logit|, argmax and 32 greedy tokens all matching.
+A quantized token embedding becomes `ExecuTorchEmbedding`: a lookup of our codes written with
+portable ops only (embedding, bitwise and / shift, cast, mul), so any ExecuTorch runtime runs it
+without extra kernel libraries (`quantized_decomposed::embedding_4bit` would need the quantized
+kernels linked into the runner; Python's `executorch.runtime` lacks them unless
+`executorch.kernels.quantized` is imported). 4-bit codes stay packed two per byte (`code + 8`, even
+column in the low nibble), 8-bit codes as int8, scales as fp32 (exact widening of ours); only the
+looked-up rows are unpacked, as `(float) code * scale`, exactly the fake-quant value.
+A tied head is a QuantizedLinear like any other (its own XNNPACK planes).
 fp16 with quantized weights is refused (not built); int8 KV caches are refused by name.
 """
 
@@ -47,13 +55,16 @@ from torch import nn
 from models.checkpoint import Checkpoint
 from models.errors import EdgesmithError
 from models.llama import Transformer
-from models.quant import QuantizedLinear, replace_module_
+from models.lowrank import LowRankLinear
+from models.quant import QuantizedEmbedding, QuantizedLinear, replace_module_
 from toolchain.export.registry import FormatSpec, quantization_scheme, refuse_int8_kv_cache, register_format
 
 FILE = "model.pte"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 STORED_AS = {4: "8da4w: XNNPACK qd8-qb4w (bf16 group scales) + exact remainder",
              8: "8da8w: two XNNPACK qd8-qb4w planes (16*hi + lo, bf16 group scales) + exact remainder"}
+EMBEDDING_STORED_AS = {4: "packed int4 lookup in portable ops (fp32 group scales)",
+                       8: "int8 lookup in portable ops (fp32 group scales)"}
 
 
 def split_codes(q: QuantizedLinear) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
@@ -126,6 +137,30 @@ class XnnpackGroupLinear(nn.Module):
         return y
 
 
+class ExecuTorchEmbedding(nn.Module):
+    """A QuantizedEmbedding as a lookup in portable ops (see the module docstring)."""
+
+    def __init__(self, q: QuantizedEmbedding):
+        super().__init__()
+        self.bits, self.group_size = q.bits, q.group_size
+        codes = q.qweight.detach()
+        if q.bits == 4:
+            u = (codes.to(torch.int16) + 8).to(torch.uint8)  # (V, dim) in [0, 15]
+            codes = u[:, 0::2] | (u[:, 1::2] << 4)  # (V, dim / 2)
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scales", q.scales.detach().float())  # exact: every fp16 is an fp32
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.codes)  # (..., dim) int8, or (..., dim / 2) packed uint8
+        if self.bits == 4:
+            pairs = torch.stack([torch.bitwise_and(rows, 15), torch.bitwise_right_shift(rows, 4)], dim=-1)
+            codes = pairs.flatten(-2).to(torch.float32) - 8.0  # (..., dim)
+        else:
+            codes = rows.to(torch.float32)
+        scales = F.embedding(ids, self.scales)  # (..., dim / g)
+        return (codes.unflatten(-1, (-1, self.group_size)) * scales.unsqueeze(-1)).flatten(-2)
+
+
 class CachedDecoder(nn.Module):
     """`forward(tokens, input_pos) -> logits (1, T, V)` in fp32 through the model's static cache."""
 
@@ -138,10 +173,12 @@ class CachedDecoder(nn.Module):
 
 
 def swap_quantized_(model: nn.Module) -> list[str]:
-    """Replace every QuantizedLinear by its XnnpackGroupLinear; the names swapped."""
-    names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    """Replace every QuantizedLinear by its XnnpackGroupLinear and a QuantizedEmbedding by its
+    ExecuTorchEmbedding; the names swapped."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]
     for name in names:
-        replace_module_(model, name, XnnpackGroupLinear(model.get_submodule(name)))
+        m = model.get_submodule(name)
+        replace_module_(model, name, ExecuTorchEmbedding(m) if isinstance(m, QuantizedEmbedding) else XnnpackGroupLinear(m))
     return names
 
 
@@ -154,6 +191,7 @@ def export_program(model: Transformer, precision: str, max_seq_len: int):
 
     model = model.to(_DTYPES[precision]).eval()
     model.setup_cache(1, max_seq_len)
+    swap_quantized_(model)  # after setup_cache, which asks the embedding for its dtype
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
     example = (torch.zeros(1, 3, dtype=torch.long), torch.arange(3))
     partitioners = [XnnpackPartitioner()]
@@ -174,20 +212,19 @@ def export_program(model: Transformer, precision: str, max_seq_len: int):
 
 def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
     refuse_int8_kv_cache(ckpt.model, "executorch")
-    quantized = [n for n, m in ckpt.model.named_modules() if isinstance(m, QuantizedLinear)]
+    quantized = [n for n, m in ckpt.model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]
     if quantized and cfg.precision != "fp32":
         raise EdgesmithError(f"--precision: {cfg.precision} is not supported for a quantized checkpoint "
                              f"({quantized[0]}.weight) by --format executorch; allowed: fp32")
-    if quantized:
-        model = copy.deepcopy(ckpt.model)  # the reference keeps its QuantizedLinears
-        swap_quantized_(model)
+    if quantized or any(isinstance(m, LowRankLinear) for m in ckpt.model.modules()):  # low-rank: both factors kept
+        model = copy.deepcopy(ckpt.model)  # the reference keeps its quantized modules
     else:
         model = Transformer(ckpt.config)
         model.load_state_dict(ckpt.model.state_dict())
     program = export_program(model, cfg.precision, max_seq_len)
     (tmp / FILE).write_bytes(program.buffer)
     return {"entry": FILE, "options": {"backend": "xnnpack", "method": "forward"},
-            "quantization": quantization_scheme(ckpt, STORED_AS)}
+            "quantization": quantization_scheme(ckpt, STORED_AS, EMBEDDING_STORED_AS)}
 
 
 def _backend(directory: Path):

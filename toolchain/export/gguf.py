@@ -8,11 +8,15 @@ byte-level BPE with its merges (`tokenizer.ggml.model = "gpt2"`, pre-tokenizer `
 with unused tokens up to the model's vocab_size. Norm weights stay F32 at every precision, as
 llama.cpp's converter keeps them.
 
-Quantized checkpoints (models/quant.py `QuantizedLinear`) keep their codes: 4-bit group-32
-becomes Q4_0 and 8-bit group-32 Q8_0, block for block, without re-quantizing (`d = scale`,
-Q4_0 `q = code + 8` with columns 0..15 in the low nibbles and 16..31 in the high ones, Q8_0
-`qs = code`). A scheme a GGUF block cannot hold is refused with one line naming the tensor. The
-rest (embedding, norms, any Linear left float) is F32 or F16 per `--precision`. This module writes
+Quantized checkpoints (models/quant.py `QuantizedLinear`, `QuantizedEmbedding`) keep their codes:
+4-bit group-32 becomes Q4_0 and 8-bit group-32 Q8_0, block for block, without re-quantizing
+(`d = scale`, Q4_0 `q = code + 8` with columns 0..15 in the low nibbles and 16..31 in the high
+ones, Q8_0 `qs = code`). The token embedding's table has the same layout (rows = tokens, blocks
+along the embedding dim), so `token_embd` is Q4_0 / Q8_0 exactly as llama.cpp's own quantizer
+writes it, and llama.cpp's get_rows dequantizes exactly our `scale * code`. A tied model writes no
+`output.weight`: llama.cpp then runs the head from `token_embd`, which is what our
+`TiedQuantizedHead` computes. A scheme a GGUF block cannot hold is refused with one line naming the
+tensor. The rest (norms, any layer left float) is F32 or F16 per `--precision`. This module writes
 the file; parity runs it through `runtimes.llamacpp`.
 """
 
@@ -27,7 +31,8 @@ import torch
 from models.checkpoint import Checkpoint
 from models.errors import EdgesmithError
 from models.llama import ModelConfig, Transformer
-from models.quant import Int8KVAttention, QuantizedLinear
+from models.lowrank import LowRankLinear
+from models.quant import Int8KVAttention, QuantizedEmbedding, QuantizedLinear
 from models.tokenizer import Tokenizer
 from toolchain.export.registry import FormatSpec, quantization_scheme, register_format
 
@@ -83,7 +88,7 @@ def check_holdable(model: Transformer) -> None:
         if isinstance(m, Int8KVAttention):
             raise EdgesmithError(f"{name}: an int8 KV cache with calibrated per-head scales cannot be held by "
                                  "GGUF (llama.cpp quantizes its cache itself); export the checkpoint before that pass")
-        if isinstance(m, QuantizedLinear) and m.group_size != 32:
+        if isinstance(m, (QuantizedLinear, QuantizedEmbedding)) and m.group_size != 32:
             qtype = "Q4_0" if m.bits == 4 else "Q8_0"
             raise EdgesmithError(f"{name}.weight: {m.bits}-bit group {m.group_size} cannot be held by GGUF "
                                  f"{qtype} (blocks of 32 with one scale each); allowed: group_size 32")
@@ -99,7 +104,7 @@ def gguf_tensors(model: Transformer, precision: str) -> dict[str, tuple[np.ndarr
     for ours, name in tensor_map(cfg).items():
         module = model.get_submodule(ours.removesuffix(".weight"))
         heads = cfg.n_heads if ours.endswith("q_proj.weight") else cfg.n_kv_heads if ours.endswith("k_proj.weight") else 0
-        if isinstance(module, QuantizedLinear):
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
             qweight, scales = module.qweight.detach(), module.scales.detach()
             if heads:  # rows move together with their scales; blocks run along the input, so they stay whole
                 qweight, scales = permute_rope_rows(qweight, heads), permute_rope_rows(scales, heads)
@@ -108,7 +113,8 @@ def gguf_tensors(model: Transformer, precision: str) -> dict[str, tuple[np.ndarr
             else:
                 out[name] = (pack_q8_0(qweight, scales), gguf.GGMLQuantizationType.Q8_0)
             continue
-        w = state[ours].detach().float()
+        # A low-rank pair is multiplied back: llama.cpp's llama architecture has no factorized Linear.
+        w = module.dense_weight() if isinstance(module, LowRankLinear) else state[ours].detach().float()
         if heads:
             w = permute_rope_rows(w, heads)
         dtype = np.float16 if precision == "fp16" and w.dim() == 2 else np.float32
@@ -145,7 +151,7 @@ def vocab_for_gguf(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], li
 def file_type(model: Transformer, precision: str):
     import gguf
 
-    bits = {m.bits for m in model.modules() if isinstance(m, QuantizedLinear)}
+    bits = {m.bits for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
     if bits:
         return gguf.LlamaFileType.MOSTLY_Q4_0 if 4 in bits else gguf.LlamaFileType.MOSTLY_Q8_0
     return gguf.LlamaFileType.MOSTLY_F16 if precision == "fp16" else gguf.LlamaFileType.ALL_F32
@@ -167,6 +173,9 @@ def write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, precision: 
     w.add_head_count(cfg.n_heads)
     w.add_head_count_kv(cfg.n_kv_heads)
     w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.n_heads * cfg.head_dim != cfg.dim:  # head-pruned: llama.cpp would assume dim / n_heads
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.vocab_size)
@@ -193,9 +202,13 @@ def write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, precision: 
 def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
     write_gguf(tmp / FILE, ckpt.model, ckpt.tokenizer, cfg.precision, max_seq_len)
     types = sorted({"F16" if cfg.precision == "fp16" else "F32"} |
-                   {f"Q{m.bits}_0" for m in ckpt.model.modules() if isinstance(m, QuantizedLinear)})
-    return {"entry": FILE, "options": {"tensor_types": types},
-            "quantization": quantization_scheme(ckpt, {4: "Q4_0", 8: "Q8_0"})}
+                   {f"Q{m.bits}_0" for m in ckpt.model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))})
+    lowrank = [n for n, m in ckpt.model.named_modules() if isinstance(m, LowRankLinear)]
+    notice = (f"gguf: {len(lowrank)} low-rank Linear(s) multiplied back to dense float weights (llama.cpp has no "
+              "factorized Linear): this file is not smaller than the unfactorized model's") if lowrank else None
+    options = {"tensor_types": types, **({"lowrank_multiplied_back": len(lowrank)} if lowrank else {})}
+    return {"entry": FILE, "options": options,
+            "quantization": quantization_scheme(ckpt, {4: "Q4_0", 8: "Q8_0"}), "notice": notice}
 
 
 def _backend(directory: Path):

@@ -4,7 +4,8 @@ By default the fused graph (GroupQueryAttention holding the cache, RotaryEmbeddi
 Simplified/SkipSimplifiedLayerNormalization); `--no-fuse` writes the plain standard-op graph. Both
 are built by `onnx_graph` from the same weights, fp32 or fp16, and are parity-checked through
 `runtimes.onnxruntime`. Quantized Linears keep their codes exactly: MatMulNBits (bits 4/8, block =
-group size) in the fused graph, block-wise DequantizeLinear (opset 21) in the plain one. Models
+group size) in the fused graph, block-wise DequantizeLinear (opset 21) in the plain one; a quantized
+token embedding is GatherBlockQuantized (fused) or DequantizeLinear + Gather (plain). Models
 whose weights pass EXTERNAL_DATA_BYTES are saved with external data (`model.onnx.data`), since a
 protobuf file cannot exceed 2 GB. This module does not optimize graphs with ORT's transformers
 optimizer: the fused ops are written directly.
@@ -50,9 +51,11 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
     files = save_onnx(model, tmp / FILE, check=not cfg.fuse)
     stored = {4: "MatMulNBits bits=4", 8: "MatMulNBits bits=8"} if cfg.fuse else \
         {4: "DequantizeLinear int4 (block-wise)", 8: "DequantizeLinear int8 (block-wise)"}
+    embedding = {4: "GatherBlockQuantized bits=4", 8: "GatherBlockQuantized bits=8"} if cfg.fuse else \
+        {4: "DequantizeLinear int4 (block-wise) + Gather", 8: "DequantizeLinear int8 (block-wise) + Gather"}
     return {"entry": FILE, "options": {"graph": graph, "onnx_file": FILE, "external_data": len(files) > 1,
                                        "opset": model.opset_import[0].version},
-            "quantization": quantization_scheme(ckpt, stored)}
+            "quantization": quantization_scheme(ckpt, stored, embedding)}
 
 
 def _backend(directory: Path):

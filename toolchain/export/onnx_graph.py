@@ -13,8 +13,13 @@ Two graphs from the same weights:
   `seqlens_k` `(B,)` int32 (tokens in the cache after this call, minus one) and
   `total_sequence_length` () int32.
 
-Weights are stored transposed `(in, out)` for MatMul. Logits are always float32. This module
-builds graphs; `onnx.py` saves them and registers the format.
+Weights are stored transposed `(in, out)` for MatMul. A quantized token embedding keeps its codes:
+`GatherBlockQuantized` (com.microsoft: uint8 `code + 2^(bits-1)`, 4-bit packed two per byte with the
+even column in the low nibble, default zero point 2^(bits-1), one scale per row and block) in the
+fused graph, so only the looked-up rows are dequantized; block-wise DequantizeLinear of the int4 /
+int8 table then Gather in the plain graph (standard ops cannot gather int4). Both give exactly
+`scale * code`. Logits are always float32. This module builds graphs; `onnx.py` saves them and
+registers the format.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from models.llama import ModelConfig, rope_tables
-from models.quant import QuantizedLinear
+from models.lowrank import LowRankLinear
+from models.quant import QuantizedEmbedding, QuantizedLinear
 
 OPSET = 17
 OPSET_QDQ = 21  # block-wise DequantizeLinear and INT4 tensors
@@ -89,6 +95,8 @@ class Builder:
         """x @ W^T: MatMul on a transposed float weight, or the quantized codes (see quant_linear)."""
         if isinstance(module, QuantizedLinear):
             return self.quant_linear(x, name, module)
+        if isinstance(module, LowRankLinear):  # low-rank pass: two MatMuls, the factors stay factors
+            return self.linear(self.linear(x, f"{name}.a", module.a), f"{name}.b", module.b)
         return self.matmul(x, self.weight(f"{name}.weight_t", module.weight, True))
 
     def quant_linear(self, x: str, name: str, m) -> str:
@@ -99,17 +107,36 @@ class Builder:
                            K=m.in_features, N=m.out_features, bits=m.bits, block_size=m.group_size,
                            accuracy_level=0)
         # Standard ops (opset 21): block-wise DequantizeLinear of int4/int8 codes stored (in, out).
-        codes = m.qweight.detach().T.contiguous().numpy().astype(np.int8)  # (K, N)
-        if m.bits == 8:
-            self.init(f"{name}.qweight_t", codes)
-        else:  # INT4 raw data: two's-complement nibbles, first element in the low nibble (K*N is even)
-            flat = codes.reshape(-1).view(np.uint8) & 0xF
-            packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
-            self.inits.append(helper.make_tensor(f"{name}.qweight_t", TensorProto.INT4, codes.shape, packed, raw=True))
+        codes = self.codes(f"{name}.qweight_t", m.qweight.detach().T.contiguous().numpy(), m.bits)  # (K, N)
         scales = m.scales.detach().float().T.contiguous().numpy().astype(self.dtype)  # (K / g, N)
-        w = self.op("DequantizeLinear", [f"{name}.qweight_t", self.init(f"{name}.scales_t", scales)],
-                    axis=0, block_size=m.group_size)
+        w = self.op("DequantizeLinear", [codes, self.init(f"{name}.scales_t", scales)], axis=0, block_size=m.group_size)
         return self.matmul(x, w)
+
+    def codes(self, name: str, codes: np.ndarray, bits: int) -> str:
+        """An INT8 or INT4 initializer of signed codes (INT4 raw data: two's-complement nibbles, first
+        element in the low nibble; every table here has an even element count)."""
+        codes = codes.astype(np.int8)
+        if bits == 8:
+            return self.init(name, codes)
+        flat = codes.reshape(-1).view(np.uint8) & 0xF
+        packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+        self.inits.append(helper.make_tensor(name, TensorProto.INT4, codes.shape, packed, raw=True))
+        return name
+
+    def embedding(self, ids: str, m) -> str:
+        """Rows of the token embedding `(B, T, dim)`: a Gather, or the quantized table's lookup."""
+        if not isinstance(m, QuantizedEmbedding):
+            return self.op("Gather", [self.weight("embed_tokens.weight", m.weight), ids], axis=0)
+        scales = self.init("embed_tokens.scales", m.scales.detach().float().numpy().astype(self.dtype))  # (V, dim/g)
+        if self.fused:
+            q = (m.qweight.detach().numpy().astype(np.int16) + (1 << (m.bits - 1))).astype(np.uint8)  # (V, dim)
+            if m.bits == 4:
+                q = q[:, 0::2] | (q[:, 1::2] << 4)
+            return self.op("GatherBlockQuantized", [self.init("embed_tokens.qweight", q), ids, scales], domain=MS,
+                           gather_axis=0, quantize_axis=1, block_size=m.group_size, bits=m.bits)
+        table = self.op("DequantizeLinear", [self.codes("embed_tokens.qweight", m.qweight.detach().numpy(), m.bits),
+                                             scales], axis=1, block_size=m.group_size)
+        return self.op("Gather", [table, ids], axis=0)
 
     def mlp(self, h: str, p: str, layer) -> str:
         g = self.linear(h, f"{p}.gate_proj", layer.mlp.gate_proj)
@@ -174,7 +201,7 @@ def plain_attention(b: Builder, cfg: ModelConfig, h: str, i: int, attn, cos: str
 
 def plain_graph(model, precision: str, max_seq_len: int) -> onnx.ModelProto:
     cfg = model.config
-    quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
+    quantized = any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for m in model.modules())
     b = Builder(precision, fused=False, opset=OPSET_QDQ if quantized else OPSET)
     cos_t, sin_t = rope_tables(cfg.head_dim, max_seq_len, cfg.rope_theta)
     P = dim_of(b, "past_key_values.0.key", 2)
@@ -187,7 +214,7 @@ def plain_graph(model, precision: str, max_seq_len: int) -> onnx.ModelProto:
     key_pos = b.op("Range", [b.init("zero", np.array(0, dtype=np.int64)), total, one])
     visible = b.op("LessOrEqual", [b.op("Unsqueeze", [key_pos, b.ints(0)]), b.op("Unsqueeze", [pos, b.ints(1)])])
     mask = b.op("Where", [visible, b.scalar(0.0, np.float32), b.scalar(float("-inf"), np.float32)])  # (T, S)
-    x = b.op("Gather", [b.weight("embed_tokens.weight", model.embed_tokens.weight), "input_ids"], axis=0)
+    x = b.embedding("input_ids", model.embed_tokens)
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
         h = b.rms_norm(x, b.weight(f"{p}.input_layernorm.weight", layer.input_layernorm.weight), cfg.norm_eps)
@@ -233,7 +260,7 @@ def fused_graph(model, precision: str, max_seq_len: int) -> onnx.ModelProto:
     total = b.cast("total_sequence_length", TensorProto.INT64)
     pos = b.op("Range", [b.op("Sub", [total, T]), total, b.init("one", np.array(1, dtype=np.int64))])
     pos_ids = b.op("Expand", [b.op("Unsqueeze", [pos, b.ints(0)]), b.op("Shape", ["input_ids"])])  # (B, T)
-    x = b.op("Gather", [b.weight("embed_tokens.weight", model.embed_tokens.weight), "input_ids"], axis=0)
+    x = b.embedding("input_ids", model.embed_tokens)
     eps = float(cfg.norm_eps)
     w0 = b.weight("layers.0.input_layernorm.weight", model.layers[0].input_layernorm.weight)
     h = b.op("SimplifiedLayerNormalization", [x, w0], axis=-1, epsilon=eps, stash_type=1)

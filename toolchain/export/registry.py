@@ -24,6 +24,7 @@ MODULES = {
 }
 
 PRECISIONS = ("fp32", "fp16")
+EMBEDDING = "model.embed_tokens"  # the token embedding's name in edgesmith.json "quantization"
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,15 @@ def files_in(directory: Path) -> list[str]:
     return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
 
 
-def quantization_scheme(ckpt, target: dict[int, str]) -> dict | None:
-    """The manifest's quantization entry: the checkpoint's scheme and what each bit width became."""
+def quantization_scheme(ckpt, target: dict[int, str], embedding: dict[int, str] | None = None) -> dict | None:
+    """The manifest's quantization entry: the checkpoint's scheme and what each bit width became
+    (`embedding`: what the token embedding's became, when the format stores it differently)."""
     quant = ckpt.meta.get("quantization")
     if not quant:
         return None
-    return {**quant, "stored_as": {name: target[s["bits"]] for name, s in (quant.get("weights") or {}).items()}}
+    stored = {name: (embedding or target)[s["bits"]] if name == EMBEDDING else target[s["bits"]]
+              for name, s in (quant.get("weights") or {}).items()}
+    return {**quant, "stored_as": stored}
 
 
 def refuse_int8_kv_cache(model, fmt: str) -> None:

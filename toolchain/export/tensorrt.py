@@ -3,7 +3,10 @@
 The ONNX is the plain standard-op decoder graph (opset 17: ops TensorRT's ONNX parser takes; no
 ONNX Runtime contrib ops), fp32 or fp16, with the KV cache as explicit inputs and outputs.
 Quantized Linears become block-wise DequantizeLinear of int4/int8 codes + MatMul (opset 21), the
-Q/DQ form TensorRT 10 builds as INT4/INT8 weight-only GEMMs.
+Q/DQ form TensorRT 10 builds as INT4/INT8 weight-only GEMMs; a quantized token embedding is the same
+block-wise DequantizeLinear of its table, then Gather (TensorRT's INT4 weight-only path is documented
+for GEMMs: whether a builder keeps the gathered table in INT4 or folds it to float is its choice,
+either way the values are our `scale * code`; not verified here, no TensorRT on this machine).
 Where `tensorrt` imports, `tensorrt_engine.build_engine` turns it into `model.plan` with prefill
 and decode optimization profiles; elsewhere export stops after the ONNX and says so in one line
 (and in the manifest). The parity check runs the same ONNX in ONNX Runtime, since that is the
@@ -35,9 +38,14 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
                "profiles": {k: {n: list(map(list, v)) for n, v in p.items() if n == "input_ids" or n.endswith("0.key")}
                             for k, p in shapes.profiles().items()}}
     reason = unavailable_reason()
-    quant = quantization_scheme(ckpt, {4: "INT4 weight-only (block-wise Q/DQ)", 8: "INT8 weight-only (block-wise Q/DQ)"})
+    quant = quantization_scheme(ckpt, {4: "INT4 weight-only (block-wise Q/DQ)", 8: "INT8 weight-only (block-wise Q/DQ)"},
+                                {4: "INT4 block-wise DQ + Gather", 8: "INT8 block-wise DQ + Gather"})
+    # 2:4-pruned weights (prune:method=2:4 in the lineage): TensorRT's sparse tactics can use them.
+    sparse = any(p.get("kind") == "prune" and (p.get("config") or {}).get("method") == "2:4"
+                 for p in ckpt.meta.get("lineage", {}).get("passes", []))
+    options["sparse_weights"] = sparse
     if reason is None:
-        build_engine(tmp / ONNX_FILE, tmp / PLAN_FILE, shapes)
+        build_engine(tmp / ONNX_FILE, tmp / PLAN_FILE, shapes, sparse_weights=sparse)
         return {"entry": PLAN_FILE, "options": {**options, "engine": PLAN_FILE}, "quantization": quant}
     return {"entry": ONNX_FILE, "options": {**options, "engine": None, "engine_skipped": reason},
             "quantization": quant, "notice": f"tensorrt: {reason}; wrote the TensorRT-ready {ONNX_FILE}"}

@@ -56,8 +56,12 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def build_engine(onnx_path: Path, plan_path: Path, shapes: EngineShapes, workspace_bytes: int = 1 << 30) -> int:
-    """Parse `onnx_path`, build with the prefill and decode profiles, write `plan_path`; returns its bytes."""
+def build_engine(onnx_path: Path, plan_path: Path, shapes: EngineShapes, workspace_bytes: int = 1 << 30,
+                 sparse_weights: bool = False) -> int:
+    """Parse `onnx_path`, build with the prefill and decode profiles, write `plan_path`; returns its bytes.
+
+    `sparse_weights`: let TensorRT pick 2:4 structured-sparse GEMM tactics (Ampere and later, Jetson
+    Orin) for weights that follow the pattern -- set for models pruned with `prune:method=2:4`."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -69,6 +73,8 @@ def build_engine(onnx_path: Path, plan_path: Path, shapes: EngineShapes, workspa
         raise RuntimeError(f"{onnx_path}: TensorRT's ONNX parser refused the graph: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if sparse_weights:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     for profile_shapes in shapes.profiles().values():
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in profile_shapes.items():

@@ -253,10 +253,11 @@ def latest_state(out: Path) -> Path:
 
 def train(model: nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarray | None, cfg: TrainConfig,
           env: DistEnv | None = None, out: Path | None = None, resume: Path | None = None,
-          progress: bool = True) -> tuple[nn.Module | None, list[dict]]:
+          progress: bool = True, loss_fn=None) -> tuple[nn.Module | None, list[dict]]:
     """Train `model`; returns (on rank 0: a plain module holding the full trained weights, else None) and history.
 
-    Collective when `env.distributed`: every rank calls it with the same arguments.
+    Collective when `env.distributed`: every rank calls it with the same arguments. `loss_fn(logits, x, y)
+    -> scalar`, when given, replaces the next-token cross-entropy (distillation adds a teacher term).
     """
     env = env or DistEnv()
     micro = cfg.micro_batch(env.world)
@@ -291,7 +292,9 @@ def train(model: nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarray | N
             x, y = x.to(env.device), y.to(env.device)
             with _sync_context(wrapped, a == cfg.grad_accum - 1):
                 with _autocast(cfg, env):
-                    loss = F.cross_entropy(wrapped(x).float().flatten(0, 1), y.flatten()) / cfg.grad_accum
+                    logits = wrapped(x)
+                    loss = (F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) if loss_fn is None
+                            else loss_fn(logits, x, y)) / cfg.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in wrapped.parameters() if p.requires_grad], cfg.grad_clip)

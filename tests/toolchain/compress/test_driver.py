@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from models.checkpoint import load_checkpoint, save_checkpoint
-from models.quant import Int8KVAttention, QuantizedLinear
+from models.quant import Int8KVAttention, QuantizedEmbedding, QuantizedLinear
 from toolchain.cli import main
 from toolchain.compress import Context, apply, parse_pass
 
@@ -36,15 +36,20 @@ def test_quantized_checkpoint_round_trips_exactly(trained, tmp_path):
     assert isinstance(back.layers[0].mlp.up_proj, QuantizedLinear) and back.layers[0].mlp.up_proj.act_bits == 8
     assert isinstance(back.layers[3].mlp.up_proj, torch.nn.Linear)
     assert isinstance(back.layers[0].self_attn, Int8KVAttention)
+    assert isinstance(back.embed_tokens, QuantizedEmbedding) and back.embed_tokens.group_size == 64
     tokens = trained.calib[:2, :32]
     assert torch.equal(back(tokens), model(tokens))
     meta = json.loads((out / "edgesmith.json").read_text())["quantization"]
     assert meta["weights"]["model.layers.0.mlp.up_proj"] == {"bits": 4, "group_size": 64, "act_bits": 8}
+    assert meta["weights"]["model.embed_tokens"] == {"bits": 4, "group_size": 64, "act_bits": None}
     assert meta["kv_cache"]["dtype"] == "int8"
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert f.get_tensor("model.layers.0.self_attn.q_proj.qweight").dtype == torch.int8
         assert f.get_tensor("model.layers.0.self_attn.q_proj.scales").dtype == torch.float16
         assert "model.layers.0.self_attn.q_proj.weight" not in f.keys()
+        assert f.get_tensor("model.embed_tokens.qweight").shape == (512, 128)
+        assert f.get_tensor("model.embed_tokens.scales").shape == (512, 2)
+        assert "model.embed_tokens.weight" not in f.keys()
 
 
 def test_compress_command_writes_checkpoint_with_report(float_ckpt, trained, tmp_path, capsys):
@@ -62,7 +67,8 @@ def test_compress_command_writes_checkpoint_with_report(float_ckpt, trained, tmp
     assert r"rule 'layers\.9\..*' matches no layer" in report["passes"][0]["report"]["warnings"]
     assert "warning: rule 'layers\\.9\\..*' matches no layer" in printed
     assert 0 < report["quality"]["kl"] < 0.5 and report["quality"]["top1"] > 0.5
-    assert set(report["layer_sqnr_db"]) >= {"layers.0.self_attn", "layers.3.mlp", "lm_head"}
+    assert set(report["layer_sqnr_db"]) >= {"embed_tokens", "layers.0.self_attn", "layers.3.mlp", "lm_head"}
+    assert report["passes"][0]["report"]["layers"]["embed_tokens"] == 4
     ckpt = load_checkpoint(out)
     assert ckpt.model.lm_head.bits == 8 and ckpt.model.layers[0].mlp.down_proj.bits == 4
     assert ckpt.meta["lineage"]["passes"][-1]["config"]["method"] == "gptq"
@@ -90,7 +96,7 @@ def test_eval_with_reference_prints_kl_agreement_and_layer_table(float_ckpt, tra
     (["--pass", "quantize:method=hqq"], "unknown quantize method 'hqq'; allowed: awq, gptq, kv_int8, rtn, smoothquant"),
     (["--pass", "quantize:method=gptq,n_calib=100000"], "calibration set too small"),
     (["--pass", "quantize:method=rtn,bitz=4"], "unknown field 'bitz'"),
-    (["--pass", "prune:ratio=0.5"], "unknown pass kind 'prune'; allowed: quantize"),
+    (["--pass", "sparsify:ratio=0.5"], "unknown pass kind 'sparsify'; allowed: quantize, prune, lowrank, distill, qat"),
     (["--pass", "quantize:method=rtn", "--rule", "lm_head=3"], "value 3 is not allowed"),
 ])
 def test_bad_input_is_one_clear_line(float_ckpt, trained, tmp_path, capsys, argv, message):

@@ -1,5 +1,6 @@
 """Every method x bits on the briefly trained nano model: an SQNR floor per layer, GPTQ and AWQ beat
-RTN at 4 bits, and bad input is one clear line.
+RTN at 4 bits, the token embedding (round to nearest whatever the method, chosen by the same rules),
+and bad input is one clear line.
 
 SQNR floors (dB, every attribution layer's output against the float model on calibration tokens).
 A b-bit symmetric quantizer whose step is set by a group's largest |w| gives a weight SQNR of about
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from models.errors import EdgesmithError
-from models.quant import QuantizedLinear
+from models.quant import QuantizedEmbedding, QuantizedLinear, TiedQuantizedHead
 from toolchain.compress import Context, apply, calibration_tokens, parse_pass
 from toolchain.compress.quality import compare, layer_sqnr
 
@@ -44,8 +45,10 @@ def test_every_method_and_bits_clears_its_sqnr_floor(trained, method, bits):
         q = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
         assert len(q) == 7 * 4 + 1 and all(m.bits == bits for m in q)
         assert all(m.act_bits == (8 if method == "smoothquant" else None) for m in q)
+        assert isinstance(model.embed_tokens, QuantizedEmbedding) and model.embed_tokens.bits == bits
+        assert "embed_tokens" in db and ctx.report["layers"]["embed_tokens"] == bits
     else:
-        assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+        assert not any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for m in model.modules())
 
 
 def test_gptq_act_order_runs_and_keeps_contiguous_groups(trained):
@@ -72,6 +75,44 @@ def test_rule_keeps_layers_float_or_at_other_bits(trained):
     apply(model, cfg, Context(calibration=trained.calib))
     assert model.lm_head.bits == 8 and model.layers[1].mlp.up_proj.bits == 4
     assert type(model.layers[0].mlp.up_proj) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("method, rules, expected", [
+    # the default ".*" includes the embedding, as llama.cpp's Q4_0 does, and every method uses RTN codes
+    *[(method, [], 4) for method in ("rtn", "gptq", "awq", "smoothquant")],
+    ("gptq", [("embed_tokens", "skip")], None),         # opt out
+    ("awq", [("embed_tokens", 8), (".*", 4)], 8),       # first match wins
+    ("rtn", [(r"layers\..*", 8)], 4),                   # a rule for other layers leaves it at the default
+])
+def test_rules_select_the_embedding_and_every_method_uses_rtn_codes(trained, method, rules, expected):
+    # setup
+    model = copy.deepcopy(trained.model)
+    cfg = parse_pass(f"quantize:method={method},bits=4,group_size=32,n_calib=4", rules)
+    ctx = Context(calibration=trained.calib)
+    # execute
+    apply(model, cfg, ctx)
+    # assert: round to nearest of the float table at the rule's bits (GPTQ / AWQ have no activations here)
+    assert ctx.report["layers"]["embed_tokens"] == expected
+    if expected is None:
+        assert type(model.embed_tokens) is torch.nn.Embedding
+        return
+    rtn = QuantizedEmbedding.from_float(trained.model.embed_tokens, expected, 32)
+    assert torch.equal(model.embed_tokens.qweight, rtn.qweight) and torch.equal(model.embed_tokens.scales, rtn.scales)
+
+
+def test_tied_head_reads_the_quantized_table(trained):
+    # setup: the nano shape with tied embeddings
+    from models.llama import ModelConfig, Transformer
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**trained.model.config.to_dict(), "tie_embeddings": True})).eval()
+    ctx = Context(calibration=trained.calib)
+    # execute
+    with pytest.warns(UserWarning, match="rule 'lm_head' matches no layer"):
+        apply(model, parse_pass("quantize:method=gptq,bits=4,n_calib=4", [("lm_head", 8)]), ctx)
+    # assert: one table for both; the head's own rule cannot apply to a tied head, and says so
+    assert isinstance(model.lm_head, TiedQuantizedHead) and model.lm_head.qweight is model.embed_tokens.qweight
+    assert "lm_head: tied to embed_tokens, reads its 4-bit table" in ctx.report["warnings"]
+    assert "rule 'lm_head' matches no layer" in ctx.report["warnings"]
 
 
 @pytest.mark.parametrize("spec, message", [

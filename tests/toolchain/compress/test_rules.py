@@ -5,7 +5,7 @@ import re
 import pytest
 
 from models.errors import EdgesmithError
-from toolchain.compress.rules import parse_rules, resolve
+from toolchain.compress.rules import bits_for, parse_rules, resolve
 
 NAMES = ["layers.0.self_attn.q_proj", "layers.0.mlp.down_proj", "layers.1.self_attn.q_proj",
          "layers.10.mlp.down_proj", "lm_head"]
@@ -28,6 +28,20 @@ NAMES = ["layers.0.self_attn.q_proj", "layers.0.mlp.down_proj", "layers.1.self_a
 def test_rules_resolve(rules, default, expected, recwarn):
     plan, _ = resolve(NAMES, rules, default)
     assert [plan[n] for n in NAMES] == expected
+
+
+@pytest.mark.parametrize("rules, expected", [
+    ({}, 4),                                          # the default ".*" takes the embedding too
+    ({".*": 4}, 4),
+    ({"embed_tokens": "skip", ".*": 4}, None),        # opt out
+    ({"embed_tokens": 8}, 8),
+    ({r"layers\..*": 8, "lm_head": 8}, 4),            # rules for other layers leave it alone
+    ({"embed": 8}, 4),                                # a partial name does not apply
+])
+def test_rules_select_the_token_embedding(rules, expected, recwarn):
+    plan, _ = resolve(NAMES + ["embed_tokens"], rules, 4)
+    assert plan["embed_tokens"] == expected
+    assert bits_for("embed_tokens", rules, 4) == expected
 
 
 def test_rules_keep_order_from_pairs():

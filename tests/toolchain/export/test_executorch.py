@@ -1,14 +1,15 @@
 """ExecuTorch export: XNNPACK-lowered .pte with the static KV cache as mutable buffers; quantized
-checkpoints as 8da4w / 8da8w from our codes (int4 planes + exact remainder, bf16 group scales)."""
+checkpoints as 8da4w / 8da8w from our codes (int4 planes + exact remainder, bf16 group scales), a
+quantized token embedding as an exact lookup in portable ops."""
 
 import numpy as np
 import pytest
 import torch
 
 from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint
-from models.quant import QuantizedLinear, quantize_linear_
+from models.quant import QuantizedEmbedding, QuantizedLinear, quantize_embedding_, quantize_linear_
 from toolchain.export import ExportConfig, export
-from toolchain.export.executorch import split_codes
+from toolchain.export.executorch import ExecuTorchEmbedding, split_codes
 
 
 @pytest.mark.slow  # lowering to XNNPACK takes 15-50 s per export on two shared cores
@@ -59,6 +60,7 @@ def quantized_g32(float_checkpoint, tmp_path_factory):
     out = {}
     for bits in (4, 8):
         ckpt = load_checkpoint(float_checkpoint)
+        quantize_embedding_(ckpt.model, bits, 32)
         quantize_linear_(ckpt.model, bits, 32)
         step = {"kind": "quantize", "method": "rtn", "bits": bits, "group_size": 32}
         out[bits] = save_checkpoint(ckpt.model, ckpt.tokenizer, root / f"q{bits}", child_lineage(ckpt, step))
@@ -83,10 +85,34 @@ def test_quantized_pte_holds_our_codes_and_meets_parity(quantized_g32, tmp_path,
     assert p["argmax_agreement"] == 1.0 and p["greedy_matched"] == 32  # measured on this model
     assert p["max_abs_logit_diff"] < 2e-2 * p["max_abs_reference_logit"]  # measured 6-7e-3
     assert manifest["quantization"]["stored_as"]["model.layers.0.mlp.down_proj"].startswith(f"8da{bits}w")
+    assert manifest["quantization"]["stored_as"]["model.embed_tokens"].endswith("lookup in portable ops (fp32 group scales)")
     # assert: the program holds our codes as XNNPACK int4 planes and the bf16 scales
     blob = (out / "model.pte").read_bytes()
-    m = load_checkpoint(quantized_g32[bits]).model.layers[1].mlp.down_proj
-    planes, _, _ = split_codes(m)
+    model = load_checkpoint(quantized_g32[bits]).model
+    planes, _, _ = split_codes(model.layers[1].mlp.down_proj)
     for codes, scales in planes:
         assert packed_nibbles(codes) in blob
         assert scales.to(torch.bfloat16).view(torch.int16).numpy().tobytes() in blob
+    # assert: and the embedding's codes (4-bit: two per byte) and scales
+    emb = ExecuTorchEmbedding(model.embed_tokens)
+    assert emb.codes.numpy().tobytes() in blob and emb.scales.numpy().tobytes() in blob
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_embedding_lookup_in_executorch_runtime_is_exact(tmp_path, bits):
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    # setup: RTN codes with an all-zero row group and signed 4-bit scales
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(40, 96)
+    table.weight.data[0, :32] = 0
+    q = QuantizedEmbedding.from_float(table, bits, 32)
+    ids = torch.tensor([[0, 1, 39, 7, 7]])
+    # execute: the swapped module alone, lowered and run by executorch.runtime
+    exported = torch.export.export(ExecuTorchEmbedding(q), (ids,), strict=False)
+    program = to_edge_transform_and_lower(exported, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    (tmp_path / "e.pte").write_bytes(program.to_executorch().buffer)
+    (out,) = Runtime.get().load_program(tmp_path / "e.pte").load_method("forward").execute((ids,))
+    # assert: bit for bit the fake-quant rows
+    assert torch.equal(out, q(ids))

@@ -1,6 +1,9 @@
 """Quantized checkpoints: our codes go into GGUF Q4_0/Q8_0 and ONNX MatMulNBits / block-wise Q/DQ
 exactly (no re-quantizing), parity against the fake-quant model; what a format cannot hold is
-refused in one line naming the tensor, leaving nothing behind."""
+refused in one line naming the tensor, leaving nothing behind. A quantized token embedding becomes
+GGUF token_embd Q4_0 / Q8_0 and an ONNX GatherBlockQuantized / DequantizeLinear + Gather, tied or not."""
+
+import copy
 
 import gguf
 import numpy as np
@@ -134,3 +137,80 @@ def test_int8_kv_cache_is_refused_by_name(float_checkpoint, tmp_path, fmt):
     with pytest.raises(EdgesmithError, match=r"^layers\.0\.self_attn: an int8 KV cache"):
         export(path, tmp_path / "a", ExportConfig(format=fmt, max_seq_len=64))
     assert not (tmp_path / "a").exists() and [p.name for p in tmp_path.iterdir()] == ["kv8"]
+
+
+# ----------------------------------------------------------------------------- quantized token embedding
+
+
+@pytest.fixture(scope="module")
+def embedded(float_checkpoint, tokenizer, tiny_config, tmp_path_factory):
+    """{(bits, tied): checkpoint} with the token embedding and every Linear quantized, group 32."""
+    from models.llama import ModelConfig, Transformer
+    from models.quant import quantize_embedding_
+    from tests.conftest import TEXT
+    from tests.toolchain.export.conftest import fit
+    from toolchain.export.parity import PARITY_TEXT, torch_threads
+
+    root = tmp_path_factory.mktemp("embed")
+    torch.manual_seed(0)
+    tied = Transformer(ModelConfig(**{**tiny_config.to_dict(), "tie_embeddings": True}))
+    with torch_threads(1):
+        fit(tied, np.array(tokenizer.encode(TEXT + PARITY_TEXT * 20), dtype=np.uint16))
+    out = {}
+    for bits, is_tied in [(4, False), (8, False), (4, True)]:
+        model = tied if is_tied else load_checkpoint(float_checkpoint).model
+        model = copy.deepcopy(model)
+        quantize_embedding_(model, bits, 32)
+        quantize_linear_(model, bits, 32)
+        out[bits, is_tied] = save_checkpoint(model, tokenizer, root / f"e{bits}{'t' if is_tied else ''}",
+                                             {"parent": None, "passes": [{"kind": "quantize", "bits": bits}]})
+    return out
+
+
+@pytest.mark.parametrize("bits, tied", [(4, False), (8, False), (4, True)])
+def test_gguf_token_embd_holds_our_embedding_codes(embedded, tmp_path, bits, tied):
+    # execute
+    out = tmp_path / "gguf"
+    manifest = export(embedded[bits, tied], out, ExportConfig(format="gguf", max_seq_len=64))
+    # assert: parity in llama.cpp at the int threshold (measured ~5e-3 relative)
+    p = manifest["parity"]
+    assert p["passed"] and p["kind"] == f"int{bits}" and p["greedy_matched"] == 32
+    assert p["max_abs_logit_diff"] < 2e-2 * p["max_abs_reference_logit"]
+    assert manifest["quantization"]["stored_as"]["model.embed_tokens"] == f"Q{bits}_0"
+    # assert: token_embd is our codes block for block; a tied model has no output tensor (llama.cpp
+    # runs its head from token_embd, as TiedQuantizedHead does)
+    emb = load_checkpoint(embedded[bits, tied]).model.embed_tokens
+    tensors = {t.name: t for t in gguf.GGUFReader(out / "model.gguf").tensors}
+    t = tensors["token_embd.weight"]
+    assert t.tensor_type.name == f"Q{bits}_0"
+    np.testing.assert_array_equal(np.asarray(t.data), (pack_q4_0 if bits == 4 else pack_q8_0)(emb.qweight, emb.scales))
+    assert ("output.weight" in tensors) is not tied
+
+
+@pytest.mark.parametrize("fmt, fuse, bits, tied", [("onnx", True, 4, False), ("onnx", True, 8, False),
+                                                   ("onnx", False, 4, False), ("tensorrt", False, 8, False),
+                                                   ("onnx", True, 4, True), ("onnx", False, 4, True)])
+def test_onnx_looks_up_our_embedding_codes_exactly(embedded, tmp_path, fmt, fuse, bits, tied):
+    # execute
+    manifest = export(embedded[bits, tied], tmp_path / fmt, ExportConfig(format=fmt, fuse=fuse, max_seq_len=64))
+    # assert: float-exact parity (the lookup dequantizes our codes to the same values)
+    p = manifest["parity"]
+    assert p["passed"] and p["kind"] == "fp32" and p["greedy_matched"] == 32
+    assert p["max_abs_logit_diff"] < 1e-4 * p["max_abs_reference_logit"]
+    graph = onnx.load(str(tmp_path / fmt / "model.onnx")).graph
+    nodes = {n.output[0]: n for n in graph.node}
+    lookup = next(n for n in graph.node if "input_ids" in n.input and n.op_type != "Shape")
+    emb = load_checkpoint(embedded[bits, tied]).model.embed_tokens
+    if fuse:  # GatherBlockQuantized: code + 2^(bits-1) as uint8, 4-bit even column in the low nibble
+        assert lookup.op_type == "GatherBlockQuantized" and lookup.domain == "com.microsoft"
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in lookup.attribute}
+        assert attrs["bits"] == bits and attrs["block_size"] == 32
+        data = onnx.numpy_helper.to_array(next(t for t in graph.initializer if t.name == lookup.input[0]))
+        if bits == 4:
+            data = np.stack([data & 0xF, data >> 4], axis=-1).reshape(emb.qweight.shape)
+        np.testing.assert_array_equal(data.astype(np.int16) - (1 << (bits - 1)), emb.qweight.numpy())
+    else:  # standard ops: block-wise DequantizeLinear of the int4 / int8 table along the embedding dim, then Gather
+        assert lookup.op_type == "Gather" and nodes[lookup.input[0]].op_type == "DequantizeLinear"
+        table = next(t for t in graph.initializer if t.name == nodes[lookup.input[0]].input[0])
+        assert table.data_type == (onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8)
+        assert list(table.dims) == list(emb.qweight.shape)

@@ -123,3 +123,21 @@ def test_type_check_catches_tensorrt_api_misuse(stubs, tmp_path):
     assert 'has no attribute "build_engine"' in result.stdout
     assert 'has no attribute "max_workspace_size"' in result.stdout
     assert "set_shape" in result.stdout
+
+
+def test_two_four_pruned_lineage_asks_the_engine_for_sparse_weights(float_checkpoint, tmp_path):
+    # setup: the float checkpoint pruned 2:4, with that pass in its lineage
+    from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint
+    from toolchain.compress import apply, config_to_dict, kind_of, parse_pass
+
+    parent = load_checkpoint(float_checkpoint)
+    cfg = parse_pass("prune:method=2:4")
+    pruned = apply(parent.model, cfg)
+    step = {"kind": kind_of(cfg), "config": config_to_dict(cfg)}
+    path = save_checkpoint(pruned, parent.tokenizer, tmp_path / "pruned", child_lineage(parent, step))
+    # execute
+    sparse = export(path, tmp_path / "trt-sparse", ExportConfig(format="tensorrt", max_seq_len=64))
+    dense = export(float_checkpoint, tmp_path / "trt-dense", ExportConfig(format="tensorrt", max_seq_len=64))
+    # assert: the engine build is told to use 2:4 tactics only for the pruned model
+    assert sparse["options"]["sparse_weights"] is True and sparse["parity"]["passed"]
+    assert dense["options"]["sparse_weights"] is False
