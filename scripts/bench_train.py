@@ -5,8 +5,10 @@ Each cell is a real `edgesmith train` subprocess (the 2-process cells re-launch 
 the figure is the median of the per-step tokens/s in its metrics.jsonl, after the warm-up steps.
 Three cells per model and precision: one process with one thread (one core's worth: the base a
 data-parallel scaling figure is taken against), one process using every usable core as threads
-(what a user gets without --nproc), and two DDP processes with the cores split between them. The
-table prints DDP against both.
+(what a user gets without --nproc), two DDP processes with the cores split between them, and -- as
+the ceiling for any data-parallel scheme here -- two independent single-process runs at the same
+time (one thread, half the batch each, no communication at all; their tokens/s summed). The table
+prints DDP against the first two, and the independent pair against one thread.
 
     python scripts/bench_train.py                                  # full size (nano + micro, 30 steps)
     python scripts/bench_train.py --models nano --steps 8 --precisions fp32 --data DIR  # a quick check
@@ -25,19 +27,39 @@ import time
 from pathlib import Path
 
 
-def run_cell(model: str, nproc: int, precision: str, args, root: Path, threads: int | None = None) -> float:
-    out = root / f"{model}-{nproc}-{precision}-{threads}"
+def start_cell(model: str, nproc: int, precision: str, args, out: Path, threads: int | None = None,
+               batch_size: int | None = None) -> tuple[subprocess.Popen, list[str], Path]:
     cmd = [sys.executable, "-m", "toolchain.cli", "train", "--model", model, "--data", args.data,
-           "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-           "--precision", precision, "--nproc", str(nproc), "--warmup", "2", "--out", str(out)]
+           "--steps", str(args.steps), "--batch-size", str(batch_size or args.batch_size), "--seq-len",
+           str(args.seq_len), "--precision", precision, "--nproc", str(nproc), "--warmup", "2", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # let the trainer split the cores
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if result.returncode:
-        sys.exit(f"bench_train: {' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    return proc, cmd, out
+
+
+def finish_cell(started: tuple[subprocess.Popen, list[str], Path], args) -> float:
+    """Median per-step tokens/s of a started `edgesmith train`, after the warm-up steps."""
+    proc, cmd, out = started
+    _, err = proc.communicate()
+    if proc.returncode:
+        sys.exit(f"bench_train: {' '.join(cmd)} failed:\n{err[-2000:]}")
     rates = [json.loads(line)["tokens_per_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(rates[args.skip:])
+
+
+def run_cell(model: str, nproc: int, precision: str, args, root: Path, threads: int | None = None) -> float:
+    return finish_cell(start_cell(model, nproc, precision, args, root / f"{model}-{nproc}-{precision}-{threads}",
+                                  threads), args)
+
+
+def run_independent(model: str, precision: str, args, root: Path) -> float:
+    """Two single-process runs at the same time, one thread and half the global batch each, with no
+    communication at all: the most two ranks could do on this machine. Sum of their tokens/s."""
+    runs = [start_cell(model, 1, precision, args, root / f"{model}-indep{i}-{precision}", 1, args.batch_size // 2)
+            for i in range(2)]
+    return sum(finish_cell(r, args) for r in runs)
 
 
 def main() -> None:
@@ -60,23 +82,27 @@ def main() -> None:
         for model in args.models.split(","):
             cell = {}
             for precision in args.precisions.split(","):
-                for key, nproc, threads in (("1x1", 1, 1), ("1", 1, None), ("2", 2, None)):
+                for key, nproc, threads in (("1x1", 1, 1), ("1", 1, None), ("2", 2, None), ("indep", 2, 1)):
                     t = time.perf_counter()
-                    cell[key, precision] = run_cell(model, nproc, precision, args, Path(tmp), threads)
-                    print(f"  {model} {precision} {nproc} proc ({threads or 'all'} threads): "
+                    if key == "indep":
+                        cell[key, precision] = run_independent(model, precision, args, Path(tmp))
+                    else:
+                        cell[key, precision] = run_cell(model, nproc, precision, args, Path(tmp), threads)
+                    print(f"  {model} {precision} {key}: {nproc} proc ({threads or 'all'} threads): "
                           f"{cell[key, precision]:,.0f} tok/s ({time.perf_counter() - t:.0f} s)", flush=True)
             rows.append((model, cell))
     print()
-    print("| model | precision | 1 proc, 1 thread | 1 proc, all cores | 2 proc DDP | DDP / 1 thread "
-          "| DDP / 1 proc all cores | bf16 / fp32 (1 proc) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| model | precision | 1 proc, 1 thread | 1 proc, all cores | 2 proc DDP | 2 independent procs "
+          "| DDP / 1 thread | DDP / 1 proc all cores | independent / 1 thread | bf16 / fp32 (1 proc) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model, cell in rows:
         for precision in args.precisions.split(","):
             base, one, two = cell["1x1", precision], cell["1", precision], cell["2", precision]
             speed = (f"{cell['1', 'bf16'] / cell['1', 'fp32']:.2f}x"
                      if precision == "bf16" and ("1", "fp32") in cell else "")
-            print(f"| {model} | {precision} | {base:,.0f} | {one:,.0f} | {two:,.0f} | {two / base:.2f}x "
-                  f"| {two / one:.2f}x | {speed} |")
+            indep = cell["indep", precision]
+            print(f"| {model} | {precision} | {base:,.0f} | {one:,.0f} | {two:,.0f} | {indep:,.0f} | {two / base:.2f}x "
+                  f"| {two / one:.2f}x | {indep / base:.2f}x | {speed} |")
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 
