@@ -11,6 +11,7 @@ files or devices.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +104,19 @@ def config_for(size: str) -> ModelConfig:
     return SIZES[size]
 
 
+# ----------------------------------------------------------------------------- kernel switch
+
+# The fused ops the layers call instead of their inline PyTorch. None (the default) means the inline
+# code below, the reference that every exporter traces. `kernels.use("fused")` fills this table with
+# torch custom ops (kernels/ imports models, never the reverse); signatures:
+#   add_rms_norm(x, residual, weight, eps) -> (normed, x + residual)   rms_norm(x, weight, eps)
+#   rope(x, cos, sin) -> rotated x (may rotate in place)               swiglu(gate, up)
+#   attention(q, k, v, input_pos) -> y (B, nh, T, hd), GQA-aware, causal; k/v as read_kv returns them
+#   weight_only_matmul(x, qweight, scales, bits) (used by models.quant.QuantizedLinear)
+KERNELS: dict[str, Callable | None] = dict.fromkeys(
+    ("rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "weight_only_matmul"))
+
+
 # ----------------------------------------------------------------------------- layers
 
 
@@ -113,6 +127,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if KERNELS["rms_norm"] is not None:
+            return KERNELS["rms_norm"](x, self.weight, self.eps)
         # Normalise in fp32 and cast back before the weight, exactly as HF LlamaRMSNorm does.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -156,8 +172,14 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if KERNELS["rope"] is not None:
+            q, k = KERNELS["rope"](q, cos, sin), KERNELS["rope"](k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = self.read_kv(input_pos, k, v)
+        if KERNELS["attention"] is not None:  # reads the live keys only, no repeated K/V
+            y = KERNELS["attention"](q, k, v, input_pos)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         n_rep = self.n_heads // self.n_kv_heads
         if n_rep > 1:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
@@ -174,6 +196,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x):
+        if KERNELS["swiglu"] is not None:
+            return self.down_proj(KERNELS["swiglu"](self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -186,6 +210,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
+        if KERNELS["add_rms_norm"] is not None:
+            a = self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
+            norm = self.post_attention_layernorm
+            h, x = KERNELS["add_rms_norm"](a, x, norm.weight, norm.eps)
+            return x + self.mlp(h)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 

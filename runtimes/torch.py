@@ -8,12 +8,18 @@ the numerics are the checkpoint's and no call re-dequantizes; Linears that also 
 activations (SmoothQuant) are kept as they are. The cache is the model's own (`setup_cache`), written
 by position, so `rewind` is free. The tokenizer is the checkpoint's `tokenizer.json`.
 
+Kernels (`kernels="fused"`): every forward runs inside `kernels.use("fused")` (fused RMSNorm, RoPE,
+SwiGLU, flash / split-KV decode attention), and weight-only quantized Linears are kept as codes so the
+int4/int8 matmul kernel reads them instead of a dequantized float weight. "reference" (the default) is
+the model's own PyTorch.
+
 Compilation (`compile=True`) wraps only the decode step, with static shapes: prefill and multi-token
 calls stay eager (gpt-fast compiles the hot function only). It is compiled on the first decode.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +68,12 @@ class TorchSession(Session):
     backend = "torch"
 
     def __init__(self, model: Transformer, tokenizer=None, max_seq_len: int | None = None, compile: bool = False,
-                 dtype: str | None = None, path=None):
+                 dtype: str | None = None, path=None, kernels: str = "reference"):
+        import kernels as kernel_ops
+
         if dtype is not None and dtype not in DTYPES:
             raise EdgesmithError(f"torch session dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+        self.kernels = kernel_ops.check_mode(kernels)
         S = max_seq_len or model.config.max_seq_len
         if not 1 <= S <= model.config.max_seq_len:
             raise EdgesmithError(f"max_seq_len {S}: must be in 1..{model.config.max_seq_len} (the model's)")
@@ -76,16 +85,20 @@ class TorchSession(Session):
 
     @classmethod
     def from_path(cls, path: str | Path, compile: bool = False, dtype: str = "fp32", max_seq_len: int | None = None,
-                  n_threads: int | None = None) -> TorchSession:
+                  n_threads: int | None = None, kernels: str = "reference") -> TorchSession:
         """Load a checkpoint directory. `n_threads` sets torch's (process-wide) intra-op thread count."""
         path = Path(path)
         if n_threads is not None:
             if n_threads < 1:
                 raise EdgesmithError(f"n_threads: {n_threads} must be >= 1")
             torch.set_num_threads(n_threads)
+        import kernels as kernel_ops
+
+        kernel_ops.check_mode(kernels)
         model, tokenizer = load_model(path)
-        dequantize_linears_(model)
-        return cls(model, tokenizer, max_seq_len=max_seq_len, compile=compile, dtype=dtype, path=path)
+        if kernels == "reference":  # fused: the weight-only kernel reads the codes
+            dequantize_linears_(model)
+        return cls(model, tokenizer, max_seq_len=max_seq_len, compile=compile, dtype=dtype, path=path, kernels=kernels)
 
     def _step(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, input_pos)
@@ -95,8 +108,14 @@ class TorchSession(Session):
         tokens = torch.tensor([ids], dtype=torch.long)
         input_pos = torch.arange(start, start + len(ids))
         step = self._decode_step if len(ids) == 1 else self._step
-        logits = step(tokens, input_pos)[0]
+        with self._kernels():
+            logits = step(tokens, input_pos)[0]
         return (logits if all_logits else logits[-1:]).float().numpy()
+
+    def _kernels(self):
+        import kernels as kernel_ops
+
+        return kernel_ops.use("fused") if self.kernels == "fused" else contextlib.nullcontext()
 
     def _rewind(self, n: int) -> None:
         if n == 0:  # a fresh start leaves nothing of the previous run in memory

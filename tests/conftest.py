@@ -2,10 +2,15 @@
 that every test runs in milliseconds on a CPU."""
 
 import os
-from pathlib import Path
 
-import pytest
-import torch
+# Triton runs on a CPU only in its interpreter, and reads this when it is first imported (torch's
+# inductor may import it on its own): set before anything imports torch (tests/kernels/test_triton.py).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from models.llama import ModelConfig, Transformer
 from models.tokenizer import train_tokenizer

@@ -29,6 +29,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from kernels.onnx import CONTRIB_OPS
 from models.llama import ModelConfig, rope_tables
 from models.lowrank import LowRankLinear
 from models.quant import QuantizedEmbedding, QuantizedLinear
@@ -36,6 +37,9 @@ from models.quant import QuantizedEmbedding, QuantizedLinear
 OPSET = 17
 OPSET_QDQ = 21  # block-wise DequantizeLinear and INT4 tensors
 MS = "com.microsoft"
+# contrib op names come from the one table of fused-op lowerings (kernels/onnx.py)
+MATMUL_NBITS, ROTARY, GQA = (CONTRIB_OPS[k].op_type for k in ("weight_only_matmul", "rope", "flash_attention"))
+SKIP_NORM, NORM = CONTRIB_OPS["add_rms_norm"].op_type, CONTRIB_OPS["rms_norm"].op_type
 NP = {"fp32": np.float32, "fp16": np.float16}
 ONNX_T = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
 
@@ -102,7 +106,7 @@ class Builder:
     def quant_linear(self, x: str, name: str, m) -> str:
         if self.fused:  # ONNX Runtime's MatMulNBits, B (N, blocks, blob) from our codes exactly
             blob, scales = matmulnbits_weight(m)
-            return self.op("MatMulNBits", [x, self.init(f"{name}.qweight", blob),
+            return self.op(MATMUL_NBITS, [x, self.init(f"{name}.qweight", blob),
                                            self.init(f"{name}.scales", scales.astype(self.dtype))], domain=MS,
                            K=m.in_features, N=m.out_features, bits=m.bits, block_size=m.group_size,
                            accuracy_level=0)
@@ -239,9 +243,9 @@ def fused_attention(b: Builder, cfg: ModelConfig, h: str, i: int, attn, pos_ids:
     q = b.linear(h, f"{p}.q_proj", attn.q_proj)
     k = b.linear(h, f"{p}.k_proj", attn.k_proj)
     v = b.linear(h, f"{p}.v_proj", attn.v_proj)
-    q = b.op("RotaryEmbedding", [q, pos_ids, "cos_cache", "sin_cache"], domain=MS, interleaved=0, num_heads=nh)
-    k = b.op("RotaryEmbedding", [k, pos_ids, "cos_cache", "sin_cache"], domain=MS, interleaved=0, num_heads=nkv)
-    y = b.op("GroupQueryAttention",
+    q = b.op(ROTARY, [q, pos_ids, "cos_cache", "sin_cache"], domain=MS, interleaved=0, num_heads=nh)
+    k = b.op(ROTARY, [k, pos_ids, "cos_cache", "sin_cache"], domain=MS, interleaved=0, num_heads=nkv)
+    y = b.op(GQA,
              [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
               "total_sequence_length"], n_out=3, domain=MS,
              outputs=[f"{p}.gqa_out", f"present.{i}.key", f"present.{i}.value"],
@@ -263,17 +267,17 @@ def fused_graph(model, precision: str, max_seq_len: int) -> onnx.ModelProto:
     x = b.embedding("input_ids", model.embed_tokens)
     eps = float(cfg.norm_eps)
     w0 = b.weight("layers.0.input_layernorm.weight", model.layers[0].input_layernorm.weight)
-    h = b.op("SimplifiedLayerNormalization", [x, w0], axis=-1, epsilon=eps, stash_type=1)
+    h = b.op(NORM, [x, w0], axis=-1, epsilon=eps, stash_type=1)
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
         a = fused_attention(b, cfg, h, i, layer.self_attn, pos_ids)
         w = b.weight(f"{p}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight)
-        h, _, _, x = b.op("SkipSimplifiedLayerNormalization", [a, x, w], n_out=4, domain=MS, epsilon=eps)
+        h, _, _, x = b.op(SKIP_NORM, [a, x, w], n_out=4, domain=MS, epsilon=eps)
         m = b.mlp(h, f"{p}.mlp", layer)
         last = i + 1 == len(model.layers)
         w = (b.weight("norm.weight", model.norm.weight) if last else
              b.weight(f"layers.{i + 1}.input_layernorm.weight", model.layers[i + 1].input_layernorm.weight))
-        h, _, _, x = b.op("SkipSimplifiedLayerNormalization", [m, x, w], n_out=4, domain=MS, epsilon=eps)
+        h, _, _, x = b.op(SKIP_NORM, [m, x, w], n_out=4, domain=MS, epsilon=eps)
     logits = b.linear(h, "lm_head", model.lm_head)
     b.op("Cast", [logits], to=TensorProto.FLOAT, outputs=["logits"]) if precision != "fp32" else \
         b.op("Identity", [logits], outputs=["logits"])

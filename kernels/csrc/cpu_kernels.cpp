@@ -1,0 +1,254 @@
+// Fused CPU kernels of edgesmith (fp32), called through ctypes by kernels/cpu.py.
+//
+// Plain C ABI on raw pointers: no torch headers, so the library builds in a couple of seconds with
+// the system compiler and does not depend on the torch ABI. Loops are written so that GCC/Clang
+// auto-vectorize them (-O3, plus -march=x86-64-v3 when the CPU has AVX2/FMA/F16C, checked at run
+// time by kernels/cpu.py). Threads: OpenMP, `nt` threads (the caller passes torch's thread count,
+// 1 for small work so no parallel region is opened).
+//
+// Layouts (all row-major, innermost dim contiguous; other dims by the strides passed in elements):
+//   attention q/out (B, H, T, D), k/v (B, Hkv, S, D); the GQA head of query head h is h / (H / Hkv).
+//   4-bit weights: (N, K/2) bytes, value = code + 8, even column in the low nibble (ONNX Runtime's
+//   MatMulNBits layout); 8-bit weights: the int8 codes (N, K) as they are. Scales fp32 (N, K/g).
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <algorithm>
+#include <limits>
+
+// exp(x) for float, written so that it vectorizes (libm's expf does not without -ffast-math):
+// x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (Cephes expf coefficients), 2^n by
+// building the exponent bits. Relative error about 2e-7; x is clamped to [-87, 88].
+static inline float exp_approx(float x) {
+    x = std::min(88.0f, std::max(-87.0f, x));  // keeps 2^n a normal float
+    const float n = std::nearbyint(x * 1.44269504088896341f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500E-4f;
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+extern "C" {
+
+int es_abi_version() { return 3; }
+
+// out = w * rmsnorm(x + res); res_out = x + res (res, res_out may be null: plain RMSNorm)
+void es_rms_norm(const float* x, const float* res, const float* w, float* out, float* res_out,
+                 int64_t rows, int64_t dim, float eps, int nt) {
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * dim;
+        float* o = out + r * dim;
+        const float* h = xr;
+        if (res) {
+            float* ro = res_out + r * dim;
+            const float* rr = res + r * dim;
+            for (int64_t i = 0; i < dim; ++i) ro[i] = xr[i] + rr[i];
+            h = ro;
+        }
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < dim; ++i) ss += h[i] * h[i];
+        const float inv = 1.0f / std::sqrt(ss / (float)dim + eps);
+        for (int64_t i = 0; i < dim; ++i) o[i] = w[i] * (h[i] * inv);
+    }
+}
+
+// x (B, H, T, D) strided, rotated in place by cos/sin rows (T, D) (HF rotate-half layout)
+void es_rope_inplace(float* x, const float* cs, const float* sn, int64_t B, int64_t H, int64_t T, int64_t D,
+                     int64_t sb, int64_t sh, int64_t st, int nt) {
+    const int64_t half = D / 2;
+#pragma omp parallel for collapse(2) num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h)
+            for (int64_t t = 0; t < T; ++t) {
+                float* p = x + b * sb + h * sh + t * st;
+                const float* c = cs + t * D;
+                const float* s = sn + t * D;
+                for (int64_t i = 0; i < half; ++i) {
+                    const float x1 = p[i], x2 = p[i + half];
+                    p[i] = x1 * c[i] - x2 * s[i];
+                    p[i + half] = x2 * c[i + half] + x1 * s[i + half];
+                }
+            }
+}
+
+// out = silu(g) * u over n elements
+void es_swiglu(const float* g, const float* u, float* out, int64_t n, int nt) {
+#pragma omp parallel for simd num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
+}
+
+// ---------------------------------------------------------------------------- attention
+
+// One query row against keys [k0, k1) with an online softmax, in tiles of TILE keys. Updates the
+// running max m, denominator l and the unnormalised accumulator acc (D).
+static const int TILE = 64;
+
+static inline void attend_rows(const float* q, const float* k, const float* v, int64_t sk, int64_t sv,
+                               int64_t k0, int64_t k1, int64_t D, float scale, float& m, float& l, float* acc) {
+    float s[TILE];
+    for (int64_t j0 = k0; j0 < k1; j0 += TILE) {
+        const int64_t n = std::min<int64_t>(TILE, k1 - j0);
+        float tile_max = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < n; ++j) {
+            const float* kr = k + (j0 + j) * sk;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < D; ++d) dot += q[d] * kr[d];
+            s[j] = dot * scale;
+            tile_max = std::max(tile_max, s[j]);
+        }
+        const float m_new = std::max(m, tile_max);
+        const float corr = std::exp(m - m_new);  // exp(-inf) = 0 on the first tile
+        l *= corr;
+        for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
+        for (int64_t j = 0; j < n; ++j) {
+            const float p = std::exp(s[j] - m_new);
+            l += p;
+            const float* vr = v + (j0 + j) * sv;
+            for (int64_t d = 0; d < D; ++d) acc[d] += p * vr[d];
+        }
+        m = m_new;
+    }
+}
+
+// Causal flash attention forward. Query row t sees keys j <= qpos[t]. q/out strides (b, h, t),
+// k/v strides (b, h, s).
+void es_flash_attention(const float* q, const float* k, const float* v, float* out, const int64_t* qpos,
+                        int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t D, float scale,
+                        int64_t qb, int64_t qh, int64_t qt, int64_t kb, int64_t kh, int64_t ks,
+                        int64_t vb, int64_t vh, int64_t vs, int64_t ob, int64_t oh, int64_t ot, int nt) {
+    const int64_t rep = H / Hkv;
+#pragma omp parallel for collapse(3) num_threads(nt) if (nt > 1) schedule(dynamic, 4)
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h)
+            for (int64_t t = 0; t < T; ++t) {
+                std::vector<float> acc(D, 0.f);
+                float m = -std::numeric_limits<float>::infinity(), l = 0.f;
+                const int64_t hk = h / rep;
+                attend_rows(q + b * qb + h * qh + t * qt, k + b * kb + hk * kh, v + b * vb + hk * vh, ks, vs,
+                            0, qpos[t] + 1, D, scale, m, l, acc.data());
+                float* o = out + b * ob + h * oh + t * ot;
+                const float inv = l > 0.f ? 1.0f / l : 0.f;
+                for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+            }
+}
+
+// Decode attention (one query per head) over the live keys [0, L), split along the key length in
+// chunks of `split` keys; each (b, kv head, chunk) work item reads its keys once for all `rep` query
+// heads of that KV head (GQA without repeating K/V), and the chunks are merged by log-sum-exp.
+// q/out (B, H, D) contiguous rows; part_o (B, H, nsplit, D) and part_lse (B, H, nsplit) scratch.
+void es_decode_attention(const float* q, const float* k, const float* v, float* out, float* part_o, float* part_lse,
+                         int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t D, float scale, int64_t split,
+                         int64_t kb, int64_t kh, int64_t ks, int64_t vb, int64_t vh, int64_t vs, int nt) {
+    const int64_t rep = H / Hkv;
+    const int64_t nsplit = (L + split - 1) / split;
+#pragma omp parallel for collapse(3) num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t hk = 0; hk < Hkv; ++hk)
+            for (int64_t c = 0; c < nsplit; ++c) {
+                const int64_t k0 = c * split, k1 = std::min(L, k0 + split);
+                for (int64_t r = 0; r < rep; ++r) {
+                    const int64_t h = hk * rep + r;
+                    float* acc = part_o + ((b * H + h) * nsplit + c) * D;
+                    std::fill(acc, acc + D, 0.f);
+                    float m = -std::numeric_limits<float>::infinity(), l = 0.f;
+                    attend_rows(q + (b * H + h) * D, k + b * kb + hk * kh, v + b * vb + hk * vh, ks, vs,
+                                k0, k1, D, scale, m, l, acc);
+                    for (int64_t d = 0; d < D; ++d) acc[d] /= l;
+                    part_lse[(b * H + h) * nsplit + c] = m + std::log(l);
+                }
+            }
+    // merge: out = sum_c exp(lse_c - lse) o_c with lse = logsumexp_c lse_c
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+        const float* lse = part_lse + bh * nsplit;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t c = 0; c < nsplit; ++c) mx = std::max(mx, lse[c]);
+        float tot = 0.f;
+        for (int64_t c = 0; c < nsplit; ++c) tot += std::exp(lse[c] - mx);
+        float* o = out + bh * D;
+        std::fill(o, o + D, 0.f);
+        for (int64_t c = 0; c < nsplit; ++c) {
+            const float w = std::exp(lse[c] - mx) / tot;
+            const float* pc = part_o + (bh * nsplit + c) * D;
+            for (int64_t d = 0; d < D; ++d) o[d] += w * pc[d];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------- weight-only matmul
+
+// out (M, N) = x (M, K) @ W^T with W[n, i] = scale[n, i / g] * code[n, i]. 4 bits: packed nibbles as
+// described at the top; the x columns are split into even/odd halves once per call so the inner loop
+// is contiguous, and `code = nibble - 8` is applied per group as `dot - 8 * sum(x in group)`.
+void es_wo_matmul4(const float* x, const uint8_t* w, const float* scales, float* out,
+                   int64_t M, int64_t N, int64_t K, int64_t g, int nt) {
+    const int64_t G = K / g, hg = g / 2;
+    std::vector<float> xe(M * K / 2), xo(M * K / 2), gs(M * G);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t gi = 0; gi < G; ++gi) {
+            float s = 0.f;
+            for (int64_t i = 0; i < hg; ++i) {
+                const float a = x[m * K + gi * g + 2 * i], b = x[m * K + gi * g + 2 * i + 1];
+                xe[m * K / 2 + gi * hg + i] = a;
+                xo[m * K / 2 + gi * hg + i] = b;
+                s += a + b;
+            }
+            gs[m * G + gi] = s;
+        }
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* wr = w + n * (K / 2);
+        const float* sr = scales + n * G;
+        for (int64_t m = 0; m < M; ++m) {
+            const float* e = xe.data() + m * K / 2;
+            const float* o = xo.data() + m * K / 2;
+            float acc = 0.f;
+            for (int64_t gi = 0; gi < G; ++gi) {
+                const uint8_t* wb = wr + gi * hg;
+                const float* eg = e + gi * hg;
+                const float* og = o + gi * hg;
+                float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t i = 0; i < hg; ++i)
+                    dot += (float)(wb[i] & 15) * eg[i] + (float)(wb[i] >> 4) * og[i];
+                acc += sr[gi] * (dot - 8.0f * gs[m * G + gi]);
+            }
+            out[m * N + n] = acc;
+        }
+    }
+}
+
+void es_wo_matmul8(const float* x, const int8_t* w, const float* scales, float* out,
+                   int64_t M, int64_t N, int64_t K, int64_t g, int nt) {
+    const int64_t G = K / g;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const int8_t* wr = w + n * K;
+        const float* sr = scales + n * G;
+        for (int64_t m = 0; m < M; ++m) {
+            const float* xr = x + m * K;
+            float acc = 0.f;
+            for (int64_t gi = 0; gi < G; ++gi) {
+                float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t i = 0; i < g; ++i) dot += (float)wr[gi * g + i] * xr[gi * g + i];
+                acc += sr[gi] * dot;
+            }
+            out[m * N + n] = acc;
+        }
+    }
+}
+
+}  // extern "C"
