@@ -1,0 +1,310 @@
+"""`edgesmith bench`: time artifacts on a device and set each against its decode roofline.
+
+- `local` (or a profile whose transport is local): each artifact in a fresh process running the
+  bench agent (`python -m devices.agent`), so its peak RSS and warm-up are its own;
+- `ssh://...` (or a profile with one): the agent zipapp (`devices.pack`) and the artifact are
+  pushed to a scratch directory, run with the device's Python, the JSON result pulled back;
+- `adb://...`: the artifact is pushed to /data/local/tmp, the profile's native runner (llama.cpp's
+  `llama-bench`) runs it, its JSON output is pulled back and parsed (`devices.native`).
+
+Each result holds the median, min and max over `repeat` runs of prefill tok/s, decode tok/s, TTFT
+and peak RSS, the decode bound (bandwidth / bytes read per token, `devices.roofline`) and the
+achieved fraction of it. Any failure (unreachable device, timeout, runner error) raises
+`EdgesmithError`; results are returned only whole, and `write_results` writes atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from devices import roofline
+from devices.native import llama_bench_argv, parse_llama_bench
+from devices.profiles import DeviceProfile, list_profiles, load_profile
+from devices.transports import AdbTransport, LocalTransport, SshTransport, Transport, run_streaming, transport_for
+from models.errors import EdgesmithError
+from runtimes.artifact import artifact_bytes, read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
+
+
+def resolve_device(device: str) -> tuple[DeviceProfile | None, str]:
+    """(profile or None, transport URI) for `local`, a profile name or path, or a URI."""
+    if device.startswith(("ssh://", "adb://")):
+        return None, device
+    if device == "local" or device in list_profiles() or device.endswith(".toml"):
+        profile = load_profile(device)
+        return profile, profile.transport
+    raise EdgesmithError(f"--device {device!r}; allowed: local, a profile ({', '.join(list_profiles())}), "
+                         "ssh://user@host[:port] or adb://SERIAL")
+
+
+def stats(values: Sequence[float]) -> dict | None:
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def bench(artifacts: Sequence[str | Path], device: str = "local", *, prompt_len: int = 128, gen_len: int = 128,
+          repeat: int = 5, timeout_s: float = 600.0, progress: Callable[[int, int, str], None] | None = None,
+          ssh_options: Sequence[str] = (), python: str | None = None,
+          on_line: Callable[[str], None] | None = None) -> list[dict]:
+    """One result dict per artifact (see the module docstring). `ssh_options`: extra ssh
+    arguments; `python`: the device's Python (default: the profile's, else python3; locally this
+    interpreter); `on_line`: receives the runner's output lines as they come."""
+    for name, value in (("prompt_len", prompt_len), ("gen_len", gen_len), ("repeat", repeat)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EdgesmithError(f"--{name.replace('_', '-')} {value!r} must be a positive integer")
+    if not artifacts:
+        raise EdgesmithError("bench: no artifacts given")
+    profile, uri = resolve_device(device)
+    manifests = []
+    for a in artifacts:
+        m = read_manifest(a, verify=False)
+        room = int(m["model"].get("max_seq_len", 0)) or int(m.get("options", {}).get("max_seq_len", 0))
+        if prompt_len + gen_len > room:
+            raise EdgesmithError(f"{a}: --prompt-len {prompt_len} + --gen-len {gen_len} exceeds the artifact's "
+                                 f"max_seq_len {room}")
+        manifests.append(m)
+    transport = transport_for(uri, ssh_options)
+    runner = _runner(transport)
+    label = profile.name if profile else uri
+    results = []
+    with tempfile.TemporaryDirectory(prefix="edgesmith-bench-") as tmp:
+        with runner(transport, profile, Path(tmp), python, timeout_s, on_line) as run:
+            for i, (a, m) in enumerate(zip(artifacts, manifests)):
+                if progress:
+                    progress(i, len(artifacts), Path(a).name)
+                raw = run(Path(a), m, prompt_len, gen_len, repeat)
+                results.append(_result(Path(a), m, raw, label, profile, prompt_len, gen_len, repeat))
+    if progress:
+        progress(len(artifacts), len(artifacts), "done")
+    return results
+
+
+def _result(path: Path, m: dict, raw: dict, device: str, profile: DeviceProfile | None, prompt_len: int,
+            gen_len: int, repeat: int) -> dict:
+    bandwidth = profile.bandwidth_bytes_s if profile else raw.get("bandwidth_bytes_s")
+    r = {"artifact": str(path), "name": path.name, "format": m.get("format"), "precision": _precision(m),
+         "device": device, "bytes": artifact_bytes(m), "prompt_len": prompt_len, "gen_len": gen_len,
+         "repeat": repeat, **{k: stats(raw["runs"].get(k, [])) for k in METRICS}, "runner": raw.get("runner"),
+         "backend": raw.get("backend"), "threads": raw.get("threads"), "bandwidth_bytes_s": bandwidth,
+         "bytes_per_token": None, "decode_bound_tok_s": None, "roofline_fraction": None}
+    if bandwidth:
+        bound, read = roofline.decode_bound(m, bandwidth, prompt_len, gen_len, raw.get("runner", "agent"))
+        r.update(bytes_per_token=read, decode_bound_tok_s=bound,
+                 roofline_fraction=r["decode_tok_s"]["median"] / bound)
+    return r
+
+
+def _precision(m: dict) -> str:
+    bits = {int(q["bits"]) for q in ((m.get("quantization") or {}).get("weights") or {}).values()}
+    if not bits:
+        return m.get("precision") or "fp32"
+    return f"int{bits.pop()}" if len(bits) == 1 else "mixed"
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+def _runner(transport: Transport):
+    if isinstance(transport, LocalTransport):
+        return LocalRunner
+    if isinstance(transport, SshTransport):
+        return SshRunner
+    if isinstance(transport, AdbTransport):
+        return AdbRunner
+    raise EdgesmithError(f"no bench runner for {transport.uri}")
+
+
+def _agent_args(prompt_len: int, gen_len: int, repeat: int) -> list[str]:
+    return ["--prompt-len", str(prompt_len), "--gen-len", str(gen_len), "--repeat", str(repeat)]
+
+
+def _last_json(text: str, what: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                break
+    tail = " | ".join(text.strip().splitlines()[-3:])[:400] or "(no output)"
+    raise EdgesmithError(f"{what}: the bench agent gave no result: {tail}")
+
+
+class LocalRunner:
+    """Each artifact in a fresh `python -m devices.agent` process."""
+
+    def __init__(self, transport, profile, tmp, python, timeout_s, on_line):
+        self.python, self.timeout_s, self.on_line = python or sys.executable, timeout_s, on_line
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+    def __enter__(self):
+        return self.run
+
+    def __exit__(self, *exc):
+        return False
+
+    def run(self, path: Path, m: dict, prompt_len: int, gen_len: int, repeat: int) -> dict:
+        argv = [self.python, "-m", "devices.agent", str(path), *_agent_args(prompt_len, gen_len, repeat), "--json", "-"]
+        r = run_streaming(argv, self.timeout_s, self.on_line, what=f"bench of {path}", env=self.env)
+        if r.returncode != 0:
+            tail = " | ".join(r.output.strip().splitlines()[-2:])[:400]
+            raise EdgesmithError(f"bench of {path} on local failed (exit {r.returncode}): {tail}")
+        return {**_last_json(r.output, f"bench of {path}"), "runner": "agent"}
+
+
+class SshRunner:
+    """Agent zipapp and artifacts pushed to a scratch directory; results pulled back."""
+
+    AGENT = "edgesmith-agent.pyz"
+
+    def __init__(self, transport: SshTransport, profile, tmp: Path, python, timeout_s, on_line):
+        self.t, self.tmp, self.timeout_s, self.on_line = transport, tmp, timeout_s, on_line
+        self.python = python or (profile.python if profile else "python3")
+        self.measure_bandwidth = profile is None
+        self.workdir = None
+
+    def __enter__(self):
+        from devices.pack import build_agent
+
+        agent = build_agent(self.tmp / self.AGENT)
+        self.workdir = self.t.mkdtemp(timeout=min(self.timeout_s, 60))
+        self.agent = self.t.push(agent, self.workdir, timeout=self.timeout_s)
+        return self.run
+
+    def __exit__(self, *exc):
+        if self.workdir:
+            try:
+                self.t.remove(self.workdir, timeout=min(self.timeout_s, 30))
+            except EdgesmithError:
+                pass  # best effort: the scratch directory is under /tmp on the device
+        return False
+
+    def run(self, path: Path, m: dict, prompt_len: int, gen_len: int, repeat: int) -> dict:
+        remote = self.t.push(path, self.workdir, timeout=self.timeout_s)
+        out = f"{self.workdir}/result-{path.name}.json"
+        argv = [self.python, self.agent, remote, *_agent_args(prompt_len, gen_len, repeat), "--json", out]
+        if self.measure_bandwidth:
+            argv.append("--bandwidth")
+        self.t.check(self.t.run(argv, self.timeout_s, self.on_line), f"bench agent on {path.name}")
+        local = self.t.pull(out, self.tmp, timeout=self.timeout_s)
+        return {**_last_json(local.read_text(), f"bench of {path} on {self.t.uri}"), "runner": "agent"}
+
+
+class AdbRunner:
+    """Artifact pushed to /data/local/tmp/edgesmith, the profile's llama-bench run on it, output pulled."""
+
+    def __init__(self, transport: AdbTransport, profile, tmp: Path, python, timeout_s, on_line):
+        self.t, self.tmp, self.timeout_s = transport, tmp, timeout_s
+        self.runner = (profile.native_runner if profile and profile.native_runner else "/data/local/tmp/llama-bench")
+
+    def __enter__(self):
+        self.workdir = self.t.mkdtemp(timeout=min(self.timeout_s, 60))
+        return self.run
+
+    def __exit__(self, *exc):
+        return False
+
+    def run(self, path: Path, m: dict, prompt_len: int, gen_len: int, repeat: int) -> dict:
+        if m.get("format") != "gguf":
+            raise EdgesmithError(f"{path}: adb bench runs GGUF artifacts through llama-bench; this one is "
+                                 f"{m.get('format')!r} (allowed: gguf)")
+        remote = self.t.push(path, self.workdir, timeout=self.timeout_s)
+        out = f"{self.workdir}/llama-bench-{path.name}.json"
+        argv = llama_bench_argv(self.runner, f"{remote}/{m['entry']}", prompt_len, gen_len, repeat)
+        self.t.check(self.t.run_to_file(argv, out, self.timeout_s), f"{self.runner} on {path.name}")
+        local = self.t.pull(out, self.tmp, timeout=self.timeout_s)
+        return {"runs": parse_llama_bench(local.read_text(), prompt_len, gen_len), "runner": "llama-bench",
+                "backend": "llama.cpp (llama-bench)"}
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def write_results(results: list[dict], path: str | Path) -> Path:
+    """The results as a JSON list, written to a temporary file and renamed: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_results(path: str | Path) -> list[dict]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EdgesmithError(f"{path}: cannot read bench results ({e})") from None
+    if not isinstance(data, list):
+        raise EdgesmithError(f"{path}: not a bench results file (expected a JSON list)")
+    return data
+
+
+def _cell(s: dict | None, fmt: str = "{:.1f}") -> str:
+    if not s:
+        return "-"
+    return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
+
+
+def format_table(results: list[dict]) -> str:
+    """A comparison table: medians with (min-max) over the repeats, the bound and its fraction."""
+    head = ["artifact", "format", "prec", "MB", "prefill tok/s", "decode tok/s", "TTFT ms", "peak RSS MB",
+            "bound tok/s", "roofline"]
+    rows = [[r.get("name") or Path(r["artifact"]).name, r["format"], r["precision"], f"{r['bytes'] / 1e6:.2f}",
+             _cell(r["prefill_tok_s"], "{:.0f}"), _cell(r["decode_tok_s"]), _cell(r["ttft_ms"], "{:.2f}"),
+             _cell(r["peak_rss_mb"], "{:.0f}"),
+             f"{r['decode_bound_tok_s']:.0f}" if r.get("decode_bound_tok_s") else "-",
+             f"{r['roofline_fraction']:.1%}" if r.get("roofline_fraction") is not None else "-"] for r in results]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [f"device: {results[0]['device'] if results else '-'}; prompt {results[0]['prompt_len'] if results else 0}"
+           f", generate {results[0]['gen_len'] if results else 0}, median (min-max) of "
+           f"{results[0]['repeat'] if results else 0} runs", line(head), line(["-" * w for w in widths])]
+    return "\n".join(out + [line(r) for r in rows])
+
+
+def plot_results(results: list[dict], png_path: str | Path) -> Path:
+    """Decode tok/s (median, min-max whiskers) against each artifact's decode bound, and prefill tok/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    png_path = Path(png_path)
+    names = [r.get("name") or Path(r["artifact"]).name for r in results]
+    x = range(len(results))
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.6 * len(results) + 3), 4))
+    for ax, key, title in ((axes[0], "decode_tok_s", "decode tok/s"), (axes[1], "prefill_tok_s", "prefill tok/s")):
+        med = [r[key]["median"] for r in results]
+        err = [[m - r[key]["min"] for m, r in zip(med, results)], [r[key]["max"] - m for m, r in zip(med, results)]]
+        ax.bar(x, med, yerr=err, capsize=4, color="#4c72b0")
+        if key == "decode_tok_s":
+            bounds = [r.get("decode_bound_tok_s") for r in results]
+            if any(bounds):
+                ax.scatter([i for i, b in zip(x, bounds) if b], [b for b in bounds if b], marker="_", s=600,
+                           color="#c44e52", label="decode bound (roofline)", zorder=3)
+                ax.legend(loc="best", fontsize=8)
+        ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{title} on {results[0]['device']}" if results else title)
+        ax.set_yscale("log")
+    fig.tight_layout()
+    tmp = png_path.with_name(f".{png_path.stem}.tmp{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(png_path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return png_path

@@ -1,0 +1,137 @@
+"""`edgesmith bench`: locally (a fresh process per artifact), over ssh to a real sshd on loopback
+(agent zipapp pushed and run with the device's Python), and over adb (a FAKE adb on PATH that
+checks the exact commands and answers with recorded llama-bench output)."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from devices.bench import bench, format_table, plot_results, read_results, write_results
+from models.errors import EdgesmithError
+from toolchain.cli import main
+
+FAKE_ADB = Path(__file__).parent / "fake_adb"
+SMALL = dict(prompt_len=16, gen_len=16, repeat=2)
+STATS = ("prefill_tok_s", "decode_tok_s", "ttft_ms")
+
+
+def check_result(r: dict, fmt: str, device: str) -> None:
+    assert r["format"] == fmt and r["device"] == device and r["bytes"] > 0
+    for key in STATS:
+        s = r[key]
+        assert 0 < s["min"] <= s["median"] <= s["max"], (key, s)
+    assert r["decode_bound_tok_s"] > 0 and r["bytes_per_token"] > 0
+    assert r["roofline_fraction"] == pytest.approx(r["decode_tok_s"]["median"] / r["decode_bound_tok_s"])
+
+
+def test_local_bench_cli_writes_json_and_plot(artifact, tmp_path, capsys):
+    # setup
+    out = tmp_path / "bench" / "local.json"
+    # execute
+    code = main(["bench", str(artifact("gguf")), "--prompt-len", "16", "--gen-len", "16", "--repeat", "2",
+                 "--json", str(out)])
+    # assert
+    assert code == 0
+    [r] = read_results(out)
+    check_result(r, "gguf", "local")
+    assert r["peak_rss_mb"]["median"] > 50 and r["backend"] == "llamacpp"
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "roofline" in capsys.readouterr().out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["local.json", "local.png"]
+
+
+def test_ssh_bench_gguf_and_onnx(sshd, artifact, tmp_path):
+    # execute: no profile for a bare URI, so the agent measures the device's bandwidth too
+    lines = []
+    results = bench([artifact("gguf"), artifact("onnx")], sshd.uri, ssh_options=sshd.options,
+                    python=sys.executable, on_line=lines.append, **SMALL)
+    # assert
+    assert [r["format"] for r in results] == ["gguf", "onnx"]
+    for r, fmt in zip(results, ("gguf", "onnx")):
+        check_result(r, fmt, sshd.uri)
+        assert r["runner"] == "agent" and r["bandwidth_bytes_s"] > 1e8
+    table = format_table(results)
+    assert "gguf" in table and "onnx" in table
+    png = plot_results(results, tmp_path / "ssh.png")
+    assert png.stat().st_size > 1000
+
+
+def test_ssh_bench_timeout_leaves_no_results_file(sshd, artifact, tmp_path, monkeypatch, capsys):
+    # setup: the CLI reads extra ssh options from the environment
+    monkeypatch.setenv("EDGESMITH_SSH_OPTS", " ".join(sshd.options))
+    out = tmp_path / "never.json"
+    # execute: 1 s is enough to connect, never enough to push, load and time the artifact
+    code = main(["bench", str(artifact("onnx")), "--device", sshd.uri, "--prompt-len", "16", "--gen-len", "16",
+                 "--timeout", "1", "--json", str(out)])
+    # assert
+    assert code == 2
+    assert "timed out after 1 s" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dead_host_bench_leaves_no_results_file(artifact, tmp_path, capsys):
+    from tests.devices.conftest import free_port
+
+    out = tmp_path / "never.json"
+    code = main(["bench", str(artifact("gguf")), "--device", f"ssh://nobody@127.0.0.1:{free_port()}",
+                 "--prompt-len", "16", "--gen-len", "16", "--timeout", "20", "--json", str(out)])
+    assert code == 2 and "unreachable" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_adb_bench_through_fake_adb(artifact, tmp_path, monkeypatch):
+    # setup
+    log, root = tmp_path / "adb.log", tmp_path / "device"
+    root.mkdir()
+    monkeypatch.setenv("PATH", f"{FAKE_ADB}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_ADB_LOG", str(log))
+    monkeypatch.setenv("FAKE_ADB_ROOT", str(root))
+    gguf = artifact("gguf")
+    # execute
+    [r] = bench([gguf], "adb://R5CW1234", prompt_len=16, gen_len=16, repeat=3)
+    # assert: exactly these adb commands, in this order (the pull lands in a scratch directory, since removed)
+    wd = "/data/local/tmp/edgesmith"
+    issued = [json.loads(line) for line in log.read_text().splitlines()]
+    assert issued[:3] == [
+        ["-s", "R5CW1234", "shell", f"mkdir -p {wd}"],
+        ["-s", "R5CW1234", "push", str(gguf), f"{wd}/"],
+        ["-s", "R5CW1234", "shell", f"/data/local/tmp/llama-bench -m {wd}/gguf/model.gguf -p 16 -n 16 -r 3 -o json "
+                                    f"> {wd}/llama-bench-gguf.json"],
+    ]
+    assert len(issued) == 4 and issued[3][:4] == ["-s", "R5CW1234", "pull", f"{wd}/llama-bench-gguf.json"]
+    assert not Path(issued[3][4]).exists()
+    assert r["runner"] == "llama-bench" and r["peak_rss_mb"] is None
+    assert r["decode_tok_s"] == {"median": 4000.0, "min": 3902.4, "max": 4102.6}  # the recorded samples_ts
+    assert r["prefill_tok_s"]["median"] == 13333.3
+    assert r["ttft_ms"]["median"] == pytest.approx(16 / 13333.3 * 1e3)
+    assert r["decode_bound_tok_s"] is None  # a bare adb URI has no profile and no agent to measure
+
+
+def test_adb_profile_gives_the_roofline_and_refuses_other_formats(artifact, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{FAKE_ADB}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_ADB_LOG", str(tmp_path / "adb.log"))
+    monkeypatch.setenv("FAKE_ADB_ROOT", str(tmp_path))
+    [r] = bench([artifact("gguf")], "pixel-8", prompt_len=16, gen_len=16, repeat=3)
+    assert r["device"] == "pixel-8" and r["roofline_fraction"] == pytest.approx(4000.0 / r["decode_bound_tok_s"])
+    with pytest.raises(EdgesmithError, match="adb bench runs GGUF artifacts through llama-bench.*'onnx'"):
+        bench([artifact("onnx")], "pixel-8", prompt_len=16, gen_len=16, repeat=3)
+
+
+def test_bad_bench_input_one_line(artifact, tmp_path):
+    with pytest.raises(EdgesmithError, match="--device 'moon'; allowed: local, a profile"):
+        bench([artifact("gguf")], "moon")
+    with pytest.raises(EdgesmithError, match="exceeds the artifact's max_seq_len 128"):
+        bench([artifact("gguf")], prompt_len=100, gen_len=100)
+    with pytest.raises(EdgesmithError, match="--repeat 0 must be a positive integer"):
+        bench([artifact("gguf")], repeat=0)
+
+
+def test_write_results_is_atomic(tmp_path):
+    out = write_results([{"a": 1}], tmp_path / "r.json")
+    assert read_results(out) == [{"a": 1}] and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    with pytest.raises(TypeError):
+        write_results([{"a": object()}], tmp_path / "bad.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
