@@ -1,0 +1,252 @@
+"""The steps of a recipe run, planned before any work: what each one does, its key, where it lands.
+
+`plan(recipe, run_dir)` returns the ordered steps (train, one per pass, one per export format, the
+bench, the report) with their cache keys chained from the source; toolchain/pipeline.py executes them.
+Multi-process steps (training with nproc > 1, distill / qat with compress.nproc > 1) re-run
+`edgesmith run --step-job FILE` as torchrun ranks, the way `edgesmith train --nproc` re-runs itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from models.checkpoint import read_json, write_text_atomic
+from models.errors import EdgesmithError
+from toolchain.pipeline import Step, digest, optional_formats
+from toolchain.recipe import Recipe, float_precision
+
+REPORT_VERSION = 1
+# Rough seconds per unit on a 2-core CPU, only for the ETA (the display rescales by measured pace).
+TOKENS_PER_S = {"nano": 8000.0, "micro": 2200.0, "small": 600.0}
+EXPORT_S = {"gguf": 5.0, "onnx": 6.0, "executorch": 50.0, "tensorrt": 8.0}  # x3 for quantized ExecuTorch
+QUANT_S = {"rtn": 3.0, "gptq": 15.0, "awq": 60.0, "smoothquant": 5.0, "kv_int8": 5.0}
+
+
+def plan(recipe: Recipe, run_dir: Path) -> tuple[list[Step], list[dict]]:
+    steps: list[Step] = []
+    if recipe.source.train is not None:
+        src = _train_step(recipe, run_dir)
+        steps.append(src)
+        key, ckpt = src.key, src.out
+    else:
+        key, ckpt = _source_checkpoint(recipe.source.checkpoint)
+    source_ckpt = ckpt
+    for i, cfg in enumerate(recipe.passes):
+        step = _compress_step(recipe, run_dir, i, cfg, key, ckpt, source_ckpt)
+        steps.append(step)
+        key, ckpt = step.key, step.out
+    formats, skipped = optional_formats(recipe)
+    precision = float_precision(recipe, _quantized(recipe))
+    exports = [_export_step(recipe, run_dir, f, precision, key, ckpt) for f in formats]
+    steps += exports
+    if recipe.target.bench and exports:
+        steps.append(_bench_step(recipe, run_dir, exports, ckpt))
+    steps.append(_report_step(run_dir, steps))
+    return steps, skipped
+
+
+# ----------------------------------------------------------------------------- source
+
+
+def _source_checkpoint(path: str) -> tuple[str, Path]:
+    ckpt = Path(path)
+    try:
+        meta = read_json(ckpt / "edgesmith.json")
+        config = read_json(ckpt / "config.json")
+    except EdgesmithError as e:
+        raise EdgesmithError(f"source.checkpoint: {ckpt} is not a checkpoint ({e}); a bundled device recipe reads "
+                             "the demo's: run `edgesmith run` first, or --set source.checkpoint=DIR") from None
+    return digest({"checkpoint": meta.get("files"), "config": config}), ckpt
+
+
+def _model_config(ts):
+    from toolchain.train.run import resolve_model_config
+
+    cfg = resolve_model_config(ts.model)
+    return cfg if ts.vocab_size is None else dataclasses.replace(cfg, vocab_size=ts.vocab_size)
+
+
+def _train_step(recipe: Recipe, run_dir: Path) -> Step:
+    from toolchain.data import load_corpus
+
+    ts = recipe.source.train
+    model_cfg = _model_config(ts)
+    if ts.train.seq_len > model_cfg.max_seq_len:
+        raise EdgesmithError(f"source.train.seq_len: {ts.train.seq_len} exceeds the model's max_seq_len "
+                             f"{model_cfg.max_seq_len}")
+    ts.train.micro_batch(ts.nproc)
+    try:
+        corpus = load_corpus(ts.data)
+    except EdgesmithError as e:
+        raise EdgesmithError(f"source.train.data: {e}") from None
+    key = digest({"step": "train", "model": model_cfg.to_dict(), "corpus": corpus.fingerprint(),
+                  "train": asdict(ts.train), "nproc": ts.nproc})
+    c = ts.train
+    tokens = c.steps * c.batch_size * c.seq_len
+    estimate = 20.0 + tokens / TOKENS_PER_S.get(ts.model, 2000.0)
+
+    def run(tmp: Path) -> dict:
+        return _run_train(ts, model_cfg, run_dir / ".work" / f"train-{key[:16]}", tmp)
+
+    return Step("source", "00-train", key, run_dir / "checkpoints" / "00-train", run, estimate,
+                f"train {ts.model} on {ts.data}, {c.steps} steps of {c.batch_size} x {c.seq_len} tokens, "
+                f"{ts.nproc} process(es)")
+
+
+def _run_train(ts, model_cfg, work: Path, tmp: Path) -> dict:
+    from toolchain.train.run import TrainJob, run_train
+    from toolchain.train.state import list_states
+
+    work.mkdir(parents=True, exist_ok=True)
+    spec = ts.model
+    if ts.vocab_size is not None or ts.model.endswith(".json"):
+        spec = str(work / "model.json")
+        write_text_atomic(Path(spec), json.dumps(model_cfg.to_dict(), indent=2) + "\n")
+    cfg = ts.train
+    if cfg.save_every == 0:  # resumable state, so a killed run continues the training where it stopped
+        cfg = dataclasses.replace(cfg, save_every=max(1, cfg.steps // 4))
+    finished = (work / "summary.json").is_file() and (work / "checkpoint" / "edgesmith.json").is_file()
+    resumed = None
+    if not finished:
+        states = list_states(work)
+        resumed = states[-1].name if states else None
+        job = TrainJob(model=spec, data=ts.data, out=str(work), train=cfg, nproc=ts.nproc,
+                       resume="latest" if states else None)
+        argv = []
+        if ts.nproc > 1:
+            job_file = work / "job.json"
+            body = {"kind": "train", "job": {**asdict(job), "train": asdict(cfg)}}
+            argv = ["run", "--step-job", str(job_file)]
+            write_text_atomic(job_file, json.dumps({**body, "argv": argv}, indent=2) + "\n")
+        run_train(job, argv)
+    summary = read_json(work / "summary.json")
+    (work / "checkpoint").rename(tmp)
+    for name, dest in (("metrics.jsonl", "train_metrics.jsonl"), ("loss.png", "loss.png"),
+                       ("summary.json", "train_summary.json")):
+        if (work / name).exists():
+            shutil.move(str(work / name), str(tmp / dest))
+    shutil.rmtree(work, ignore_errors=True)
+    return {"final_loss": summary["final_loss"], "val_perplexity": summary.get("val_perplexity"),
+            "tokens_per_s": summary["tokens_per_s"], "world_size": summary["world_size"],
+            "steps": summary["steps"], "resumed_from": resumed, "params": None}
+
+
+# ----------------------------------------------------------------------------- passes
+
+
+def _pass_name(cfg) -> str:
+    from toolchain.compress import config_to_dict, kind_of
+
+    kind = kind_of(cfg)
+    method = config_to_dict(cfg).get("method")
+    return f"{kind}-{method}".replace(":", "") if method else kind
+
+
+def _compress_step(recipe: Recipe, run_dir: Path, i: int, cfg, in_key: str, src: Path, source_ckpt: Path) -> Step:
+    from toolchain.compress import config_to_dict, kind_of
+    from toolchain.compress.driver import TRAINING_KINDS
+
+    kind = kind_of(cfg)
+    keyed = config_to_dict(cfg)
+    if kind == "distill" and cfg.teacher is None:  # the run's source is the teacher, as in one compress run
+        cfg = dataclasses.replace(cfg, teacher=str(source_ckpt))
+        keyed["teacher"] = "source"
+    s = recipe.compress
+    settings = {"data": recipe.data, "calib_seq_len": s.calib_seq_len, "eval_seq_len": s.eval_seq_len,
+                "eval_tokens": s.eval_tokens, "seed": s.seed}
+    nproc = s.nproc if kind in TRAINING_KINDS else 1
+    key = digest({"step": "pass", "input": in_key, "kind": kind, "config": keyed, "settings": settings,
+                  "nproc": nproc})
+    name = f"{i + 1:02d}-{_pass_name(cfg)}"
+    train_s = getattr(cfg, "steps", 0) * getattr(cfg, "batch_size", 0) * getattr(cfg, "seq_len", 0) / 6000.0
+    estimate = 10.0 + QUANT_S.get(keyed.get("method", ""), 10.0) + train_s
+
+    def run(tmp: Path) -> dict:
+        from toolchain.compress.driver import REPORT, compress_checkpoint
+
+        argv = None
+        if nproc > 1:
+            job_file = run_dir / ".work" / f"compress-{key[:16]}.json"
+            job_file.parent.mkdir(parents=True, exist_ok=True)
+            argv = ["run", "--step-job", str(job_file)]
+            body = {"kind": "compress", "argv": argv, "job": {
+                "src": str(src), "out": str(tmp), "pass": {"kind": kind, **config_to_dict(cfg)}, "nproc": nproc,
+                **settings}}
+            write_text_atomic(job_file, json.dumps(body, indent=2) + "\n")
+        compress_checkpoint(src, tmp, [cfg], nproc=nproc, argv=argv, **settings)
+        r = read_json(tmp / REPORT)
+        p = r["passes"][0]
+        return {"kind": kind, "config": config_to_dict(cfg), "before": p["before"], "after": p["after"],
+                "quality": r["quality"], "pass_seconds": p["seconds"], "warnings": p["report"].get("warnings", [])}
+
+    return Step("compress", name, key, run_dir / "checkpoints" / name, run, estimate,
+                f"{kind} {json.dumps(keyed, default=str)}")
+
+
+# ----------------------------------------------------------------------------- exports, bench, report
+
+
+def _quantized(recipe: Recipe) -> bool:
+    """Whether the final checkpoint holds quantized weights (a weight-quantizing pass, or such a source)."""
+    from toolchain.compress import kind_of
+
+    if any(kind_of(c) in ("quantize", "qat") and getattr(c, "bits", None) for c in recipe.passes):
+        return True
+    if recipe.source.checkpoint is not None:
+        meta = read_json(Path(recipe.source.checkpoint) / "edgesmith.json")
+        return bool((meta.get("quantization") or {}).get("weights"))
+    return False
+
+
+def _export_step(recipe: Recipe, run_dir: Path, fmt: str, precision: str, in_key: str, ckpt: Path) -> Step:
+    e = recipe.export
+    options = {"format": fmt, "precision": precision, "max_seq_len": e.max_seq_len, "fuse": e.fuse}
+    key = digest({"step": "export", "input": in_key, **options})
+
+    def run(tmp: Path) -> dict:
+        from toolchain.export import ExportConfig, export
+
+        m = export(ckpt, tmp, ExportConfig(**options))
+        return {"format": fmt, "precision": m["precision"], "bytes": sum(f["bytes"] for f in m["files"].values()),
+                "export_s": m["export_s"], "parity": m["parity"]}
+
+    slow = fmt == "executorch" and _quantized(recipe)  # one XNNPACK partition per quantized Linear
+    estimate = EXPORT_S.get(fmt, 10.0) * (3 if slow else 1)
+    return Step("export", fmt, key, run_dir / "artifacts" / fmt, run, estimate,
+                f"export {fmt} ({precision} floats; quantized weights keep their codes), parity in its runtime")
+
+
+def _bench_step(recipe: Recipe, run_dir: Path, exports: list[Step], ckpt: Path) -> Step:
+    from toolchain.pipeline_bench import bench_run, measurable
+
+    t = recipe.target
+    why_not = measurable(t)
+    key = digest({"step": "bench", "inputs": [s.key for s in exports], **asdict(t), "measured": why_not is None})
+    suffix = ".json" if why_not is None else ".plan.json"
+    out = run_dir / "bench" / f"{t.device}{suffix}"
+    per = t.repeat * (t.prompt_len + t.gen_len) / 400.0 + 3.0
+    estimate = len(exports) * per if why_not is None else 2.0
+
+    def run(tmp: Path) -> dict:
+        return bench_run(t, [s.out for s in exports], ckpt, tmp, why_not)
+
+    what = (f"bench {len(exports)} artifact(s) on {t.device}: prompt {t.prompt_len}, {t.gen_len} new tokens, "
+            f"{t.repeat} repeats" if why_not is None else f"plan for {t.device} (not measured: {why_not})")
+    return Step("bench", out.name, key, out, run, estimate, what)
+
+
+def _report_step(run_dir: Path, steps: list[Step]) -> Step:
+    key = digest({"step": "report", "inputs": [s.key for s in steps], "version": REPORT_VERSION})
+
+    def run(tmp: Path) -> dict:
+        from toolchain.report import write_report
+
+        write_report(run_dir)
+        return {"html": "report.html", "md": "report.md"}
+
+    return Step("report", "report.html", key, run_dir / "report.html", run, 5.0,
+                "report.html (self-contained) and report.md")
