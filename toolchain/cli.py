@@ -20,22 +20,25 @@ TRAIN_DEFAULTS = TrainConfig()
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from toolchain.demo import DemoConfig, run_demo
+    from toolchain.pipeline import run_pipeline, run_step_job
+    from toolchain.recipe import load_recipe
 
-    cfg = DemoConfig(model=args.model, data=args.data, vocab_size=args.vocab_size, out=args.out,
-                     train=TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                                       lr=args.lr, seed=args.seed))
-    print("edgesmith run:", {k: v for k, v in vars(args).items() if k not in ("func", "command", "argv")})
-    s = run_demo(cfg)
+    if args.step_job is not None:  # a torchrun rank of a multi-process step of a run
+        return run_step_job(args.step_job)
+    recipe = load_recipe(args.recipe, args.overrides)
+    s = run_pipeline(recipe, args.out)
     print()
-    print(f"checkpoint            {s['checkpoint']}")
-    print(f"validation perplexity {s['val_perplexity']:.2f}")
-    print(f"unigram baseline      {s['unigram_perplexity']:.2f}  "
-          f"(model is {s['unigram_perplexity'] / s['val_perplexity']:.1f}x lower)")
-    print(f"train tokens/s        {s['train_tokens_per_s']:,.0f} (median step)")
-    print(f"wall time             {s['wall_s']:.0f} s")
-    print("sample:")
-    print(s["sample"])
+    print(s["console"])
+
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    from toolchain.recipe import list_recipes
+
+    recipes = list_recipes()
+    width = max(len(n) for n, _ in recipes)
+    for name, description in recipes:
+        print(f"{name:<{width}}  {description}")
+    print("\nrun one with `edgesmith run NAME` (no name: demo); a recipe file: `edgesmith run FILE.toml`")
 
 
 def stream_text(tokenizer, ids):
@@ -66,7 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.draft_tokens is not None and args.draft is None:
         raise EdgesmithError("--draft-tokens: needs --draft PATH (the draft model that proposes them)")
-    session = runtimes.load(args.checkpoint)
+    session = runtimes.load(args.checkpoint, **_kernel_options(args))
     tok = _session_tokenizer(session, args.checkpoint)
     draft = runtimes.load(args.draft) if args.draft is not None else None
     cfg = dataclasses.replace(cfg, stop_tokens=(tok.eos_id,))
@@ -80,6 +83,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sys.stdout.write("\n")
     if draft is not None:
         print(f"{session.backend} + draft {draft.backend}: {session.stats.summary()}", file=sys.stderr)
+
+
+def _kernel_options(args: argparse.Namespace) -> dict:
+    """`--kernels` for the torch backend (a checkpoint); an exported artifact runs its format's own kernels."""
+    if args.kernels is None:
+        return {}
+    from kernels import check_mode
+
+    check_mode(args.kernels, "--kernels")
+    if (Path(args.checkpoint) / "manifest.json").is_file():
+        raise EdgesmithError(f"--kernels: applies to a checkpoint (torch backend); {args.checkpoint} is an exported "
+                             "artifact, which runs its runtime's own kernels")
+    return {"kernels": args.kernels}
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -235,26 +251,72 @@ def cmd_export(args: argparse.Namespace) -> None:
               f"{p['greedy_steps']}")
 
 
+# ----------------------------------------------------------------------------- devices and bench (devices/)
+
+
+def cmd_devices(args: argparse.Namespace) -> None:
+    from devices.planner import format_plan, plan
+    from devices.profiles import list_profiles, load_profile
+
+    if args.devices_command == "list":
+        for name in list_profiles():
+            prof = load_profile(name) if name != "local" else None
+            desc = prof.description if prof else "this machine (detected; bandwidth measured once, cached)"
+            print(f"{name:<18} {(prof.kind if prof else 'desktop'):<8} {desc}")
+    elif args.devices_command == "show":
+        prof = load_profile(args.name)
+        for key, value in prof.as_dict().items():
+            print(f"{key:<20} {value}")
+    else:
+        print(format_plan(plan(args.device, args.model, context=args.context, bits=args.bits)))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from devices.bench import bench, format_table, plot_results, write_results
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(args.artifacts), desc=f"bench on {args.device}", unit="artifact")
+
+    def progress(done: int, total: int, label: str) -> None:
+        bar.n = done
+        bar.set_postfix_str(label)
+        bar.refresh()
+
+    try:
+        results = bench(args.artifacts, args.device, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                        repeat=args.repeat, timeout_s=args.timeout, progress=progress)
+    finally:
+        bar.close()
+    print(format_table(results))
+    if args.json:
+        out = write_results(results, args.json)
+        png = plot_results(results, out.with_suffix(".png"))
+        print(f"wrote {out} and {png}")
+
+
+def cmd_gui(args: argparse.Namespace) -> None:
+    from gui.server import serve
+
+    serve(workspace=args.workspace, host=args.host, port=args.port, auth=args.auth, max_file_size=args.max_upload)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgesmith", description="From training to a measured device benchmark.")
     p.add_argument("--version", action="version", version=f"edgesmith {edgesmith_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", help="train a tokenizer and a model on the embedded corpus, save and evaluate it")
-    # Model
-    r.add_argument("--model", default="nano", help="named size: nano, micro, small (default nano)")
-    r.add_argument("--vocab-size", type=int, default=None, help="tokenizer/model vocabulary (default: the size's)")
-    # Data
-    r.add_argument("--data", default="stdlib", help="'stdlib' (embedded default), a text file or a folder")
-    # Optimization
-    r.add_argument("--steps", type=int, default=TRAIN_DEFAULTS.steps)
-    r.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size)
-    r.add_argument("--seq-len", type=int, default=TRAIN_DEFAULTS.seq_len)
-    r.add_argument("--lr", type=float, default=TRAIN_DEFAULTS.lr)
-    r.add_argument("--seed", type=int, default=0)
-    # Output
-    r.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    r = sub.add_parser("run", help="run a recipe: train or load, compress, export, bench, report (default: demo)")
+    r.add_argument("recipe", nargs="?", default="demo", metavar="RECIPE",
+                   help="a bundled recipe name (see `edgesmith recipes`) or a .toml file (default: demo)")
+    r.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/<recipe name>)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. source.train.steps=100, pass[0].bits=8, target.device=pixel-8")
+    r.add_argument("--step-job", default=None, help=argparse.SUPPRESS)  # torchrun ranks of a multi-process step
     r.set_defaults(func=cmd_run)
+
+    rc = sub.add_parser("recipes", help="list the bundled recipes")
+    rc.set_defaults(func=cmd_recipes)
 
     g = sub.add_parser("generate", help="stream a completion from a checkpoint or an exported artifact")
     g.add_argument("checkpoint", metavar="PATH", help="checkpoint or artifact directory (gguf, onnx, executorch, "
@@ -266,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--kernels", default=None, metavar="MODE", help="fused|reference: the torch backend's ops "
+                   "(fused RMSNorm/RoPE/SwiGLU/attention/int4-int8 matmul, or the model's PyTorch; default reference)")
     # Speculative decoding
     g.add_argument("--draft", default=None, metavar="PATH", help="draft model (checkpoint or artifact, same "
                    "tokenizer) that proposes tokens the model verifies in one forward")
@@ -335,6 +399,42 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-fuse", action="store_true", help="onnx: plain standard-op graph instead of contrib ops")
     x.add_argument("--force", action="store_true", help="replace --out if it exists")
     x.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("devices", help="device profiles and the memory / roofline planner")
+    dsub = d.add_subparsers(dest="devices_command", required=True, metavar="SUBCOMMAND")
+    dsub.add_parser("list", help="the bundled device profiles, and local")
+    ds = dsub.add_parser("show", help="one profile's specs and sources")
+    ds.add_argument("name", help="profile name, local, or a profile .toml")
+    dp = dsub.add_parser("plan", help="does a model fit on a device, and its decode / prefill bounds")
+    dp.add_argument("device", help="profile name, local, or a profile .toml")
+    dp.add_argument("--model", required=True, help="checkpoint or artifact directory, nano/micro/small, or "
+                    "llama-2-7b, tinyllama-1.1b, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b")
+    dp.add_argument("--context", type=int, default=None, metavar="N", help="tokens in the KV cache (default: "
+                    "the model's max_seq_len, at most 4096)")
+    dp.add_argument("--bits", type=int, default=None, metavar="B", help="weight bits: 4, 8, 16 or 32 (default: "
+                    "as stored when quantized, else the device's recommended precision)")
+    d.set_defaults(func=cmd_devices)
+
+    b = sub.add_parser("bench", help="time artifacts on a device (local, a profile, ssh:// or adb://)")
+    b.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="exported artifact directories")
+    b.add_argument("--device", default="local", help="local, a profile name, ssh://user@host[:port] or "
+                   "adb://SERIAL (default local)")
+    b.add_argument("--prompt-len", type=int, default=128)
+    b.add_argument("--gen-len", type=int, default=128)
+    b.add_argument("--repeat", type=int, default=5)
+    b.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds per device command")
+    b.add_argument("--json", default=None, metavar="OUT", help="write the results here (and a plot next to it)")
+    b.set_defaults(func=cmd_bench)
+
+    ui = sub.add_parser("gui", help="the Gradio app: every step in a browser (binds 127.0.0.1 by default)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--workspace", default=".", metavar="DIR", help="the only directory the app reads and writes "
+                    "(default: the current directory)")
+    ui.add_argument("--auth", default=None, metavar="USER:PASS", help="require a login (or set EDGESMITH_GUI_AUTH, "
+                    "which keeps the password out of the process list)")
+    ui.add_argument("--max-upload", default="100mb", metavar="SIZE", help="largest upload, e.g. 20mb (default 100mb)")
+    ui.set_defaults(func=cmd_gui)
     return p
 
 

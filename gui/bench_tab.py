@@ -1,0 +1,95 @@
+"""The Benchmark tab: `edgesmith bench ARTIFACT... --device D --json bench/<id>.json` as a background
+job; when it finishes, the results file (devices.bench.write_results) is shown as a table with the
+roofline fraction, next to the plot the command wrote beside it (devices.bench.plot_results).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import gradio as gr
+
+from gui import views
+from gui.actions import Actions, _int
+from gui.devices_tab import bench_table, profiles
+from models.errors import EdgesmithError
+
+
+def bench_start(act: Actions, artifacts: list[str], device: str, prompt_len, gen_len, repeat, job_id: str = ""):
+    """Start the benchmark job; returns (job id, status)."""
+    try:
+        if not artifacts:
+            raise EdgesmithError("artifacts: choose at least one")
+        paths = [str(act.ws.resolve(a, "artifact", must_exist=True)) for a in artifacts]
+        device = (device or "local").strip()
+        out = act.ws.resolve(f"bench/{time.strftime('%Y%m%d-%H%M%S')}-{device.replace('/', '_').replace(':', '_')}"
+                             ".json", "results file")
+        argv = ["bench", *paths, "--device", device, "--prompt-len", str(_int(prompt_len, "prompt length")),
+                "--gen-len", str(_int(gen_len, "generated tokens")), "--repeat", str(_int(repeat, "repeats")),
+                "--json", str(out)]
+    except EdgesmithError as e:
+        return job_id, views.refused(e)
+    rel = act.ws.rel(out)
+    job = act.jobs.start("bench", [argv], title=f"bench {len(paths)} artifact(s) on {device}",
+                         outputs={"json": rel, "png": rel[:-len(".json")] + ".png"}, result_file=rel)
+    return job.id, views.job_markdown(job)
+
+
+def bench_poll(act: Actions, job_id: str, shown: str = ""):
+    """(status, progress, results table, plot path, log, shown-key)."""
+    status, bar, log = act.job_state(job_id)
+    job = act._job(job_id)  # noqa: SLF001
+    key = f"{job_id}:{job.status if job else ''}"
+    if key == shown:
+        return status, bar, gr.skip(), gr.skip(), log, key
+    results = None
+    if job is not None and job.status == "done":
+        try:
+            results = json.loads((act.ws.root / job.outputs["json"]).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            results = None
+    if isinstance(results, dict):
+        results = results.get("results", [])
+    png = act.ws.root / job.outputs["png"] if job is not None and results else None
+    return status, bar, bench_table(results), str(png) if png and png.is_file() else None, log, key
+
+
+def build(act: Actions, timer, demo) -> None:
+    names = ["local"] + [p for p in profiles() if p != "local"]
+    with gr.Row():
+        artifacts = gr.CheckboxGroup([], label="Artifacts", elem_id="bench-artifacts")
+        refresh = gr.Button("↻", scale=0, min_width=40)
+    with gr.Row():
+        device = gr.Dropdown(names, value="local", allow_custom_value=True,
+                             label="Device: local, a profile, ssh://user@host or adb://SERIAL", elem_id="bench-device")
+        prompt_len = gr.Number(128, label="Prompt tokens", precision=0, minimum=1, elem_id="bench-prompt-len")
+        gen_len = gr.Number(128, label="Generated tokens", precision=0, minimum=1, elem_id="bench-gen-len")
+        repeat = gr.Number(5, label="Repeats", precision=0, minimum=1, elem_id="bench-repeat")
+    with gr.Row():
+        start = gr.Button("Start", variant="primary", elem_id="bench-start")
+        stop = gr.Button("Stop", variant="stop", elem_id="bench-stop")
+    job = gr.Textbox(label="Job", interactive=False, elem_id="bench-job")
+    status = gr.Markdown(elem_id="bench-status")
+    bar = gr.HTML(elem_id="bench-progress")
+    table = gr.Dataframe(label="Results (medians; roofline fraction = decode / bandwidth bound)", interactive=False,
+                         elem_id="bench-table")
+    plot = gr.Image(label="Plots", type="filepath", interactive=False, elem_id="bench-plot")
+    log = gr.Textbox(label="Log", lines=6, max_lines=10, interactive=False, autoscroll=True)
+    shown = gr.State("")
+
+    def start_fn(artifacts, device, prompt_len, gen_len, repeat, job_id):
+        return bench_start(act, artifacts, device, prompt_len, gen_len, repeat, job_id)
+
+    def poll(job_id, key):
+        return bench_poll(act, job_id, key)
+
+    def choices():
+        return gr.CheckboxGroup(choices=act.ws.artifacts())
+
+    refresh.click(choices, None, [artifacts], api_visibility="private")
+    start.click(start_fn, [artifacts, device, prompt_len, gen_len, repeat, job], [job, status], api_name="bench")
+    stop.click(act.cancel, [job], [status], api_name="cancel_bench")
+    timer.tick(poll, [job, shown], [status, bar, table, plot, log, shown], api_name="bench_status",
+               show_progress="hidden")
+    demo.load(lambda: (act.latest_job("bench"), choices()), None, [job, artifacts], api_visibility="private")

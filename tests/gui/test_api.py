@@ -1,0 +1,105 @@
+"""The same actions through `gradio_client`: every button has an api_name, so scripts reach the GUI's
+train / compress / export / plan / generate / runs / cancel with the same checks (the workspace
+guard included)."""
+
+import re
+import time
+
+import pytest
+
+JOB_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def client(gui_url):
+    from gradio_client import Client
+
+    return Client(gui_url, verbose=False)
+
+
+def wait_done(client, api_name: str, job_id: str, *extra):
+    deadline = time.monotonic() + JOB_S
+    while time.monotonic() < deadline:
+        out = client.predict(job_id, *extra, api_name=api_name)
+        if any(f"**{s}**" in out[0] for s in ("done", "failed", "cancelled", "lost")):
+            return out
+        time.sleep(0.5)
+    raise AssertionError(f"{api_name} {job_id}: not finished in {JOB_S} s: {out[0]}")
+
+
+def test_endpoints_cover_every_tab(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/train", "/train_status", "/compress", "/compress_status", "/export", "/export_status", "/plan",
+            "/generate", "/runs", "/run", "/cancel", "/bench", "/bench_status", "/run_recipe"} <= names
+
+
+def test_train_compress_export_through_the_api(client, gui_workspace):
+    # train: a few steps of nano
+    job, status = client.predict("nano", "corpus", 6, 1, 2, 32, "runs/api-train", "", api_name="/train")
+    assert "running" in status
+    out = wait_done(client, "/train_status", job)
+    assert "**done**" in out[0], out[3]
+    plot = out[2]
+    assert plot["columns"] == ["step", "loss"] and [r[0] for r in plot["data"]] == [1, 2, 3, 4, 5, 6]
+    assert plot["datatypes"]["loss"] == "quantitative" and all(r[1] > 0 for r in plot["data"])
+    assert (gui_workspace / "runs" / "api-train" / "checkpoint" / "edgesmith.json").is_file()
+    # compress the fixture checkpoint: 8-bit RTN
+    job, _ = client.predict("models/tiny", "rtn", 8, 32, "", "", "corpus", 32, 2048, "runs/api-q8", False, "",
+                            api_name="/compress")
+    out = wait_done(client, "/compress_status", job, "")
+    assert "**done**" in out[0], out[4]
+    rows = out[2]["data"]
+    assert rows[0][0] == "quantize rtn" and rows[-1][0] == "total vs reference"
+    assert float(rows[-1][5]) > 0.9  # top-1 agreement of an 8-bit model
+    # export it to ONNX for a device profile
+    job, _ = client.predict("runs/api-q8", ["onnx"], "fp32", 0, "raspberry-pi-5", "artifacts/api-q8", False, "",
+                            api_name="/export")
+    out = wait_done(client, "/export_status", job, "")
+    assert "**done**" in out[0], out[5]
+    parity = out[2]["data"]
+    assert parity[0][0] == "onnx" and parity[0][2] == "onnxruntime" and parity[0][6] == "True"
+    assert any(r[1] == "artifacts/api-q8/onnx/model.onnx" for r in out[3]["data"])
+    assert "raspberry-pi-5" in out[4]
+
+
+def test_paths_outside_the_workspace_are_refused(client, gui_workspace):
+    for path in ("../outside/ckpt", "escape/ckpt", str(gui_workspace.parent / "outside" / "ckpt"), "/etc"):
+        job, status = client.predict(path, "rtn", 4, 32, "", "", "corpus", 32, 2048, "runs/x", False, "",
+                                     api_name="/compress")
+        assert job == "" and "outside the workspace" in status and "Refused" in status, (path, status)
+    _, status = client.predict("models/tiny", ["gguf"], "fp32", 0, "", "../artifacts", False, "", api_name="/export")
+    assert "outside the workspace" in status
+    _, _, stats, _ = client.predict("hi", "escape/ckpt", "none", 8, 0, 0, [], [], api_name="/generate")
+    assert "outside the workspace" in stats
+    assert not (gui_workspace.parent / "artifacts").exists()
+
+
+def test_generate_streams_tokens(client):
+    job = client.submit("def add(a, b):", "models/tiny-gguf", "none", 40, 0, 0, [], [], api_name="/generate")
+    # the client patches chat values in place as differences arrive: follow the token count in the stats line
+    counts = [int(re.search(r"(\d+) tokens", u[2]).group(1)) for u in job if "tokens" in u[2]]
+    assert len(set(counts)) >= 10 and counts == sorted(counts)  # one update per token, in order
+    final = job.outputs()[-1]
+    assert "tok/s" in final[2] and "llamacpp" in final[2]
+    text = "".join(p["text"] for p in final[0][-1]["content"])
+    assert final[0][0]["role"] == "user" and len(text) > 10
+
+
+def test_plan_and_runs(client):
+    verdict, table, spec = client.predict("pixel-8", "nano", 1024, "4", api_name="/plan")
+    assert "nano on pixel-8: fits" in verdict and "tok/s" in verdict
+    assert any(r[0] == "max_context" for r in table["data"])
+    runs, jobs = client.predict(api_name="/runs")
+    assert any(j[1] == "train" for j in jobs["data"])
+    summary, lineage, report, report_file = client.predict("runs/api-q8", api_name="/run")
+    assert "compress_report.json" in summary and "models/tiny" in lineage and "quantize rtn 8-bit g32" in lineage
+
+
+def test_cancel_through_the_api(client):
+    job, _ = client.predict("nano", "corpus", 100000, 1, 2, 32, "runs/api-long", "", api_name="/train")
+    deadline = time.monotonic() + JOB_S
+    while "train " not in client.predict(job, api_name="/train_status")[1]:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    status = client.predict(job, api_name="/cancel")
+    assert "**cancelled**" in status

@@ -1,0 +1,334 @@
+"""Background jobs: `edgesmith` commands run as detached process groups, with their state on disk.
+
+A job is one or more `edgesmith` command lines (argument lists, never shell strings) run in order by
+a small runner process (`python -m toolchain.jobs DIR`). The runner leads its own session and
+process group, so cancelling a job kills everything it started (torchrun ranks included), and it
+outlives the process that started it. Everything about a job lives under `<root>/<id>/`:
+
+    job.json    id, kind, title, commands, working directory, outputs, result file (written once)
+    pid.json    the runner's pid and kernel start time (a reused pid is not mistaken for the runner)
+    step.json   index of the command running now
+    log.txt     stdout and stderr of every command, in order
+    exit.json   written by the runner at the end: status, return code, finish time
+    cancel      marker written by `cancel`
+
+so a page reload, a second GUI, or a restarted one finds every job again with `JobManager.get` /
+`JobManager.list`. Progress is read back from the log (the last tqdm counter `n/total`). This module
+knows nothing about Gradio; it does not parse what the commands print beyond the progress counter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.errors import EdgesmithError
+
+STATUSES = ("running", "done", "failed", "cancelled", "lost")
+FINISHED = ("done", "failed", "cancelled", "lost")
+ID_RE = re.compile(r"^\d{8}-\d{6}-[a-z0-9][a-z0-9-]*-[0-9a-f]{4}$")
+KIND_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+# tqdm's counter: "12/600 [" (unit-scaled byte counters such as "1.2k/35.9k" are not steps)
+TQDM_RE = re.compile(r"(?:([^\r\n:|]{1,60}):\s*)?(?:\d+%\|[^|]*\|\s*)?(\d+)/(\d+)\s*\[")
+# Environment variables a job never inherits (the GUI's credentials).
+SECRET_ENV = ("EDGESMITH_GUI_AUTH",)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and rename (the runner imports no torch: it starts in milliseconds)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def project_root() -> Path:
+    """The directory holding the `toolchain` package: put on the jobs' PYTHONPATH so that
+    `python -m toolchain.cli` works from any working directory."""
+    return Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A snapshot of one job, read from its directory."""
+    id: str
+    kind: str
+    title: str
+    status: str
+    commands: list = field(default_factory=list)
+    cwd: str = ""
+    created: float = 0.0
+    finished: float | None = None
+    returncode: int | None = None
+    step: int = 0  # index of the command running (or the last one run)
+    progress: dict = field(default_factory=dict)  # {"label", "n", "total", "fraction"} of the running command
+    outputs: dict = field(default_factory=dict)  # caller's names for what the job writes (paths)
+    result_file: str | None = None
+    dir: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINISHED
+
+    def command_lines(self) -> list[str]:
+        return ["edgesmith " + shlex.join(c) for c in self.commands]
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _proc_start_time(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks) of a live pid from /proc, None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+    return fields[0], int(fields[19])
+
+
+def _alive(pid: int, start_time: int | None) -> bool:
+    if not Path("/proc").is_dir():  # not Linux: no start time to compare, fall back on signal 0
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    info = _proc_start_time(pid)
+    if info is None:
+        return False
+    state, started = info
+    if state == "Z":  # exited; reap it if it is our child (a GUI that started it and keeps running)
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return False
+    return start_time is None or started == start_time
+
+
+def read_progress(log: Path, tail_bytes: int = 8192) -> dict:
+    """The last tqdm counter in the end of `log`: {"label", "n", "total", "fraction"} or {}."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            text = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return {}
+    matches = list(TQDM_RE.finditer(text))
+    if not matches:
+        return {}
+    m = matches[-1]
+    n, total = int(m.group(2)), int(m.group(3))
+    return {"label": (m.group(1) or "").strip(), "n": n, "total": total,
+            "fraction": min(1.0, n / total) if total else 0.0}
+
+
+def log_tail(log: Path, max_lines: int = 40, tail_bytes: int = 65536) -> str:
+    """The last lines of a log as a terminal would show them: a carriage return overwrites its line."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            text = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+    lines = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+    return "\n".join(lines[-max_lines:]).strip("\n")
+
+
+class JobManager:
+    """Start, list, read and cancel jobs kept under `root` (e.g. `<workspace>/jobs`)."""
+
+    def __init__(self, root: str | Path, cwd: str | Path | None = None):
+        self.root = Path(root)
+        self.cwd = Path(cwd) if cwd is not None else self.root.parent
+        self._children: dict[str, subprocess.Popen] = {}  # runners this process started (reaped on read)
+
+    # ------------------------------------------------------------------------- starting
+
+    def start(self, kind: str, commands: list[list[str]], title: str = "", outputs: dict | None = None,
+              result_file: str | None = None) -> Job:
+        """Run `commands` (each the arguments of one `edgesmith` command) in order, in the background."""
+        if not KIND_RE.match(kind):
+            raise EdgesmithError(f"job kind {kind!r}: lowercase letters, digits and '-' only")
+        if not commands or not all(isinstance(c, list) and c and all(isinstance(a, str) for a in c) for c in commands):
+            raise EdgesmithError("job commands: a non-empty list of argument lists (strings), one per command")
+        self.root.mkdir(parents=True, exist_ok=True)
+        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{secrets.token_hex(2)}"
+        d = self.root / job_id
+        d.mkdir()
+        spec = {"id": job_id, "kind": kind, "title": title or kind, "commands": commands, "cwd": str(self.cwd),
+                "created": time.time(), "outputs": outputs or {}, "result_file": result_file}
+        write_text_atomic(d / "job.json", json.dumps(spec, indent=2) + "\n")
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project_root()), env.get("PYTHONPATH")]))
+        with open(d / "runner.log", "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "toolchain.jobs", str(d)], cwd=self.cwd, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True)
+        self._children[job_id] = proc
+        info = _proc_start_time(proc.pid)
+        write_text_atomic(d / "pid.json", json.dumps({"pid": proc.pid, "start_time": info and info[1]}) + "\n")
+        return self.get(job_id)
+
+    # ------------------------------------------------------------------------- reading
+
+    def _dir(self, job_id: str) -> Path:
+        if not isinstance(job_id, str) or not ID_RE.match(job_id):
+            raise EdgesmithError(f"job {job_id!r}: not a job id")
+        d = self.root / job_id
+        if not (d / "job.json").is_file():
+            raise EdgesmithError(f"job {job_id}: no such job under {self.root}")
+        return d
+
+    def get(self, job_id: str) -> Job:
+        d = self._dir(job_id)
+        spec = _read_json(d / "job.json") or {}
+        proc = self._children.get(job_id)
+        if proc is not None and proc.poll() is not None:
+            self._children.pop(job_id, None)
+        end = _read_json(d / "exit.json")
+        step = (_read_json(d / "step.json") or {}).get("step", 0)
+        if end is not None:
+            status, rc, finished = end["status"], end.get("returncode"), end.get("finished")
+        else:
+            pid = _read_json(d / "pid.json")
+            rc, finished = None, None
+            if pid is None or _alive(pid["pid"], pid.get("start_time")):
+                status = "running"  # (pid.json not yet written: the runner is being started)
+            else:
+                status = "cancelled" if (d / "cancel").exists() else "lost"
+        return Job(id=spec["id"], kind=spec["kind"], title=spec.get("title", spec["kind"]), status=status,
+                   commands=spec["commands"], cwd=spec.get("cwd", ""), created=spec.get("created", 0.0),
+                   finished=finished, returncode=rc, step=step,
+                   progress=read_progress(d / "log.txt") if status == "running" else {},
+                   outputs=spec.get("outputs", {}), result_file=spec.get("result_file"), dir=str(d))
+
+    def list(self, kind: str | None = None) -> list[Job]:
+        """Every job (of `kind`), newest first."""
+        if not self.root.is_dir():
+            return []
+        ids = sorted((p.name for p in self.root.iterdir() if ID_RE.match(p.name) and (p / "job.json").is_file()),
+                     reverse=True)
+        jobs = [self.get(i) for i in ids]
+        return [j for j in jobs if kind is None or j.kind == kind]
+
+    def latest(self, kind: str) -> Job | None:
+        jobs = self.list(kind)
+        return jobs[0] if jobs else None
+
+    def log(self, job_id: str, max_lines: int = 40) -> str:
+        return log_tail(self._dir(job_id) / "log.txt", max_lines)
+
+    def result(self, job_id: str) -> dict | None:
+        """The job's result file (JSON, e.g. a report or a manifest) once it finished successfully."""
+        job = self.get(job_id)
+        if job.status != "done" or not job.result_file:
+            return None
+        return _read_json(Path(job.cwd) / job.result_file)
+
+    def wait(self, job_id: str, timeout_s: float = 600.0, poll_s: float = 0.2) -> Job:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.get(job_id)
+            if job.done:
+                return job
+            if time.monotonic() > deadline:
+                raise EdgesmithError(f"job {job_id}: still {job.status} after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+
+    # ------------------------------------------------------------------------- cancelling
+
+    def cancel(self, job_id: str, grace_s: float = 5.0) -> Job:
+        """SIGTERM the job's process group, SIGKILL it after `grace_s`; returns the final state."""
+        d = self._dir(job_id)
+        job = self.get(job_id)
+        if job.done:
+            return job
+        (d / "cancel").touch()
+        pid = (_read_json(d / "pid.json") or {}).get("pid")
+        if pid is None:
+            return self.get(job_id)
+        _signal_group(pid, signal.SIGTERM)
+        if not _wait_group(pid, grace_s):  # something ignored SIGTERM
+            _signal_group(pid, signal.SIGKILL)
+            _wait_group(pid, 2.0)
+        return self.get(job_id)
+
+
+def _wait_group(pgid: int, timeout_s: float) -> bool:
+    """Wait until no process of group `pgid` is left (reaping the leader if it is our child)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.waitpid(pgid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# ----------------------------------------------------------------------------- the runner process
+
+
+def run_job(d: Path) -> int:
+    """Run the job in `d` (its runner process): every command in order, then exit.json."""
+    spec = json.loads((d / "job.json").read_text())
+    cancelled = False
+
+    def on_signal(signum, frame):  # the commands get the same signal (one process group); note it, go on
+        nonlocal cancelled
+        cancelled = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    rc, step = 0, 0
+    with open(d / "log.txt", "ab", buffering=0) as log:
+        for step, argv in enumerate(spec["commands"]):
+            if cancelled or (d / "cancel").exists():
+                cancelled = True
+                break
+            write_text_atomic(d / "step.json", json.dumps({"step": step}) + "\n")
+            log.write(f"$ edgesmith {shlex.join(argv)}\n".encode())
+            proc = subprocess.Popen([sys.executable, "-m", "toolchain.cli", *argv], cwd=spec["cwd"],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            rc = proc.wait()
+            if rc != 0:
+                break
+        cancelled = cancelled or (d / "cancel").exists()
+        status = "cancelled" if cancelled else "done" if rc == 0 else "failed"
+        log.write(f"[job {status}: exit status {rc}]\n".encode())
+    write_text_atomic(d / "exit.json", json.dumps({"status": status, "returncode": rc, "step": step,
+                                                   "finished": time.time()}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(Path(sys.argv[1])))
