@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-ABI_VERSION = 3
+ABI_VERSION = 4
 X86_64_V3 = ("avx2", "fma", "f16c", "bmi2")
 
 MIN_PARALLEL_WORK = 1 << 17  # elements below which a call runs on one thread (a parallel region costs more)
@@ -64,7 +64,7 @@ def cpu_flags() -> set[str]:
 
 
 def compile_flags() -> list[str]:
-    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-std=c++17"]
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-std=c++17"]
     if all(f in cpu_flags() for f in X86_64_V3):
         flags.append("-march=x86-64-v3")
     return flags

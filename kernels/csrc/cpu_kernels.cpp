@@ -17,13 +17,16 @@
 #include <vector>
 #include <algorithm>
 #include <limits>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 // exp(x) for float, written so that it vectorizes (libm's expf does not without -ffast-math):
 // x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (Cephes expf coefficients), 2^n by
 // building the exponent bits. Relative error about 2e-7; x is clamped to [-87, 88].
 static inline float exp_approx(float x) {
     x = std::min(88.0f, std::max(-87.0f, x));  // keeps 2^n a normal float
-    const float n = std::nearbyint(x * 1.44269504088896341f);
+    const float n = std::floor(x * 1.44269504088896341f + 0.5f);  // floor vectorizes; nearbyint does not
     const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500E-4f;
     p = p * r + 1.3981999507E-3f;
@@ -40,7 +43,7 @@ static inline float exp_approx(float x) {
 
 extern "C" {
 
-int es_abi_version() { return 3; }
+int es_abi_version() { return 4; }
 
 // out = w * rmsnorm(x + res); res_out = x + res (res, res_out may be null: plain RMSNorm)
 void es_rms_norm(const float* x, const float* res, const float* w, float* out, float* res_out,
@@ -113,10 +116,17 @@ static inline void attend_rows(const float* q, const float* k, const float* v, i
         const float corr = std::exp(m - m_new);  // exp(-inf) = 0 on the first tile
         l *= corr;
         for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
+        float tile_sum = 0.f;
+#pragma omp simd reduction(+ : tile_sum)
+        for (int64_t j = 0; j < n; ++j) {  // exp_approx vectorizes; libm's expf would be a call per key
+            s[j] = exp_approx(s[j] - m_new);
+            tile_sum += s[j];
+        }
+        l += tile_sum;
         for (int64_t j = 0; j < n; ++j) {
-            const float p = std::exp(s[j] - m_new);
-            l += p;
+            const float p = s[j];
             const float* vr = v + (j0 + j) * sv;
+#pragma omp simd
             for (int64_t d = 0; d < D; ++d) acc[d] += p * vr[d];
         }
         m = m_new;
@@ -189,23 +199,33 @@ void es_decode_attention(const float* q, const float* k, const float* v, float* 
 
 // ---------------------------------------------------------------------------- weight-only matmul
 
+#if defined(__AVX2__) && defined(__FMA__)
+// AVX2 path: per group, the codes become 8-wide float vectors (code - 8 for 4 bits) multiplied into a
+// vector accumulator of the group, which is scaled into the row accumulator; one horizontal sum per
+// output. GCC does not find this on its own from the scalar loops below (they reduce per group).
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 codes8(__m128i bytes8, __m256i offset) {  // 8 unsigned bytes (low half) -> float(b - offset)
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes8), offset));
+}
+#endif
+
 // out (M, N) = x (M, K) @ W^T with W[n, i] = scale[n, i / g] * code[n, i]. 4 bits: packed nibbles as
 // described at the top; the x columns are split into even/odd halves once per call so the inner loop
-// is contiguous, and `code = nibble - 8` is applied per group as `dot - 8 * sum(x in group)`.
+// is contiguous (low nibbles pair with even columns, high nibbles with odd ones).
 void es_wo_matmul4(const float* x, const uint8_t* w, const float* scales, float* out,
                    int64_t M, int64_t N, int64_t K, int64_t g, int nt) {
     const int64_t G = K / g, hg = g / 2;
-    std::vector<float> xe(M * K / 2), xo(M * K / 2), gs(M * G);
+    std::vector<float> xe(M * K / 2), xo(M * K / 2);
     for (int64_t m = 0; m < M; ++m)
-        for (int64_t gi = 0; gi < G; ++gi) {
-            float s = 0.f;
-            for (int64_t i = 0; i < hg; ++i) {
-                const float a = x[m * K + gi * g + 2 * i], b = x[m * K + gi * g + 2 * i + 1];
-                xe[m * K / 2 + gi * hg + i] = a;
-                xo[m * K / 2 + gi * hg + i] = b;
-                s += a + b;
-            }
-            gs[m * G + gi] = s;
+        for (int64_t i = 0; i < K / 2; ++i) {
+            xe[m * K / 2 + i] = x[m * K + 2 * i];
+            xo[m * K / 2 + i] = x[m * K + 2 * i + 1];
         }
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
@@ -214,6 +234,27 @@ void es_wo_matmul4(const float* x, const uint8_t* w, const float* scales, float*
         for (int64_t m = 0; m < M; ++m) {
             const float* e = xe.data() + m * K / 2;
             const float* o = xo.data() + m * K / 2;
+#if defined(__AVX2__) && defined(__FMA__)
+            if (hg % 16 == 0) {
+                const __m256i eight = _mm256_set1_epi32(8);
+                const __m128i low4 = _mm_set1_epi8(15);
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t gi = 0; gi < G; ++gi) {
+                    __m256 ga = _mm256_setzero_ps();
+                    for (int64_t i = gi * hg; i < (gi + 1) * hg; i += 16) {
+                        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + i));
+                        const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+                        ga = _mm256_fmadd_ps(codes8(lo, eight), _mm256_loadu_ps(e + i), ga);
+                        ga = _mm256_fmadd_ps(codes8(_mm_unpackhi_epi64(lo, lo), eight), _mm256_loadu_ps(e + i + 8), ga);
+                        ga = _mm256_fmadd_ps(codes8(hi, eight), _mm256_loadu_ps(o + i), ga);
+                        ga = _mm256_fmadd_ps(codes8(_mm_unpackhi_epi64(hi, hi), eight), _mm256_loadu_ps(o + i + 8), ga);
+                    }
+                    acc = _mm256_fmadd_ps(ga, _mm256_set1_ps(sr[gi]), acc);
+                }
+                out[m * N + n] = hsum256(acc);
+                continue;
+            }
+#endif
             float acc = 0.f;
             for (int64_t gi = 0; gi < G; ++gi) {
                 const uint8_t* wb = wr + gi * hg;
@@ -222,8 +263,8 @@ void es_wo_matmul4(const float* x, const uint8_t* w, const float* scales, float*
                 float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
                 for (int64_t i = 0; i < hg; ++i)
-                    dot += (float)(wb[i] & 15) * eg[i] + (float)(wb[i] >> 4) * og[i];
-                acc += sr[gi] * (dot - 8.0f * gs[m * G + gi]);
+                    dot += (float)((wb[i] & 15) - 8) * eg[i] + (float)((wb[i] >> 4) - 8) * og[i];
+                acc += sr[gi] * dot;
             }
             out[m * N + n] = acc;
         }
@@ -239,6 +280,24 @@ void es_wo_matmul8(const float* x, const int8_t* w, const float* scales, float* 
         const float* sr = scales + n * G;
         for (int64_t m = 0; m < M; ++m) {
             const float* xr = x + m * K;
+#if defined(__AVX2__) && defined(__FMA__)
+            if (g % 16 == 0) {
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t gi = 0; gi < G; ++gi) {
+                    __m256 ga = _mm256_setzero_ps();
+                    for (int64_t i = gi * g; i < (gi + 1) * g; i += 16) {
+                        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + i));
+                        const __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+                        const __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
+                        ga = _mm256_fmadd_ps(c0, _mm256_loadu_ps(xr + i), ga);
+                        ga = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xr + i + 8), ga);
+                    }
+                    acc = _mm256_fmadd_ps(ga, _mm256_set1_ps(sr[gi]), acc);
+                }
+                out[m * N + n] = hsum256(acc);
+                continue;
+            }
+#endif
             float acc = 0.f;
             for (int64_t gi = 0; gi < G; ++gi) {
                 float dot = 0.f;
