@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -111,4 +112,16 @@ def relaunch(argv: list[str], nproc: int) -> int:
            "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "toolchain.cli", *strip_nproc(argv)]
-    return subprocess.run(cmd, env=env).returncode
+    return subprocess.run(cmd, env=env, preexec_fn=_term_with_parent).returncode
+
+
+def _term_with_parent() -> None:
+    """In the torchrun child, before exec: SIGTERM when this process dies, even by SIGKILL (Linux).
+
+    torchrun answers SIGTERM by stopping its ranks, so a killed `edgesmith` leaves no orphan rank
+    writing into the run it was killed in (the rerun resumes alone)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

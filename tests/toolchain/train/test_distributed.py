@@ -93,6 +93,44 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny_json,
     assert kept == ["step-00000050", "step-00000060"]  # --keep 2
 
 
+def _ranks_of(run: Path) -> list[int]:
+    """pids of the ranks training into `run`: their command line names it, without the launcher's --nproc."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        launcher = b"--nproc" in cmd or b"torch.distributed.run" in cmd
+        if proc.name.isdigit() and str(run).encode() in cmd and not launcher:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's prctl")
+def test_sigkill_of_the_launcher_stops_its_ranks(tiny_json, corpus, tmp_path):
+    # setup: a 2-rank run far longer than the test
+    out = tmp_path / "run"
+    args = ("train", "--model", tiny_json, "--data", corpus, "--steps", 100000, *COMMON, "--nproc", 2, "--out", out)
+    proc = subprocess.Popen([sys.executable, "-m", "toolchain.cli", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(_ranks_of(out)) >= 2):
+        time.sleep(0.1)
+    assert len(_ranks_of(out)) >= 2, "the ranks must be training"
+    # execute: kill -9 the `edgesmith` process (torchrun's parent), as a crash or the OOM killer would
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # assert: no rank goes on writing into the run
+    deadline = time.time() + 60
+    while time.time() < deadline and _ranks_of(out):
+        time.sleep(0.2)
+    left = _ranks_of(out)
+    for pid in left:  # a failing run must not leave them training
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
+
+
 @pytest.fixture(scope="module")
 def nano_state(tmp_path_factory, corpus):
     """A finished 2-step run of a different model (vocab 384), to resume from by mistake."""
