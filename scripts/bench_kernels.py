@@ -171,6 +171,56 @@ def bench_gpu(a) -> None:
                   f"TFLOP/s  = {ts / tf:.2f}x SDPA (target >= 0.8x)")
 
 
+def bench_model(a) -> None:
+    """End to end: the torch runtime's decode with --kernels reference vs fused, float and RTN 4-bit.
+
+    A random-weight Llama of the shapes above (`--model-layers` layers), saved as a checkpoint and as
+    its 4-bit group-32 child; each decodes `--decode` tokens after a `--ctx`-token prompt through
+    `runtimes.load(ckpt, kernels=...)`. Reference mode dequantizes 4-bit weights at load (a float
+    matmul per step); fused mode keeps the codes and runs the weight-only kernel."""
+    import tempfile
+
+    import runtimes
+    from models.checkpoint import child_lineage, save_checkpoint
+    from models.llama import ModelConfig, Transformer
+    from models.quant import quantize_linear_
+    from models.tokenizer import train_tokenizer
+
+    cfg = ModelConfig(vocab_size=32000, dim=a.dim, n_layers=a.model_layers, n_heads=a.heads, n_kv_heads=a.kv_heads,
+                      ffn_dim=a.ffn, max_seq_len=a.max_seq)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    import json
+    text = "".join(Path(json.__file__).parent.joinpath(n).read_text() for n in ("decoder.py", "encoder.py"))
+    tok = train_tokenizer([text], vocab_size=512, show_progress=False)  # ids only; the model's vocab stays 32000
+    with tempfile.TemporaryDirectory() as tmp:
+        f32 = save_checkpoint(model, tok, Path(tmp) / "f32", child_lineage(None, {"kind": "random"}))
+        quantize_linear_(model, 4, 32)
+        q4 = save_checkpoint(model, tok, Path(tmp) / "q4", child_lineage(None, {"kind": "rtn", "bits": 4}))
+        del model
+        prompt = torch.randint(0, cfg.vocab_size, (a.ctx,)).tolist()
+        print(f"\ntorch runtime decode, {sum(p.numel() for p in Transformer(cfg).parameters()) / 1e6:.0f} M "
+              f"parameters, {a.decode} tokens after a {a.ctx}-token prompt (median ms/token)")
+        rows = {}
+        for name, ckpt in (("fp32", f32), ("int4 g32", q4)):
+            for mode in ("reference", "fused"):
+                s = runtimes.load(ckpt, kernels=mode)
+                s.prefill(prompt)
+                tok, times = prompt[-1], []
+                for _ in range(a.decode):
+                    t0 = time.perf_counter()
+                    logits = s.decode(tok)
+                    times.append(time.perf_counter() - t0)
+                    tok = int(torch.as_tensor(logits).reshape(-1).argmax())
+                rows[name, mode] = statistics.median(times[3:])
+                del s
+        print(f"{'weights':<10} {'reference':>10} {'fused':>10} {'ref/fused':>10}")
+        for name in ("fp32", "int4 g32"):
+            r, f = rows[name, "reference"], rows[name, "fused"]
+            print(f"{name:<10} {r * 1e3:10.2f} {f * 1e3:10.2f} {r / f:9.2f}x")
+        print(f"int4 fused vs fp32 reference: {rows['fp32', 'reference'] / rows['int4 g32', 'fused']:.2f}x")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dim", type=int, default=2048)
@@ -184,11 +234,16 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--quick", action="store_true", help="dim 512, ffn 1536, 8/4 heads, prefill 64, ctx 256/512")
+    p.add_argument("--model-layers", type=int, default=0, metavar="L",
+                   help="also time the torch runtime end to end on an L-layer model of these shapes")
+    p.add_argument("--decode", type=int, default=32, help="decode steps of the end-to-end timing")
     a = p.parse_args(argv)
     if a.quick:
         a.dim, a.ffn, a.heads, a.kv_heads, a.prefill, a.ctx, a.max_seq, a.repeat = 512, 1536, 8, 4, 64, 256, 512, 10
     print("bench_kernels:", {k: v for k, v in vars(a).items()})
     bench_cpu(a)
+    if a.model_layers:
+        bench_model(a)
     if torch.cuda.is_available():
         bench_gpu(a)
     else:
