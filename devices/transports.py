@@ -16,6 +16,7 @@ benchmarks.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -132,6 +133,23 @@ class LocalTransport(Transport):
         return tempfile.mkdtemp(prefix="edgesmith-device-")
 
 
+def weakened_host_key_checks(opts: Sequence[str]) -> bool:
+    """Whether ssh options turn host key checking off: StrictHostKeyChecking with any value but yes/ask
+    (no, off, false, accept-new), or a UserKnownHostsFile of /dev/null, in any spelling ssh accepts
+    (`-o K=V`, `-oK=V`, `-o "K V"`, `K = V`; keywords are case-insensitive)."""
+    for o in opts:
+        o = o[2:] if o.startswith("-o") else o
+        m = re.match(r"\s*([A-Za-z]+)\s*(?:=|\s)\s*(.*?)\s*$", o)
+        if not m:
+            continue
+        key, value = m.group(1).lower(), m.group(2).strip("\"'").lower()
+        if key == "stricthostkeychecking" and value not in ("yes", "ask"):
+            return True
+        if key == "userknownhostsfile" and value in ("/dev/null", "nul"):
+            return True
+    return False
+
+
 class SshTransport(Transport):
     """`ssh://user@host[:port]` through the system `ssh`. `options` are extra ssh arguments
     (e.g. ["-F", "config"] or ["-o", "UserKnownHostsFile=..."]); EDGESMITH_SSH_OPTS adds more
@@ -147,8 +165,9 @@ class SshTransport(Transport):
             raise EdgesmithError(f"device {uri!r}: the port is not a number in 1..65535") from None
         self.uri, self.host, self.user, self.port = uri, parts.hostname, parts.username, port
         opts = [*options, *shlex.split(os.environ.get("EDGESMITH_SSH_OPTS", ""))]
-        if any("stricthostkeychecking=no" in o.replace(" ", "").lower() for o in opts):
-            raise EdgesmithError(f"{uri}: StrictHostKeyChecking=no is refused; add the host to known_hosts")
+        if weakened_host_key_checks(opts):
+            raise EdgesmithError(f"{uri}: StrictHostKeyChecking=no is refused (and any other option that turns "
+                                 "host key checking off); add the host to known_hosts")
         self.base = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, int(connect_timeout))}",
                      *opts, *(["-p", str(port)] if port else []),
                      f"{self.user}@{self.host}" if self.user else self.host]

@@ -31,8 +31,11 @@ def read_manifest(directory: str | Path, fmt: str | None = None, verify: bool = 
         raise EdgesmithError(f"{path}: not an edgesmith artifact manifest")
     if fmt is not None and manifest.get("format") != fmt:
         raise EdgesmithError(f"{path}: format is {manifest.get('format')!r}, this backend reads {fmt!r}")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(rec, dict) for rec in files.values()):
+        raise EdgesmithError(f"{path}: files must be a table of file name -> {{sha256, bytes}}")
     if verify:
-        for name, rec in manifest.get("files", {}).items():
+        for name, rec in files.items():
             verify_file(directory / name, rec)
     return manifest
 

@@ -37,8 +37,12 @@ class ExecuTorchSession(Session):
             from executorch.extension.pybindings import portable_lib
 
             portable_lib._unsafe_reset_threadpool(n_threads)
-        self.program = Runtime.get().load_program(directory / manifest["entry"])
-        self.method = self.program.load_method(manifest["options"].get("method", "forward"))
+        try:  # a corrupt program: ExecuTorch raises a bare RuntimeError with an error code
+            self.program = Runtime.get().load_program(directory / manifest["entry"])
+            self.method = self.program.load_method(manifest["options"].get("method", "forward"))
+        except RuntimeError as e:
+            raise EdgesmithError(f"{directory / manifest['entry']}: ExecuTorch could not load the program "
+                                 f"({str(e).strip()[:200]})") from None
         super().__init__(int(manifest["options"]["max_seq_len"]), int(manifest["model"]["vocab_size"]), tokenizer,
                          manifest, directory)
 

@@ -59,6 +59,7 @@ class LlamaCppSession(Session):
         if not _backend_ready:
             lc.llama_backend_init()
             _backend_ready = True
+        check_gguf(directory / manifest["entry"], manifest.get("model"))
         mparams = lc.llama_model_default_params()
         self._model = lc.llama_model_load_from_file(str(directory / manifest["entry"]).encode(), mparams)
         if not self._model:
@@ -116,6 +117,35 @@ class LlamaCppSession(Session):
     def __del__(self):
         if getattr(self, "lc", None) is not None:
             self.close()
+
+
+GGUF_HPARAMS = {"llama.block_count": "n_layers", "llama.embedding_length": "dim",
+                "llama.feed_forward_length": "ffn_dim", "llama.attention.head_count": "n_heads",
+                "llama.attention.head_count_kv": "n_kv_heads", "llama.vocab_size": "vocab_size"}
+
+
+def check_gguf(path: Path, model: dict | None = None) -> None:
+    """Refuse, naming the file, the corruptions llama.cpp aborts the whole process on (GGML_ASSERT)
+    instead of failing the load: an unreadable GGUF structure, a token listed twice, hyperparameters
+    that differ from the model config the manifest records."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError, IndexError, KeyError, ... on a corrupt file
+        detail = (str(e).splitlines() or [""])[0][:120]
+        raise EdgesmithError(f"{path}: not a readable GGUF file ({type(e).__name__}: {detail})") from None
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        texts = [bytes(tokens.parts[i]) for i in tokens.data]
+        if len(set(texts)) != len(texts):
+            raise EdgesmithError(f"{path}: tokenizer.ggml.tokens lists a token twice (corrupt file)")
+    for key, name in GGUF_HPARAMS.items() if isinstance(model, dict) else ():
+        field = reader.fields.get(key)
+        value = field.contents() if field is not None else None
+        if name in model and value != model[name]:
+            raise EdgesmithError(f"{path}: {key} is {value!r}, manifest.json records {name}={model[name]!r} "
+                                 "(corrupt or replaced file)")
 
 
 LlamaCppBackend = LlamaCppSession  # the name the exporter's parity check uses

@@ -43,12 +43,20 @@ def artifact_tokenizer(directory: Path, manifest: dict):
     (an optimum export of a model whose tokenizer lacks our special tokens)."""
     from models.tokenizer import Tokenizer
 
-    if not (directory / "tokenizer.json").is_file():
+    path = directory / "tokenizer.json"
+    if not path.is_file():
         return None
     try:
-        return Tokenizer.load(directory)
+        tokenizer = Tokenizer.load(directory)
     except EdgesmithError:
-        return None
+        if (manifest.get("tokenizer") or {}).get("bos_id") is None:  # not one of ours (optimum): run without
+            return None
+        raise  # ours, but corrupt
+    vocab = (manifest.get("model") or {}).get("vocab_size")
+    if vocab is not None and tokenizer.vocab_size > int(vocab):
+        raise EdgesmithError(f"{path}: {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab} "
+                             "(the tokenizer of another model)")
+    return tokenizer
 
 
 def check_options(cls: type, factory, options: dict, name: str) -> None:

@@ -83,11 +83,16 @@ class OnnxRuntimeSession(Session):
         # what the graph says (dequantize, float matmul).
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level or 0))
         onnx_path = directory / opts["onnx_file"]
-        graph = graph_with_accuracy_level(onnx_path, accuracy_level) if accuracy_level else None
-        if graph is not None:
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
-        self.session = ort.InferenceSession(graph if graph is not None else str(onnx_path), so,
-                                            providers=["CPUExecutionProvider"])
+        try:  # a corrupt graph or external data file: ONNX Runtime's (or onnx's) own exception types
+            graph = graph_with_accuracy_level(onnx_path, accuracy_level) if accuracy_level else None
+            if graph is not None:
+                so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
+            self.session = ort.InferenceSession(graph if graph is not None else str(onnx_path), so,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:
+            data = f" (external data {onnx_path}.data)" if opts.get("external_data") else ""
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise EdgesmithError(f"{onnx_path}{data}: ONNX Runtime could not load the graph ({reason})") from None
         del graph
         vocab = next(o.shape[-1] for o in self.session.get_outputs() if o.name == "logits")
         super().__init__(int(opts["max_seq_len"]), vocab, tokenizer, manifest, directory)

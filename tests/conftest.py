@@ -55,3 +55,8 @@ def text_folder(tmp_path) -> Path:
         (root / ("sub" if i % 2 else "") / f"doc{i}.txt").write_text(f"# document {i}\n" + TEXT[: 400 + 37 * i])
     (root / "blob.bin").write_bytes(b"\0\1\2" * 100)
     return root
+
+
+# Shared session fixtures (one tiny trained checkpoint and its artifacts), imported last: the module
+# imports TEXT from here.
+from tests.runtimes.fixtures import artifact, checkpoints, prompt  # noqa: E402,F401

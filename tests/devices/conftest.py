@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.runtimes.conftest import artifact, checkpoints  # noqa: F401  (session fixtures reused)
 
 SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.runtimes.conftest import artifact, checkpoints  # noqa: F401  (fixtures reused)
 from toolchain.jobs import JobManager
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,4 +1,3 @@
-"""The trained tiny checkpoints of the runtime tests ("float", its RTN 4-bit child "q4"), reused for
-the drop-in tests: greedy comparisons need a trained model's peaked logits."""
-
-from tests.runtimes.conftest import checkpoints  # noqa: F401  (fixture)
+"""Kernel tests reuse the trained tiny checkpoints ("float" and its RTN 4-bit child "q4") of the
+session fixture `checkpoints` (tests/runtimes/fixtures.py, imported by tests/conftest.py): greedy
+comparisons need a trained model's peaked logits."""

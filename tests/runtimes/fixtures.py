@@ -1,5 +1,8 @@
 """Artifacts of one tiny trained checkpoint, exported once per test session on first use.
 
+Session fixtures shared by the whole suite: tests/conftest.py imports them, so every package
+(runtimes, kernels, devices, gui, reliability) reuses one training and one export per format.
+
 `artifact(name)` exports the float checkpoint (or its RTN 4-bit child) to the named format and
 returns the directory; every runtime test then loads it through `runtimes.load`. Trained rather
 than random (see tests/toolchain/export/conftest.py): greedy comparisons need peaked logits.
