@@ -7,6 +7,11 @@
 - `adb://...`: the artifact is pushed to /data/local/tmp, the profile's native runner (llama.cpp's
   `llama-bench`) runs it, its JSON output is pulled back and parsed (`devices.native`).
 
+Integrity: before anything is pushed, the artifact's files are checked against its manifest's
+sha256; after the push, `sha256sum` on the device checks the copies again, so a transfer that
+corrupted a byte stops the bench with one line instead of timing (or crashing on) a broken file.
+Locally the agent checks the manifest when it loads the artifact.
+
 Each result holds the median, min and max over `repeat` runs of prefill tok/s, decode tok/s, TTFT
 and peak RSS, the decode bound (bandwidth / bytes read per token, `devices.roofline`) and the
 achieved fraction of it. Any failure (unreachable device, timeout, runner error) raises
@@ -64,15 +69,15 @@ def bench(artifacts: Sequence[str | Path], device: str = "local", *, prompt_len:
     if not artifacts:
         raise EdgesmithError("bench: no artifacts given")
     profile, uri = resolve_device(device)
+    transport = transport_for(uri, ssh_options)
     manifests = []
-    for a in artifacts:
-        m = read_manifest(a, verify=False)
+    for a in artifacts:  # local: the agent verifies when it loads; remote: verified here, before the push
+        m = read_manifest(a, verify=not isinstance(transport, LocalTransport))
         room = int(m["model"].get("max_seq_len", 0)) or int(m.get("options", {}).get("max_seq_len", 0))
         if prompt_len + gen_len > room:
             raise EdgesmithError(f"{a}: --prompt-len {prompt_len} + --gen-len {gen_len} exceeds the artifact's "
                                  f"max_seq_len {room}")
         manifests.append(m)
-    transport = transport_for(uri, ssh_options)
     runner = _runner(transport)
     label = profile.name if profile else uri
     results = []
@@ -121,6 +126,27 @@ def _runner(transport: Transport):
     if isinstance(transport, AdbTransport):
         return AdbRunner
     raise EdgesmithError(f"no bench runner for {transport.uri}")
+
+
+def verify_pushed(transport: Transport, local: Path, remote: str, expected: dict[str, str],
+                  timeout_s: float) -> None:
+    """Every pushed file, hashed on the device, against `expected` ({file name: sha256}) taken from
+    the local side (the manifest, or the file itself). One line naming the file when one differs."""
+    names = sorted(expected)
+    remote_paths = [remote if local.is_file() else f"{remote}/{n}" for n in names]
+    found = transport.sha256(remote_paths, timeout=min(timeout_s, 600))
+    for name, rp in zip(names, remote_paths):
+        got = found.get(rp)
+        if got != expected[name]:
+            seen = f"sha256 {got[:12]}..." if got else "unreadable"
+            local_file = local if local.is_file() else local / name
+            raise EdgesmithError(f"{transport.uri}: {rp} is not the file pushed from {local_file} ({seen} on the "
+                                 f"device, {expected[name][:12]}... expected): the transfer corrupted it; nothing "
+                                 "was run on it")
+
+
+def _manifest_hashes(m: dict) -> dict[str, str]:
+    return {name: rec["sha256"] for name, rec in m["files"].items()}
 
 
 def _agent_args(prompt_len: int, gen_len: int, repeat: int) -> list[str]:
@@ -174,9 +200,12 @@ class SshRunner:
     def __enter__(self):
         from devices.pack import build_agent
 
+        from models.checkpoint import sha256_file
+
         agent = build_agent(self.tmp / self.AGENT)
         self.workdir = self.t.mkdtemp(timeout=min(self.timeout_s, 60))
         self.agent = self.t.push(agent, self.workdir, timeout=self.timeout_s)
+        verify_pushed(self.t, agent, self.agent, {agent.name: sha256_file(agent)}, self.timeout_s)
         return self.run
 
     def __exit__(self, *exc):
@@ -189,6 +218,7 @@ class SshRunner:
 
     def run(self, path: Path, m: dict, prompt_len: int, gen_len: int, repeat: int) -> dict:
         remote = self.t.push(path, self.workdir, timeout=self.timeout_s)
+        verify_pushed(self.t, path, remote, _manifest_hashes(m), self.timeout_s)
         out = f"{self.workdir}/result-{path.name}.json"
         argv = [self.python, self.agent, remote, *_agent_args(prompt_len, gen_len, repeat), "--json", out]
         if self.measure_bandwidth:
@@ -217,6 +247,7 @@ class AdbRunner:
             raise EdgesmithError(f"{path}: adb bench runs GGUF artifacts through llama-bench; this one is "
                                  f"{m.get('format')!r} (allowed: gguf)")
         remote = self.t.push(path, self.workdir, timeout=self.timeout_s)
+        verify_pushed(self.t, path, remote, _manifest_hashes(m), self.timeout_s)
         out = f"{self.workdir}/llama-bench-{path.name}.json"
         argv = llama_bench_argv(self.runner, f"{remote}/{m['entry']}", prompt_len, gen_len, repeat)
         self.t.check(self.t.run_to_file(argv, out, self.timeout_s), f"{self.runner} on {path.name}")

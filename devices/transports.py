@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 from models.errors import EdgesmithError
 
+SHA256_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
 SSH_UNREACHABLE = 255  # ssh's own exit status: connection or authentication failed
 
 
@@ -101,6 +102,19 @@ class Transport:
     def remove(self, remote: str, timeout: float = 60) -> None:
         self.run(["rm", "-rf", remote], timeout)
 
+    def sha256(self, remote_files: Sequence[str], timeout: float = 120) -> dict[str, str]:
+        """{path: sha256 hex} of files on the device, by its `sha256sum` (GNU coreutils, busybox and
+        Android's toybox all have it); a file it could not read is missing from the answer."""
+        result = self.run(["sha256sum", *remote_files], timeout)
+        found = {}
+        for line in result.output.splitlines():
+            m = SHA256_LINE.match(line.strip())
+            if m:
+                found[m.group(2)] = m.group(1)
+        if not found:
+            self.check(result, "sha256sum")  # it ran and printed nothing usable: say what it did print
+        return found
+
     def check(self, result: RunResult, what: str) -> RunResult:
         if result.returncode != 0:
             tail = " | ".join(result.output.strip().splitlines()[-3:]) or "(no output)"
@@ -131,6 +145,11 @@ class LocalTransport(Transport):
 
     def mkdtemp(self, timeout: float = 60) -> str:
         return tempfile.mkdtemp(prefix="edgesmith-device-")
+
+    def sha256(self, remote_files: Sequence[str], timeout: float = 120) -> dict[str, str]:
+        from models.checkpoint import sha256_file
+
+        return {f: sha256_file(Path(f)) for f in remote_files if Path(f).is_file()}
 
 
 def weakened_host_key_checks(opts: Sequence[str]) -> bool:

@@ -18,6 +18,7 @@ import torch
 
 from models.errors import EdgesmithError
 from runtimes.artifact import read_manifest
+from runtimes.native_stderr import captured
 from runtimes.session import Session
 
 RUNTIME_PACKAGE = "executorch"
@@ -37,12 +38,17 @@ class ExecuTorchSession(Session):
             from executorch.extension.pybindings import portable_lib
 
             portable_lib._unsafe_reset_threadpool(n_threads)
-        try:  # a corrupt program: ExecuTorch raises a bare RuntimeError with an error code
-            self.program = Runtime.get().load_program(directory / manifest["entry"])
-            self.method = self.program.load_method(manifest["options"].get("method", "forward"))
+        # a corrupt program: ExecuTorch prints its own line to stderr and raises a bare RuntimeError
+        # with an error code; both go into our one line
+        log = None
+        try:
+            with captured() as log:
+                self.program = Runtime.get().load_program(directory / manifest["entry"])
+                self.method = self.program.load_method(manifest["options"].get("method", "forward"))
         except RuntimeError as e:
+            native = f": {log.line()}" if log and log.text.strip() else ""
             raise EdgesmithError(f"{directory / manifest['entry']}: ExecuTorch could not load the program "
-                                 f"({str(e).strip()[:200]})") from None
+                                 f"({' '.join(str(e).split())[:200]}){native}") from None
         super().__init__(int(manifest["options"]["max_seq_len"]), int(manifest["model"]["vocab_size"]), tokenizer,
                          manifest, directory)
 

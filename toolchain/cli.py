@@ -1,7 +1,9 @@
 """The `edgesmith` command: thin argparse sugar over the library.
 
 Each subcommand builds a config, calls one library function and prints the result. Bad input is
-an `EdgesmithError`: printed as one line, exit status 2. No logic lives here that a test of the
+an `EdgesmithError` (or an `OSError` naming its file): printed as one line, exit status 2. Anything
+else is a bug of ours: one line too, exit status 1. The traceback is printed only with `--debug`
+(or EDGESMITH_DEBUG=1, which the processes we start inherit). No logic lives here that a test of the
 library could not reach.
 """
 
@@ -9,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from models.errors import EdgesmithError
@@ -304,7 +308,14 @@ def cmd_gui(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgesmith", description="From training to a measured device benchmark.")
     p.add_argument("--version", action="version", version=f"edgesmith {edgesmith_version()}")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error (also after the command; "
+                   "or set EDGESMITH_DEBUG=1)")
+    # the same flag after the command; SUPPRESS keeps a subcommand from resetting the one given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)
 
     r = sub.add_parser("run", help="run a recipe: train or load, compress, export, bench, report (default: demo)")
     r.add_argument("recipe", nargs="?", default="demo", metavar="RECIPE",
@@ -402,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("devices", help="device profiles and the memory / roofline planner")
     dsub = d.add_subparsers(dest="devices_command", required=True, metavar="SUBCOMMAND")
+    add_device_parser = dsub.add_parser
+    dsub.add_parser = lambda *a, **k: add_device_parser(*a, parents=[common], **k)
     dsub.add_parser("list", help="the bundled device profiles, and local")
     ds = dsub.add_parser("show", help="one profile's specs and sources")
     ds.add_argument("name", help="profile name, local, or a profile .toml")
@@ -438,19 +451,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def debugging() -> bool:
+    return os.environ.get("EDGESMITH_DEBUG", "").lower() in ("1", "true", "yes", "on")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    debug = args.debug or debugging()
+    if debug:
+        os.environ["EDGESMITH_DEBUG"] = "1"  # torchrun ranks, jobs and bench agents print theirs too
+    else:
+        quiet_library_warnings()
     try:
         args.func(args)
-    except EdgesmithError as e:
-        print(f"edgesmith: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("edgesmith: interrupted", file=sys.stderr)
         return 130
+    except (EdgesmithError, OSError) as e:  # bad input, a missing or unreadable file: the user's to fix
+        if debug:
+            traceback.print_exc()
+        print(f"edgesmith: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug of ours: still one line, and how to get the rest
+        if debug:
+            traceback.print_exc()
+        print(f"edgesmith: internal error: {type(e).__name__}: {one_line(e)}"
+              + ("" if debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
+        return 1
     return 0
+
+
+# Library log lines that say nothing to a user of this CLI: torchao's CUDA-only extensions that do not
+# load on a CPU machine, and a pytree deprecation raised by torchao's own import. Shown with --debug.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def quiet_library_warnings() -> None:
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
 
 
 if __name__ == "__main__":

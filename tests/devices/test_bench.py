@@ -95,14 +95,16 @@ def test_adb_bench_through_fake_adb(artifact, tmp_path, monkeypatch):
     # assert: exactly these adb commands, in this order (the pull lands in a scratch directory, since removed)
     wd = "/data/local/tmp/edgesmith"
     issued = [json.loads(line) for line in log.read_text().splitlines()]
-    assert issued[:3] == [
+    files = sorted(json.loads((gguf / "manifest.json").read_text())["files"])
+    assert issued[:4] == [
         ["-s", "R5CW1234", "shell", f"mkdir -p {wd}"],
         ["-s", "R5CW1234", "push", str(gguf), f"{wd}/"],
+        ["-s", "R5CW1234", "shell", "sha256sum " + " ".join(f"{wd}/gguf/{f}" for f in files)],
         ["-s", "R5CW1234", "shell", f"/data/local/tmp/llama-bench -m {wd}/gguf/model.gguf -p 16 -n 16 -r 3 -o json "
                                     f"> {wd}/llama-bench-gguf.json"],
     ]
-    assert len(issued) == 4 and issued[3][:4] == ["-s", "R5CW1234", "pull", f"{wd}/llama-bench-gguf.json"]
-    assert not Path(issued[3][4]).exists()
+    assert len(issued) == 5 and issued[4][:4] == ["-s", "R5CW1234", "pull", f"{wd}/llama-bench-gguf.json"]
+    assert not Path(issued[4][4]).exists()
     assert r["runner"] == "llama-bench" and r["peak_rss_mb"] is None
     assert r["decode_tok_s"] == {"median": 4000.0, "min": 3902.4, "max": 4102.6}  # the recorded samples_ts
     assert r["prefill_tok_s"]["median"] == 13333.3
@@ -135,3 +137,65 @@ def test_write_results_is_atomic(tmp_path):
     with pytest.raises(TypeError):
         write_results([{"a": object()}], tmp_path / "bad.json")
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_adb_push_that_corrupts_a_byte_stops_before_the_run(artifact, tmp_path, monkeypatch, capsys):
+    """sha256 is checked again on the device after the push: a flipped byte in transit is one line
+    naming the file, llama-bench never runs on it, and no results file is written."""
+    # setup: the FAKE adb flips one byte of model.gguf as it lands on the "device"
+    log = tmp_path / "adb.log"
+    monkeypatch.setenv("PATH", f"{FAKE_ADB}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_ADB_LOG", str(log))
+    monkeypatch.setenv("FAKE_ADB_ROOT", str(tmp_path / "device"))
+    monkeypatch.setenv("FAKE_ADB_CORRUPT_PUSH", "model.gguf")
+    (tmp_path / "device").mkdir()
+    out = tmp_path / "results.json"
+    # execute
+    code = main(["bench", str(artifact("gguf")), "--device", "adb://R5CW1234", "--prompt-len", "16", "--gen-len", "16",
+                 "--repeat", "3", "--json", str(out)])
+    # assert
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("edgesmith: error: adb://R5CW1234: /data/local/tmp/edgesmith/gguf/model.gguf ")
+    assert "transfer corrupted it" in err and str(artifact("gguf") / "model.gguf") in err
+    assert not any("llama-bench" in line for line in log.read_text().splitlines())
+    assert not out.exists()
+
+
+def test_ssh_push_that_corrupts_a_byte_stops_before_the_run(sshd, artifact, tmp_path, monkeypatch):
+    """The same over a real sshd: the push is real, then one byte of the copy on the device is flipped
+    (through the same ssh connection) before the check runs."""
+    import devices.bench
+    from devices.transports import SshTransport
+
+    # setup
+    class CorruptingPushTransport(SshTransport):  # the real ssh push, then a byte flipped on the device
+        def push(self, local, remote_dir, timeout=600):
+            remote = super().push(local, remote_dir, timeout)
+            if Path(local).is_dir():
+                flip = "p='{0}/model.onnx'; b=bytearray(open(p,'rb').read()); b[len(b)//2]^=255; open(p,'wb').write(b)"
+                self.check(self.run([sys.executable, "-c", flip.format(remote)], 30), "flip")
+            return remote
+
+    monkeypatch.setattr(devices.bench, "transport_for", lambda uri, opts=(): CorruptingPushTransport(uri, opts))
+    # execute
+    with pytest.raises(EdgesmithError) as e:
+        bench([artifact("onnx")], sshd.uri, ssh_options=sshd.options, python=sys.executable, **SMALL)
+    # assert
+    message = str(e.value)
+    assert message.startswith(f"{sshd.uri}: /tmp/edgesmith-device-") and "/onnx/model.onnx is not the file pushed" in message
+    assert str(artifact("onnx") / "model.onnx") in message and "\n" not in message
+
+
+def test_remote_bench_refuses_a_local_artifact_that_fails_its_sha256(sshd, artifact, tmp_path):
+    """Before the push, too: the artifact on this machine is checked against its manifest."""
+    import shutil
+
+    # setup
+    bad = tmp_path / "gguf"
+    shutil.copytree(artifact("gguf"), bad)
+    data = bytearray((bad / "model.gguf").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "model.gguf").write_bytes(bytes(data))
+    # execute / assert
+    with pytest.raises(EdgesmithError, match=r"model\.gguf.*sha256"):
+        bench([bad], sshd.uri, ssh_options=sshd.options, python=sys.executable, **SMALL)

@@ -10,6 +10,7 @@ process through `toolchain.cli.main` (plus the real console script for the no-tr
 """
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -193,10 +194,7 @@ def test_a_bad_checkpoint_file_is_one_line_naming_it(file, corruption, reseal, e
     run_entry(entry, bad, bad_file, tmp_path, capsys, text_folder)
 
 
-# Not covered: a resealed corrupt model.pte through the CLI. ExecuTorch's C++ loader prints its own
-# diagnostic line ("[program.cpp:168] Program identifier ...") to stderr before our one line.
-ARTIFACT_ENTRY_CASES = [(*case, entry) for case in ARTIFACT_CASES for entry in ("load", "eval", "generate")
-                        if entry == "load" or not (case[1] == "model.pte" and case[3])]
+ARTIFACT_ENTRY_CASES = [(*case, entry) for case in ARTIFACT_CASES for entry in ("load", "eval", "generate")]
 
 
 @pytest.mark.parametrize("source, file, corruption, reseal, entry", ARTIFACT_ENTRY_CASES,
@@ -238,6 +236,61 @@ def test_the_console_script_prints_no_traceback(args, good, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
     assert r.stderr.count("\n") == 1 and str(bad_file) in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("corruption", ["header", "truncate"])
+def test_a_corrupt_program_is_one_line_on_the_real_stderr(corruption, good, tmp_path):
+    """ExecuTorch's C++ loader writes its own diagnostic to file descriptor 2 (which capsys does not
+    see): through the console script, stderr must still be our one line, carrying that diagnostic."""
+    # setup
+    bad, bad_file = make_bad(good("executorch"), tmp_path, "model.pte", corruption, True)
+    script = shutil.which("edgesmith") or pytest.fail("the edgesmith console script is not installed")
+    # execute
+    r = subprocess.run([script, "generate", str(bad), "--prompt", "x", "--max-new-tokens", "2"], capture_output=True,
+                       text=True, timeout=120)
+    # assert
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("edgesmith: error: "), r.stderr
+    assert str(bad_file) in r.stderr and "could not load the program" in r.stderr
+
+
+@pytest.mark.parametrize("flag", [["--debug"], []])
+def test_debug_prints_the_traceback_and_only_then(flag, good, tmp_path):
+    # setup
+    bad, bad_file = make_bad(good("checkpoint"), tmp_path, "model.safetensors", "header", True)
+    script = shutil.which("edgesmith") or pytest.fail("the edgesmith console script is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "EDGESMITH_DEBUG"}
+    # execute
+    r = subprocess.run([script, "generate", str(bad), "--prompt", "x", *flag], capture_output=True, text=True,
+                       timeout=120, env=env)
+    # assert: the same exit status and last line either way; the traceback only with --debug
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("edgesmith: error: ") and str(bad_file) in r.stderr
+    assert ("Traceback (most recent call last)" in r.stderr) == bool(flag), r.stderr
+
+
+def test_an_internal_error_is_one_line_with_a_hint_and_exit_1(monkeypatch, capsys):
+    """A bug of ours (not bad input) is still one line, exit status 1, pointing at --debug."""
+    # setup: make the plan command hit an unexpected exception
+    import devices.planner
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(devices.planner, "plan", broken)
+    monkeypatch.delenv("EDGESMITH_DEBUG", raising=False)
+    # execute
+    code = main(["devices", "plan", "pixel-8", "--model", "nano"])
+    out, err = capsys.readouterr()
+    # assert
+    assert code == 1 and "Traceback" not in out + err
+    assert err.strip() == "edgesmith: internal error: ZeroDivisionError: division by zero (rerun with --debug for " \
+                          "the traceback)"
+    # and with the flag after the command, the traceback
+    code = main(["devices", "plan", "pixel-8", "--model", "nano", "--debug"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "Traceback (most recent call last)" in err and "ZeroDivisionError" in err
+    monkeypatch.delenv("EDGESMITH_DEBUG", raising=False)
 
 
 def test_the_bad_files_really_differ_from_the_good_ones(good, tmp_path):

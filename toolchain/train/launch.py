@@ -110,7 +110,7 @@ def relaunch(argv: list[str], nproc: int) -> int:
     threads = max(1, usable_cores() // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
            "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    cmd = [sys.executable, "-m", "toolchain.train.torchrun", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "toolchain.cli", *strip_nproc(argv)]
     return subprocess.run(cmd, env=env, preexec_fn=_term_with_parent).returncode
 
