@@ -55,16 +55,16 @@ def test_split_codes_rebuilds_our_weights_exactly(bits, group):
 
 
 @pytest.fixture(scope="module")
-def quantized_g32(float_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant_et")
-    out = {}
-    for bits in (4, 8):
-        ckpt = load_checkpoint(float_checkpoint)
-        quantize_embedding_(ckpt.model, bits, 32)
-        quantize_linear_(ckpt.model, bits, 32)
-        step = {"kind": "quantize", "method": "rtn", "bits": bits, "group_size": 32}
-        out[bits] = save_checkpoint(ckpt.model, ckpt.tokenizer, root / f"q{bits}", child_lineage(ckpt, step))
-    return out
+def quantized_mixed(float_checkpoint, tmp_path_factory):
+    """One checkpoint holding both schemes (one XNNPACK lowering, about two minutes here, covers both):
+    layer 0 and the embedding at 4 bits, layer 1 and the head at 8 bits, group 32."""
+    ckpt = load_checkpoint(float_checkpoint)
+    quantize_embedding_(ckpt.model, 4, 32)
+    quantize_linear_(ckpt.model, 4, 32, include=lambda name: name.startswith("model.layers.0."))
+    quantize_linear_(ckpt.model, 8, 32, include=lambda name: not name.startswith("model.layers.0."))
+    step = {"kind": "quantize", "method": "rtn", "bits": 4, "group_size": 32, "rules": ["layers.1=8", "lm_head=8"]}
+    return save_checkpoint(ckpt.model, ckpt.tokenizer, tmp_path_factory.mktemp("quant_et") / "mixed",
+                           child_lineage(ckpt, step))
 
 
 def packed_nibbles(codes: torch.Tensor) -> bytes:
@@ -73,26 +73,31 @@ def packed_nibbles(codes: torch.Tensor) -> bytes:
     return (q[1::2] << 4 | q[::2]).numpy().tobytes()
 
 
-@pytest.mark.slow  # one XNNPACK lowering per bit width (~30 s each on two shared cores)
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_pte_holds_our_codes_and_meets_parity(quantized_g32, tmp_path, bits):
+@pytest.mark.slow  # one XNNPACK lowering of 15 quantized linears (~2 min on two shared cores)
+def test_quantized_pte_holds_our_codes_and_meets_parity(quantized_mixed, tmp_path):
     # execute
     out = tmp_path / "et"
-    manifest = export(quantized_g32[bits], out, ExportConfig(format="executorch", max_seq_len=64))
-    # assert: parity in executorch.runtime against the fake-quant model, at the int threshold
+    manifest = export(quantized_mixed, out, ExportConfig(format="executorch", max_seq_len=64))
+    # assert: parity in executorch.runtime against the fake-quant model, at the threshold of its lowest bits
     p = manifest["parity"]
-    assert p["passed"] and p["kind"] == f"int{bits}" and p["runtime"] == "executorch"
-    assert p["argmax_agreement"] == 1.0 and p["greedy_matched"] == 32  # measured on this model
-    assert p["max_abs_logit_diff"] < 2e-2 * p["max_abs_reference_logit"]  # measured 6-7e-3
-    assert manifest["quantization"]["stored_as"]["model.layers.0.mlp.down_proj"].startswith(f"8da{bits}w")
-    assert manifest["quantization"]["stored_as"]["model.embed_tokens"].endswith("lookup in portable ops (fp32 group scales)")
-    # assert: the program holds our codes as XNNPACK int4 planes and the bf16 scales
+    assert p["passed"] and p["kind"] == "int4" and p["runtime"] == "executorch", p
+    # measured on this model: 62 of 63 positions agree (the 8-bit dynamic activations flip one close
+    # call), every greedy token matches
+    assert p["argmax_agreement"] >= 62 / 63 and p["greedy_matched"] == 32, p
+    assert p["max_abs_logit_diff"] < 2e-2 * p["max_abs_reference_logit"], p  # measured 6-7e-3 (4 and 8 bits alone)
+    stored = manifest["quantization"]["stored_as"]
+    assert stored["model.layers.0.mlp.down_proj"].startswith("8da4w")
+    assert stored["model.layers.1.mlp.down_proj"].startswith("8da8w") and stored["lm_head"].startswith("8da8w")
+    assert stored["model.embed_tokens"].endswith("lookup in portable ops (fp32 group scales)")
+    # assert: the program holds our codes as XNNPACK int4 planes (one for 4 bits, two for 8) and the bf16 scales
     blob = (out / "model.pte").read_bytes()
-    model = load_checkpoint(quantized_g32[bits]).model
-    planes, _, _ = split_codes(model.layers[1].mlp.down_proj)
-    for codes, scales in planes:
-        assert packed_nibbles(codes) in blob
-        assert scales.to(torch.bfloat16).view(torch.int16).numpy().tobytes() in blob
+    model = load_checkpoint(quantized_mixed).model
+    for layer, n_planes in ((0, 1), (1, 2)):
+        planes, _, _ = split_codes(model.layers[layer].mlp.down_proj)
+        assert len(planes) == n_planes
+        for codes, scales in planes:
+            assert packed_nibbles(codes) in blob
+            assert scales.to(torch.bfloat16).view(torch.int16).numpy().tobytes() in blob
     # assert: and the embedding's codes (4-bit: two per byte) and scales
     emb = ExecuTorchEmbedding(model.embed_tokens)
     assert emb.codes.numpy().tobytes() in blob and emb.scales.numpy().tobytes() in blob
