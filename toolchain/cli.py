@@ -241,7 +241,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from toolchain.export import ExportConfig, export
 
     cfg = ExportConfig(format=args.format, precision=args.precision, max_seq_len=args.max_seq_len,
-                       fuse=not args.no_fuse, force=args.force)
+                       fuse=not args.no_fuse, force=args.force, target=args.target)
     m = export(args.checkpoint, args.out, cfg)
     total = sum(f["bytes"] for f in m["files"].values())
     print(f"exported {args.checkpoint} -> {args.out} ({m['format']}, {m['precision']}, {total / 1e6:.2f} MB, "
@@ -253,6 +253,22 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"parity ({p['runtime']})  max |logit diff| {p['max_abs_logit_diff']:.3g}, argmax agreement "
               f"{p['argmax_agreement']:.3f} over {p['positions']} positions, greedy {p['greedy_matched']}/"
               f"{p['greedy_steps']}")
+    if cfg.target:
+        print(target_verdict(cfg.target, args.out, m["format"]))
+
+
+def target_verdict(device: str, artifact, fmt: str) -> str:
+    """One line: does the artifact fit the device, its decode bound, and whether the device prefers this format."""
+    from devices.planner import plan
+    from devices.profiles import load_profile
+
+    profile = load_profile(device)
+    p = plan(profile, str(artifact))
+    fit = (f"fits ({p.total_bytes / 1e6:,.1f} MB of a {p.budget_bytes / 1e6:,.0f} MB budget at {p.context:,} "
+           f"tokens)" if p.fits else f"does NOT fit ({p.total_bytes / 1e6:,.1f} MB of a {p.budget_bytes / 1e6:,.0f} "
+           f"MB budget at {p.context:,} tokens; largest context that fits: {p.max_context:,})")
+    prefers = "" if fmt in profile.formats else f"; {device} prefers {', '.join(profile.formats)}"
+    return f"target {device:<12} {fit}, decode bound {p.decode_tok_s_bound:,.1f} tok/s{prefers}"
 
 
 # ----------------------------------------------------------------------------- devices and bench (devices/)
@@ -408,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--precision", default="fp32", help="fp32 or fp16 (quantized checkpoints keep their codes)")
     x.add_argument("--max-seq-len", type=int, default=None, metavar="N", help="KV cache length (default: the model's)")
     x.add_argument("--no-fuse", action="store_true", help="onnx: plain standard-op graph instead of contrib ops")
+    x.add_argument("--target", default=None, metavar="DEVICE", help="device profile the artifact is for: recorded "
+                   "in the manifest, and the planner says whether it fits (see `edgesmith devices list`)")
     x.add_argument("--force", action="store_true", help="replace --out if it exists")
     x.set_defaults(func=cmd_export)
 

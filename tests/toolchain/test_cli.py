@@ -119,3 +119,22 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, args, messa
 def test_a_bad_input_through_the_console_script(tmp_path):
     result = edgesmith("eval", tmp_path / "nockpt")
     assert result.returncode == 2 and result.stderr.strip().endswith("nockpt: not a checkpoint directory (no such directory)")
+
+
+def test_export_target_records_the_device_and_says_whether_it_fits(checkpoints, tmp_path, capsys):
+    # execute
+    out = tmp_path / "gguf"
+    code = main(["export", str(checkpoints["float"]), "--format", "gguf", "--out", str(out), "--target", "pixel-8"])
+    # assert: the manifest names the device; the planner's verdict is printed
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert json.loads((out / "manifest.json").read_text())["target_device"] == "pixel-8"
+    verdict = [line for line in printed.splitlines() if line.startswith("target pixel-8")]
+    assert len(verdict) == 1 and " fits (" in verdict[0] and "decode bound" in verdict[0]
+    assert "prefers" not in verdict[0]  # GGUF is one of the Pixel 8's formats
+    # an unknown device: one line naming the flag and the known profiles, nothing written
+    code = main(["export", str(checkpoints["float"]), "--format", "gguf", "--out", str(tmp_path / "x"),
+                 "--target", "moon"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("edgesmith: error: --target: unknown device profile 'moon'")
+    assert "pixel-8" in err and not (tmp_path / "x").exists()

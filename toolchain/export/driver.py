@@ -33,8 +33,16 @@ class ExportConfig:
     force: bool = False
     parity_positions: int = 32
     greedy_steps: int = 32
+    target: str | None = None  # a device profile name: recorded as the manifest's target_device
 
     def __post_init__(self):
+        if self.target is not None:
+            from devices.profiles import load_profile
+
+            try:
+                object.__setattr__(self, "target", load_profile(self.target).name)
+            except EdgesmithError as e:  # an unknown name lists the known ones
+                raise EdgesmithError(f"--target: {e}") from None
         if self.format not in MODULES:
             raise EdgesmithError(f"--format: unknown format {self.format!r}; allowed: {', '.join(MODULES)}")
         if self.precision not in PRECISIONS:
@@ -86,7 +94,7 @@ def export(checkpoint: str | Path, out: str | Path, cfg: ExportConfig, log=print
         if written.get("notice"):
             log(written["notice"])
         ckpt.tokenizer.save(tmp)
-        manifest = build_manifest(ckpt, cfg.format, cfg.precision, written, spec.runtime_package)
+        manifest = build_manifest(ckpt, cfg.format, cfg.precision, written, spec.runtime_package, cfg.target)
         manifest["options"] = {"max_seq_len": cfg_seq, **manifest["options"]}
         manifest["export_s"] = round(export_s, 3)
         write_manifest(tmp, manifest)
