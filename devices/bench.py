@@ -20,6 +20,7 @@ achieved fraction of it. Any failure (unreachable device, timeout, runner error)
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import statistics
@@ -32,6 +33,7 @@ from devices import roofline
 from devices.native import llama_bench_argv, parse_llama_bench
 from devices.profiles import DeviceProfile, list_profiles, load_profile
 from devices.transports import AdbTransport, LocalTransport, SshTransport, Transport, run_streaming, transport_for
+from models.atomic import write_bytes_atomic, write_text_atomic
 from models.errors import EdgesmithError
 from runtimes.artifact import artifact_bytes, read_manifest
 
@@ -263,12 +265,7 @@ def write_results(results: list[dict], path: str | Path) -> Path:
     """The results as a JSON list, written to a temporary file and renamed: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, json.dumps(results, indent=2) + "\n")  # sweeps a killed run's temporaries too
     return path
 
 
@@ -331,11 +328,10 @@ def plot_results(results: list[dict], png_path: str | Path) -> Path:
         ax.set_title(f"{title} on {results[0]['device']}" if results else title)
         ax.set_yscale("log")
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.stem}.tmp{os.getpid()}.png")
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(png_path)
+        fig.savefig(buf, format="png", dpi=110)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(png_path, buf.getvalue())
     return png_path

@@ -13,7 +13,6 @@ import datetime
 import hashlib
 import json
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from models.atomic import replace_dir, temp_dir_for, write_text_atomic  # noqa: F401 (re-exported)
 from models.errors import EdgesmithError
 from models.llama import ModelConfig, Transformer
 from models.lowrank import apply_lowrank_meta_, lowrank_meta
@@ -113,32 +113,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small file through a temporary name, so readers never see half of it."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished directory into place; an existing one is swapped out, then deleted."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def temp_dir_for(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
 
 
 def child_lineage(parent: Checkpoint | None, step: dict) -> dict:

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import sysconfig
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.atomic import temp_dir_for
 from models.errors import EdgesmithError
 from models.tokenizer import Tokenizer
 
@@ -180,9 +180,7 @@ def tokenize_corpus(corpus: Corpus, tokenizer: Tokenizer, cache: Path | None = N
     key = hashlib.sha256(f"{_TOKEN_FORMAT}\0{corpus.fingerprint()}\0{tokenizer.fingerprint}".encode()).hexdigest()
     out = (cache or cache_root()) / "tokens" / key[:24]
     if not (out / "meta.json").is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        tmp = temp_dir_for(out)  # and sweeps what a killed run left half-tokenized
         try:
             counts = {split: _write_tokens(getattr(corpus, split), tokenizer, tmp / f"{split}.bin",
                                            f"tokenize {split}") for split in ("train", "val")}

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import uuid
 
+from models.atomic import temp_dir_for
 from models.tokenizer import Tokenizer, train_tokenizer
 from toolchain.data import Corpus, cache_root
 
@@ -22,9 +22,7 @@ def cached_tokenizer(corpus: Corpus, vocab_size: int) -> Tokenizer:
     out = cache_root() / "tokenizers" / key
     if not (out / "tokenizer.json").is_file():
         tok = train_tokenizer(corpus.texts("train"), vocab_size, length=len(corpus.train))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        tmp = temp_dir_for(out)  # and sweeps what a killed run left half-written
         tok.save(tmp)
         try:
             tmp.rename(out)

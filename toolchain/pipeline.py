@@ -31,12 +31,12 @@ import importlib.util
 import json
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from models.checkpoint import read_json, replace_dir, write_text_atomic
+from models.atomic import remove_tree, replace_dir, temp_path, write_text_atomic
+from models.checkpoint import read_json
 from models.errors import EdgesmithError
 from toolchain.recipe import FORMAT_TOOLKITS, Recipe, to_toml
 
@@ -168,7 +168,7 @@ def run_pipeline(recipe: Recipe, out: str | Path | None = None, progress=None, e
 
 def _execute(step: Step) -> None:
     t = time.perf_counter()
-    tmp = step.out.parent / f".{step.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temp_path(step.out)
     step.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         step.info = step.run(tmp) or {}
@@ -211,9 +211,10 @@ class _lock:
 
 
 def _clean_debris(run_dir: Path) -> None:
-    """Temporary paths of steps a killed run left half-written (`.NAME.tmp-XXXX`, anywhere one level down)."""
+    """Temporary paths a killed run left (`.NAME.tmp-...` half-written, `.NAME.old-...` half-deleted),
+    anywhere one level down; the run directory's lock makes them all dead."""
     for parent in (run_dir, *(p for p in run_dir.iterdir() if p.is_dir() and p.name != ".work")):
-        for p in parent.glob(".*.tmp-*"):
+        for p in (*parent.glob(".*.tmp-*"), *parent.glob(".*.old-*")):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
@@ -223,13 +224,11 @@ def _remove_stale(run_dir: Path, steps: list[Step]) -> None:
     for sub in ("checkpoints", "artifacts"):
         for p in (run_dir / sub).glob("*") if (run_dir / sub).is_dir() else ():
             if p.is_dir() and not p.name.startswith(".") and p not in keep and (p / MARKER).is_file():
-                shutil.rmtree(p, ignore_errors=True)
-    work = run_dir / ".work"
+                remove_tree(p)  # at once: a half-deleted step with its marker would pass for a cached one
+    work = run_dir / ".work"  # every step is done: training state and job files are no longer needed
     if work.is_dir():
-        live = {f"train-{s.key[:16]}" for s in steps if s.stage == "source"}
         for p in work.iterdir():
-            if p.name not in live:
-                shutil.rmtree(p, ignore_errors=True)
+            remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _write_summary(recipe: Recipe, run_dir: Path, steps: list[Step], skipped: list, t0: float) -> dict:

@@ -124,12 +124,13 @@ def _run_train(ts, model_cfg, work: Path, tmp: Path) -> dict:
             write_text_atomic(job_file, json.dumps({**body, "argv": argv}, indent=2) + "\n")
         run_train(job, argv)
     summary = read_json(work / "summary.json")
+    # Killed after this rename, the next run finds no checkpoint and resumes from the final training state
+    # (zero steps left, the metrics still there): `work` stays whole until the run ends (pipeline._remove_stale).
     (work / "checkpoint").rename(tmp)
     for name, dest in (("metrics.jsonl", "train_metrics.jsonl"), ("loss.png", "loss.png"),
                        ("summary.json", "train_summary.json")):
         if (work / name).exists():
-            shutil.move(str(work / name), str(tmp / dest))
-    shutil.rmtree(work, ignore_errors=True)
+            shutil.copyfile(work / name, tmp / dest)
     return {"final_loss": summary["final_loss"], "val_perplexity": summary.get("val_perplexity"),
             "tokens_per_s": summary["tokens_per_s"], "world_size": summary["world_size"],
             "steps": summary["steps"], "resumed_from": resumed, "params": None}

@@ -17,7 +17,8 @@ import json
 import math
 from pathlib import Path
 
-from models.checkpoint import read_json, write_text_atomic
+from models.atomic import write_bytes_atomic, write_text_atomic
+from models.checkpoint import read_json
 from models.errors import EdgesmithError
 
 
@@ -288,9 +289,7 @@ def write_report(run_dir: str | Path) -> Path:
     tabs, pngs = tables(data), plots(data)
     (run_dir / "report").mkdir(exist_ok=True)
     for name, png in pngs.items():
-        tmp = run_dir / "report" / f".{name}.png.tmp"
-        tmp.write_bytes(png)
-        tmp.replace(run_dir / "report" / f"{name}.png")
+        write_bytes_atomic(run_dir / "report" / f"{name}.png", png)
     write_text_atomic(run_dir / "report.md", _markdown(data, tabs, pngs))
     write_text_atomic(run_dir / "report.html", _html(data, tabs, pngs))
     return run_dir / "report.html"

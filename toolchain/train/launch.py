@@ -10,6 +10,7 @@ on one machine do not oversubscribe its cores. This module does not train or rea
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import signal
 import subprocess
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from models.errors import EdgesmithError
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ def init_distributed() -> DistEnv:
         backend, device = "nccl", f"cuda:{local_rank}"
     else:
         backend, device = "gloo", "cpu"
+    _die_with_torchrun()
     torch.set_num_threads(threads_per_rank(local_world))
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
@@ -112,16 +116,41 @@ def relaunch(argv: list[str], nproc: int) -> int:
            "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "toolchain.train.torchrun", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "toolchain.cli", *strip_nproc(argv)]
-    return subprocess.run(cmd, env=env, preexec_fn=_term_with_parent).returncode
+    preexec = functools.partial(_term_with_parent, os.getpid(), _prctl())  # prctl looked up before the fork
+    return subprocess.run(cmd, env=env, preexec_fn=preexec).returncode
 
 
-def _term_with_parent() -> None:
+PR_SET_PDEATHSIG = 1
+
+
+def _prctl():
+    """libc's prctl (Linux), or None elsewhere: the kernel can signal a process when its parent dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _term_with_parent(parent: int, prctl) -> None:
     """In the torchrun child, before exec: SIGTERM when this process dies, even by SIGKILL (Linux).
 
     torchrun answers SIGTERM by stopping its ranks, so a killed `edgesmith` leaves no orphan rank
-    writing into the run it was killed in (the rerun resumes alone)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+    writing into the run it was killed in (the rerun resumes alone). A parent that died before the
+    prctl took effect is caught by the check after it."""
+    if prctl is not None and prctl(PR_SET_PDEATHSIG, signal.SIGTERM) == 0 and os.getppid() != parent:
+        os._exit(1)
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+def _die_with_torchrun() -> None:
+    """A rank of our torchrun (toolchain.train.torchrun sets EDGESMITH_TORCHRUN_PID): SIGKILL when it dies.
+
+    torchrun starts each rank in a session of its own, so killing the process group of `edgesmith`
+    (a terminal's kill, a job manager's) takes torchrun down with SIGKILL before it can stop them;
+    without this the ranks would go on training into the run the rerun resumes."""
+    pid, prctl = os.environ.get("EDGESMITH_TORCHRUN_PID", ""), _prctl()
+    if not pid.isdigit() or prctl is None:
+        return
+    if prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0 and os.getppid() != int(pid):
+        raise EdgesmithError(f"torchrun (pid {pid}) exited before rank {os.environ.get('RANK')} started; "
+                             "the rank stops")

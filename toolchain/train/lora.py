@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -148,10 +149,14 @@ def save_adapter(model: nn.Module, cfg: LoRA, out: Path, base: str) -> Path:
         tensors[f"{name}.lora_A"] = m.lora_A.detach().contiguous().cpu()
         tensors[f"{name}.lora_B"] = m.lora_B.detach().contiguous().cpu()
     tmp = temp_dir_for(out)
-    save_file(tensors, str(tmp / ADAPTER_FILE))
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps({**asdict(cfg), "base_checkpoint": base,
-                                                  "modules": sorted(lora_modules(model))}, indent=2) + "\n")
-    replace_dir(tmp, out)
+    try:
+        save_file(tensors, str(tmp / ADAPTER_FILE))
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps({**asdict(cfg), "base_checkpoint": base,
+                                                      "modules": sorted(lora_modules(model))}, indent=2) + "\n")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

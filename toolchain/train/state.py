@@ -5,7 +5,8 @@ gathered through torch.distributed.checkpoint.state_dict, so a DDP, FSDP2 or sin
 resume the others' state), `trainer.json` (step, data position, scheduler, the run's model config and
 global batch) and `rng-<rank>.json` (the torch, numpy and Python RNG states of every rank). Each is
 written into a temporary directory renamed into place by rank 0, so a crash (even SIGKILL) leaves
-either a complete checkpoint or none. Nothing is unpickled. Every rank reads the files: with several
+either a complete checkpoint or none; the next save sweeps a dead run's temporaries (models/atomic.py),
+and pruning renames a state aside before deleting it. Nothing is unpickled. Every rank reads the files: with several
 nodes, `--out` must be on a filesystem they share. This module does not decide when to save.
 """
 
@@ -13,17 +14,19 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from models.atomic import remove_tree, replace_dir, sweep_stale_in
 from models.checkpoint import read_json, read_safetensors
 from models.errors import EdgesmithError
 from toolchain.train.launch import DistEnv, barrier
@@ -99,16 +102,27 @@ def _join_optimizer(tensors: dict, rest: dict) -> dict:
 # ----------------------------------------------------------------------------- save / load
 
 
+def _shared_temp_dir(env: DistEnv, final: Path) -> Path:
+    """Rank 0 makes `final`'s temporary directory, named with its pid (sweepable once it is dead); every
+    rank learns the name through a broadcast of that pid (a tensor: nothing pickled)."""
+    owner = torch.tensor([os.getpid()], dtype=torch.int64, device=env.device)
+    if env.is_main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_in(final.parent)  # a killed run's half-written states (no live rank of ours writes there now)
+    if env.distributed:
+        dist.broadcast(owner, src=0)
+    tmp = final.parent / f".{final.name}.tmp-{int(owner.item())}-{final.name.removeprefix(PREFIX)}"
+    if env.is_main:
+        tmp.mkdir()
+    barrier(env)
+    return tmp
+
+
 def save_state(env: DistEnv, out: Path, step: int, model, optimizer, trainer: dict, keep: int) -> Path | None:
     """Collective: every rank calls it. Rank 0 writes `<out>/state/step-NNNNNNNN`, then prunes to `keep`."""
     root = state_root(out)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".{final.name}.tmp"
-    if env.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier(env)
+    tmp = _shared_temp_dir(env, final)
     (tmp / f"rng-{env.rank}.json").write_text(json.dumps(rng_state()))
     model_sd = get_model_state_dict(model, options=_FULL)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=_FULL)
@@ -120,11 +134,9 @@ def save_state(env: DistEnv, out: Path, step: int, model, optimizer, trainer: di
     barrier(env)
     if env.is_main:
         (tmp / "trainer.json").write_text(json.dumps({**trainer, "step": step, "world": env.world}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        replace_dir(tmp, final)
         for old in list_states(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)  # renamed aside first: a kill mid-delete leaves no half state that looks complete
     barrier(env)
     return final if env.is_main else None
 

@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import main as torchrun, parse_args, run
 
     argv = sys.argv[1:] if argv is None else argv
+    os.environ["EDGESMITH_TORCHRUN_PID"] = str(os.getpid())  # the ranks die with this process (launch.py)
     if os.environ.get("EDGESMITH_DEBUG", "").lower() in ("1", "true", "yes", "on"):
         torchrun(argv)
         return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import math
 import time
@@ -26,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from models.checkpoint import write_text_atomic
+from models.atomic import write_bytes_atomic, write_text_atomic
 from models.errors import EdgesmithError
 from toolchain.train.launch import DistEnv
 from toolchain.train.state import list_states, load_state, read_trainer_json, save_state
@@ -191,8 +192,7 @@ class Metrics:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step and self.path.is_file():  # drop steps redone after the checkpoint
-            kept = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.history = [r for r in kept if r["step"] <= resume_step]
+            self.history = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
 
     def log(self, record: dict) -> None:
@@ -216,10 +216,25 @@ class Metrics:
         ax.set_ylabel("cross-entropy (nats)")
         ax.grid(alpha=0.3)
         ax.legend()
-        tmp = path.parent / f".{path.name}.tmp.png"
-        fig.savefig(tmp, dpi=100)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
-        tmp.replace(path)
+        write_bytes_atomic(path, buf.getvalue())
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A last line without its newline is a record whose append was cut
+    short by a kill: dropped (the step is redone after a resume). Any other bad line is an error."""
+    lines = Path(path).read_text().split("\n")[:-1]  # the last piece: "" after the final newline, or torn
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise EdgesmithError(f"{path}: line {i} is not a JSON record ({e})") from None
+    return records
 
 
 # ----------------------------------------------------------------------------- resume checks
