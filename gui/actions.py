@@ -52,7 +52,10 @@ class Actions:
         return job.id if job else ""
 
     def job_state(self, job_id: str) -> tuple[str, str, str]:
-        """(status markdown, progress bar HTML, log tail) of a job."""
+        """(status markdown, progress bar HTML, log tail) of a job; with no job, SKIP: what the page shows
+        stays (a refusal, which clears the job box, is not overwritten by the next poll)."""
+        if not job_id:
+            return SKIP, SKIP, SKIP
         job = self._job(job_id)
         log = self.jobs.log(job.id, 25) if job else ""
         return views.job_markdown(job, log), views.progress_html(job), log
@@ -68,7 +71,7 @@ class Actions:
         import pandas as pd
 
         rows = []
-        for j in self.jobs.list()[:50]:
+        for j in self.jobs.list(limit=50):
             p = j.progress
             rows.append([j.id, j.kind, j.status, f"{p['n']}/{p['total']}" if p else "", j.title])
         return pd.DataFrame(rows, columns=["id", "kind", "status", "progress", "what"])
@@ -91,7 +94,7 @@ class Actions:
                     "--nproc", str(_int(nproc, "processes")), "--batch-size", str(_int(batch_size, "batch size")),
                     "--seq-len", str(_int(seq_len, "sequence length")), "--out", str(out_p)]
         except EdgesmithError as e:
-            return job_id, views.refused(e)
+            return "", views.refused(e)  # no job: the poll leaves this line shown
         rel = self.ws.rel(out_p)
         job = self.jobs.start("train", [argv], title=f"train {model} → {rel}", outputs={"out": rel},
                               result_file=f"{rel}/summary.json")
@@ -110,6 +113,8 @@ class Actions:
 
     def train_poll(self, job_id: str):
         """(status, progress, loss frame, log) of a train job; the loss is read from its metrics.jsonl."""
+        if not job_id:
+            return SKIP, SKIP, SKIP, SKIP
         status, bar, log = self.job_state(job_id)
         job = self._job(job_id)
         out = job.outputs.get("out") if job else None
@@ -139,7 +144,7 @@ class Actions:
             argv += ["--out", str(out_p), "--data", self._data(data), "--seq-len", str(_int(seq_len, "sequence length")),
                      "--max-tokens", str(_int(max_tokens, "max tokens"))] + (["--force"] if force else [])
         except EdgesmithError as e:
-            return job_id, views.refused(e)
+            return "", views.refused(e)  # no job: the poll leaves this line shown
         rel = self.ws.rel(out_p)
         job = self.jobs.start("compress", [argv], title=f"compress {self.ws.rel(ckpt)} → {rel}",
                               outputs={"out": rel}, result_file=f"{rel}/compress_report.json")
@@ -148,6 +153,8 @@ class Actions:
     def compress_poll(self, job_id: str, shown: str = ""):
         """(status, progress, table, heatmap, log, shown-key). Table and heatmap are rebuilt only when
         the job or its state changed (`shown` is the key of what the page shows)."""
+        if not job_id:
+            return SKIP, SKIP, SKIP, SKIP, SKIP, SKIP
         status, bar, log = self.job_state(job_id)
         job = self._job(job_id)
         key = f"{job_id}:{job.status if job else ''}"
@@ -174,13 +181,15 @@ class Actions:
                 commands.append(["export", str(ckpt), "--format", fmt, "--out", str(out_p / fmt), "--precision",
                                  precision or "fp32", *seq] + (["--force"] if force else []))
         except EdgesmithError as e:
-            return job_id, views.refused(e)
+            return "", views.refused(e)  # no job: the poll leaves this line shown
         title = f"export {self.ws.rel(ckpt)} → {', '.join(formats)}" + (f" for {target}" if target else "")
         job = self.jobs.start("export", commands, title=title, outputs={"dirs": dirs, "target": target or ""})
         return job.id, views.job_markdown(job)
 
     def export_poll(self, job_id: str, shown: str = ""):
         """(status, progress, parity table, files table, device verdict, log, shown-key)."""
+        if not job_id:
+            return SKIP, SKIP, SKIP, SKIP, SKIP, SKIP, SKIP
         status, bar, log = self.job_state(job_id)
         job = self._job(job_id)
         manifests = self._manifests(job)
@@ -196,9 +205,11 @@ class Actions:
         found = {}
         for fmt, rel in ((job.outputs.get("dirs", {}) if job else {}) or {}).items():
             try:
-                found[fmt] = json.loads((self.ws.root / rel / "manifest.json").read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
+                manifest = json.loads((self.ws.root / rel / "manifest.json").read_text())
+            except (OSError, ValueError):  # not written yet, or not a manifest: not shown
+                continue
+            if isinstance(manifest, dict):
+                found[fmt] = manifest
         return found
 
     def _target_verdict(self, target: str, dirs: dict, manifests: dict) -> str:

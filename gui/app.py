@@ -21,6 +21,8 @@ from models.llama import SIZES
 from toolchain.export.registry import MODULES, PRECISIONS
 
 POLL_S = 1.0
+CACHE_S = 24 * 3600  # Gradio's copies of uploads and of files it shows are deleted after a day (checked hourly)
+PLAY_CONCURRENCY = 2  # Playground streams at once (gui/playground.py COPIES: each has its own session)
 HIDDEN = dict(show_progress="hidden")
 
 
@@ -35,7 +37,7 @@ def _models(act: Actions, extra=()) -> list[str]:
 
 def build_app(workspace) -> gr.Blocks:
     act = Actions(workspace)
-    with gr.Blocks(title="edgesmith", analytics_enabled=False) as demo:
+    with gr.Blocks(title="edgesmith", analytics_enabled=False, delete_cache=(3600, CACHE_S)) as demo:
         gr.Markdown(f"## edgesmith\nWorkspace `{act.ws.root}`: paths are relative to it, and paths outside it "
                     "are refused.")
         timer = gr.Timer(POLL_S)
@@ -89,7 +91,8 @@ def _train_tab(act: Actions, timer, demo):
     start.click(act.train_start, [model, data, steps, nproc, batch, seq, out, job], [job, status], api_name="train")
     stop.click(act.cancel, [job], [status], api_name="cancel_train")
     upload.upload(act.upload_corpus, [upload], [data, status], api_name="upload_corpus")
-    timer.tick(act.train_poll, [job], [status, bar, plot, log], api_name="train_status", **HIDDEN)
+    timer.tick(lambda job_id: _skips(act.train_poll(job_id)), [job], [status, bar, plot, log], api_name="train_status",
+               **HIDDEN)
     demo.load(lambda: act.latest_job("train"), None, [job], api_visibility="private")
 
 
@@ -222,7 +225,7 @@ def _playground_tab(act: Actions, demo):
         send = gr.Button("Send", variant="primary", scale=1, elem_id="play-send")
         clear = gr.Button("Clear", scale=0, elem_id="play-clear")
     send.click(play.generate, [msg, a, b, max_new, temperature, seed, chat_a, chat_b], [chat_a, chat_b, stats_a, stats_b],
-               api_name="generate", concurrency_limit=1, show_progress="minimal")
+               api_name="generate", concurrency_limit=PLAY_CONCURRENCY, show_progress="minimal")
     clear.click(lambda: ([], [], "", ""), None, [chat_a, chat_b, stats_a, stats_b], api_visibility="private")
 
     def choices():
@@ -281,11 +284,12 @@ def _recipe_widgets(act: Actions, timer, demo):
         try:
             argv, rel = runs.recipe_command(act.ws, recipe, out, overrides)
         except EdgesmithError as e:
-            return job_id, views.refused(e)
+            return "", views.refused(e)  # no job: the poll leaves this line shown
         j = act.jobs.start("run", [argv], title=f"recipe {recipe} → {rel}", outputs={"out": rel})
         return j.id, views.job_markdown(j)
 
     start.click(start_recipe, [recipe, out, overrides, job], [job, status], api_name="run_recipe")
     stop.click(act.cancel, [job], [status], api_name="cancel_recipe")
-    timer.tick(act.job_state, [job], [status, bar, log], api_name="recipe_status", **HIDDEN)
+    timer.tick(lambda job_id: _skips(act.job_state(job_id)), [job], [status, bar, log], api_name="recipe_status",
+               **HIDDEN)
     demo.load(lambda: act.latest_job("run"), None, [job], api_visibility="private")

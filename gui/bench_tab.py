@@ -29,7 +29,7 @@ def bench_start(act: Actions, artifacts: list[str], device: str, prompt_len, gen
                 "--gen-len", str(_int(gen_len, "generated tokens")), "--repeat", str(_int(repeat, "repeats")),
                 "--json", str(out)]
     except EdgesmithError as e:
-        return job_id, views.refused(e)
+        return "", views.refused(e)  # no job: the poll leaves this line shown
     rel = act.ws.rel(out)
     job = act.jobs.start("bench", [argv], title=f"bench {len(paths)} artifact(s) on {device}",
                          outputs={"json": rel, "png": rel[:-len(".json")] + ".png"}, result_file=rel)
@@ -37,7 +37,9 @@ def bench_start(act: Actions, artifacts: list[str], device: str, prompt_len, gen
 
 
 def bench_poll(act: Actions, job_id: str, shown: str = ""):
-    """(status, progress, results table, plot path, log, shown-key)."""
+    """(status, progress, results table, plot path, log, shown-key); nothing changes without a job."""
+    if not job_id:
+        return (gr.skip(),) * 6
     status, bar, log = act.job_state(job_id)
     job = act._job(job_id)  # noqa: SLF001
     key = f"{job_id}:{job.status if job else ''}"
@@ -47,7 +49,7 @@ def bench_poll(act: Actions, job_id: str, shown: str = ""):
     if job is not None and job.status == "done":
         try:
             results = json.loads((act.ws.root / job.outputs["json"]).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (OSError, ValueError):
             results = None
     if isinstance(results, dict):
         results = results.get("results", [])
@@ -58,7 +60,10 @@ def bench_poll(act: Actions, job_id: str, shown: str = ""):
 def build(act: Actions, timer, demo) -> None:
     names = ["local"] + [p for p in profiles() if p != "local"]
     with gr.Row():
-        artifacts = gr.CheckboxGroup([], label="Artifacts", elem_id="bench-artifacts")
+        # a dropdown that takes typed paths too: the choices a page was given are kept per session, and a
+        # script (gradio_client) or a page whose session state was dropped (gui/bounds.py) has none
+        artifacts = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True,
+                                label="Artifacts (one or more)", elem_id="bench-artifacts")
         refresh = gr.Button("↻", scale=0, min_width=40)
     with gr.Row():
         device = gr.Dropdown(names, value="local", allow_custom_value=True,
@@ -85,7 +90,7 @@ def build(act: Actions, timer, demo) -> None:
         return bench_poll(act, job_id, key)
 
     def choices():
-        return gr.CheckboxGroup(choices=act.ws.artifacts())
+        return gr.Dropdown(choices=act.ws.artifacts())
 
     refresh.click(choices, None, [artifacts], api_visibility="private")
     start.click(start_fn, [artifacts, device, prompt_len, gen_len, repeat, job], [job, status], api_name="bench")

@@ -29,7 +29,7 @@ def run_details(ws: Workspace, run: str) -> tuple[str, str, str, str | None]:
     lines = [f"### `{ws.rel(root)}`", ""]
     for name in ("summary.json", "compress_report.json"):
         if (root / name).is_file():
-            lines.append(f"- **{name}**: {_summary(json.loads((root / name).read_text()))}")
+            lines.append(f"- **{name}**: {_summary_of(root / name)}")
     lines.append(f"- {len(files)} files:")
     lines += [f"  - `{p.relative_to(root)}` ({p.stat().st_size / 1e6:.3f} MB)" for p in files[:MAX_FILES]]
     if len(files) > MAX_FILES:
@@ -37,8 +37,20 @@ def run_details(ws: Workspace, run: str) -> tuple[str, str, str, str | None]:
     report_md = root / "report.md"
     report_html = root / "report.html"
     return ("\n".join(lines), lineage_markdown(ws, root),
-            report_md.read_text() if report_md.is_file() else "No report in this run (`edgesmith run` writes one).",
+            report_md.read_text(errors="replace") if report_md.is_file()
+            else "No report in this run (`edgesmith run` writes one).",
             str(report_html) if report_html.is_file() else None)
+
+
+def _summary_of(path: Path) -> str:
+    """The summary line of a run's JSON file, or one line saying why it cannot be read."""
+    try:
+        d = json.loads(path.read_text())
+        if not isinstance(d, dict):
+            raise ValueError(f"a JSON {type(d).__name__}, not an object")
+        return _summary(d)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        return f"cannot read `{path}`: {html.escape(str(e).splitlines()[0] if str(e) else type(e).__name__)}"
 
 
 def _summary(d: dict) -> str:

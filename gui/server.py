@@ -4,7 +4,9 @@ Safe defaults: binds 127.0.0.1 unless told otherwise, never creates a public sha
 and telemetry off (gui/__init__.py), authentication when `--auth USER:PASS` (or the
 EDGESMITH_GUI_AUTH variable) is given, uploads limited in size, and Gradio's upload/cache folder,
 edgesmith's caches and matplotlib's inside the workspace. The password is never printed or logged
-and background jobs do not inherit the variable (toolchain.jobs.SECRET_ENV).
+and background jobs do not inherit the variable (toolchain.jobs.SECRET_ENV). Memory stays bounded
+however long it serves (gui/bounds.py: Gradio's per-session state and per-event records), and
+Gradio's cached copies of uploads and shown files are deleted after a day (gui/app.py CACHE_S).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 import gui  # noqa: F401  (analytics and telemetry off before Gradio is imported)
+from gui import bounds
 from models.errors import EdgesmithError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -35,6 +38,9 @@ def confine(workspace: Path) -> None:
     os.environ["GRADIO_TEMP_DIR"] = str(workspace / ".gradio")
     os.environ["EDGESMITH_CACHE"] = str(workspace / ".cache" / "edgesmith")
     os.environ["MPLCONFIGDIR"] = str(workspace / ".cache" / "matplotlib")
+    # Gradio recomputes a summary table over every event it ever saw after each event, for a monitoring
+    # page that is off here: never (gui/bounds.py prunes the rows themselves)
+    os.environ["GRADIO_ANALYTICS_CACHE_FREQUENCY"] = str(10**12)
 
 
 def serve(workspace: str | Path = ".", host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
@@ -42,6 +48,7 @@ def serve(workspace: str | Path = ".", host: str = "127.0.0.1", port: int = 7860
     if not 0 < int(port) < 65536:
         raise EdgesmithError(f"--port: {port} must be in 1..65535")
     credentials = parse_auth(auth if auth is not None else os.environ.get("EDGESMITH_GUI_AUTH"))
+    sessions = bounds.max_sessions()
     os.environ.pop("EDGESMITH_GUI_AUTH", None)
     ws = Path(workspace).expanduser()
     if ws.exists() and not ws.is_dir():
@@ -62,6 +69,7 @@ def serve(workspace: str | Path = ".", host: str = "127.0.0.1", port: int = 7860
     demo.queue(default_concurrency_limit=4).launch(
         server_name=host, server_port=int(port), share=False, auth=credentials, max_file_size=max_file_size,
         allowed_paths=[str(ws)], show_error=True, ssr_mode=False, pwa=False, mcp_server=False,
-        enable_monitoring=False, inbrowser=False, footer_links=["api"],
+        enable_monitoring=False, inbrowser=False, footer_links=["api"], state_session_capacity=sessions,
+        app_kwargs={"lifespan": bounds.lifespan},
         theme=gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                                 font_mono=["ui-monospace", "monospace"]))

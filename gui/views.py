@@ -17,7 +17,7 @@ import pandas as pd
 
 from toolchain.jobs import Job
 
-ERROR_PREFIX = "edgesmith: error:"
+ERROR_PREFIX = ("edgesmith: error:", "edgesmith: internal error:")
 
 
 def refused(error: Exception) -> str:
@@ -58,14 +58,14 @@ def read_metrics(path: Path) -> pd.DataFrame:
     """metrics.jsonl as a (step, loss) frame; empty while nothing was written."""
     rows = []
     try:
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
                 r = json.loads(line)
-            except json.JSONDecodeError:  # a line being written
+                if isinstance(r, dict) and "loss" in r:
+                    rows.append({"step": int(r["step"]), "loss": float(r["loss"])})
+            except (ValueError, TypeError, KeyError):  # a line being written (or not a metrics line)
                 continue
-            if "loss" in r:
-                rows.append({"step": int(r["step"]), "loss": float(r["loss"])})
-    except FileNotFoundError:
+    except OSError:
         pass
     # typed even when empty: the plot takes its axis types from the first frame it gets
     return pd.DataFrame({"step": pd.Series([r["step"] for r in rows], dtype="int64"),

@@ -141,7 +141,9 @@ def describe_pass(step: dict) -> str:
 
 
 def _json(path: Path) -> dict | None:
+    """A JSON object file, or None when it is missing or unreadable (not JSON, not UTF-8, not an object)."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
+    return value if isinstance(value, dict) else None

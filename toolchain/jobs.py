@@ -169,6 +169,9 @@ class JobManager:
         if not commands or not all(isinstance(c, list) and c and all(isinstance(a, str) for a in c) for c in commands):
             raise EdgesmithError("job commands: a non-empty list of argument lists (strings), one per command")
         self.root.mkdir(parents=True, exist_ok=True)
+        for old_id, old in list(self._children.items()):  # reap runners that ended unread (no zombies kept)
+            if old.poll() is not None:
+                self._children.pop(old_id, None)
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{secrets.token_hex(2)}"
         d = self.root / job_id
         d.mkdir()
@@ -219,17 +222,16 @@ class JobManager:
                    progress=read_progress(d / "log.txt") if status == "running" else {},
                    outputs=spec.get("outputs", {}), result_file=spec.get("result_file"), dir=str(d))
 
-    def list(self, kind: str | None = None) -> list[Job]:
-        """Every job (of `kind`), newest first."""
+    def list(self, kind: str | None = None, limit: int | None = None) -> list[Job]:
+        """Jobs (of `kind`), newest first, at most `limit`: only those are read (the kind is in the id)."""
         if not self.root.is_dir():
             return []
-        ids = sorted((p.name for p in self.root.iterdir() if ID_RE.match(p.name) and (p / "job.json").is_file()),
-                     reverse=True)
-        jobs = [self.get(i) for i in ids]
-        return [j for j in jobs if kind is None or j.kind == kind]
+        ids = sorted((p.name for p in self.root.iterdir() if ID_RE.match(p.name) and (p / "job.json").is_file()
+                      and (kind is None or p.name[16:-5] == kind)), reverse=True)
+        return [self.get(i) for i in ids[:limit]]
 
     def latest(self, kind: str) -> Job | None:
-        jobs = self.list(kind)
+        jobs = self.list(kind, limit=1)
         return jobs[0] if jobs else None
 
     def log(self, job_id: str, max_lines: int = 40) -> str:
@@ -255,20 +257,92 @@ class JobManager:
     # ------------------------------------------------------------------------- cancelling
 
     def cancel(self, job_id: str, grace_s: float = 5.0) -> Job:
-        """SIGTERM the job's process group, SIGKILL it after `grace_s`; returns the final state."""
+        """SIGTERM every process of the job, SIGKILL what is left after `grace_s`; returns the final state.
+
+        "Every process": the runner's process group and every descendant of the runner, also those
+        that left the group for a session of their own (torchrun's ranks), found through /proc, and
+        their descendants in turn; each is identified by pid and start time, so that a reused pid
+        is never signalled. Zombies count as gone (they hold nothing but a pid)."""
         d = self._dir(job_id)
         job = self.get(job_id)
         if job.done:
             return job
         (d / "cancel").touch()
-        pid = (_read_json(d / "pid.json") or {}).get("pid")
+        info = _read_json(d / "pid.json") or {}
+        pid = info.get("pid")
         if pid is None:
             return self.get(job_id)
-        _signal_group(pid, signal.SIGTERM)
-        if not _wait_group(pid, grace_s):  # something ignored SIGTERM
-            _signal_group(pid, signal.SIGKILL)
-            _wait_group(pid, 2.0)
+        tracked: dict[int, int | None] = {pid: info.get("start_time")}
+        if not _stop(pid, tracked, signal.SIGTERM, grace_s):  # something ignored SIGTERM
+            _stop(pid, tracked, signal.SIGKILL, 2.0)
+        self._children.pop(job_id, None)
         return self.get(job_id)
+
+
+def _processes() -> dict[int, tuple[int, int, str, int]]:
+    """pid -> (parent pid, process group, state letter, start time) of every process, from /proc."""
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        f = stat[stat.rindex(")") + 2:].split()
+        found[int(entry.name)] = (int(f[1]), int(f[2]), f[0], int(f[19]))
+    return found
+
+
+def _job_processes(pgid: int, tracked: dict[int, int | None]) -> dict[int, bool]:
+    """Live (not zombie) processes of a job: its process group `pgid`, the `tracked` processes still
+    running (same start time: the runner to begin with), and the descendants of all of these. What it
+    finds is added to `tracked`, so a rank whose parent died first is still found the next time.
+    Returns pid -> whether it is in the group (a signal to the group reached it)."""
+    procs = _processes()
+    roots = {p for p, start in tracked.items() if p in procs and start in (None, procs[p][3])}
+    members = {p for p, (_, group, _, _) in procs.items() if group == pgid} | roots
+    children: dict[int, list[int]] = {}
+    for p, (ppid, _, _, _) in procs.items():
+        children.setdefault(ppid, []).append(p)
+    todo = list(members)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in members:
+                members.add(child)
+                todo.append(child)
+    live = {p for p in members if p in procs and procs[p][2] != "Z"}
+    tracked.update((p, procs[p][3]) for p in live)
+    return {p: procs[p][1] == pgid for p in live}
+
+
+def _stop(pgid: int, tracked: dict[int, int | None], sig: int, timeout_s: float) -> bool:
+    """Send `sig` to the job's processes (and to any that appear meanwhile) until none is left or
+    `timeout_s` passes; reaps the leader if it is our child. True when none is left."""
+    if not Path("/proc").is_dir():  # not Linux: the process group is all we can reach
+        _signal_group(pgid, sig)
+        return _wait_group(pgid, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    before = _job_processes(pgid, tracked)  # before any signal: a parent that dies first hides its children
+    _signal_group(pgid, sig)
+    signalled = {p for p, in_group in before.items() if in_group}  # once is enough (torchrun shuts down on one)
+    while True:
+        try:
+            os.waitpid(pgid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        live = _job_processes(pgid, tracked)
+        if not live:
+            return True
+        for p in set(live) - signalled:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+            signalled.add(p)
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _wait_group(pgid: int, timeout_s: float) -> bool:

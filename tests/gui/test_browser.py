@@ -168,7 +168,10 @@ def test_benchmark_tab_runs_and_shows_the_roofline_fraction(page, screenshots):
         expect()(page.locator("#bench-start, #bench-missing").first).to_be_visible()
         shot(page, screenshots, "benchmark")
         pytest.skip("devices/bench.py is not in this tree yet: the tab is there, the harness is not")
-    page.locator("#bench-artifacts").get_by_label("models/tiny-gguf").check()
+    field = page.locator("#bench-artifacts input").first
+    field.click()
+    page.get_by_role("option", name="models/tiny-gguf", exact=True).click()
+    expect()(page.locator("#bench-artifacts")).to_contain_text("models/tiny-gguf")
     fill(page, "bench-prompt-len", 16)
     fill(page, "bench-gen-len", 16)
     fill(page, "bench-repeat", 1)

@@ -278,7 +278,9 @@ def test_an_internal_error_is_one_line_with_a_hint_and_exit_1(monkeypatch, capsy
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(devices.planner, "plan", broken)
-    monkeypatch.delenv("EDGESMITH_DEBUG", raising=False)
+    # set (not deleted) so that undoing it also removes the EDGESMITH_DEBUG=1 that `--debug` sets below:
+    # left in os.environ, every later test's subprocess would print tracebacks
+    monkeypatch.setenv("EDGESMITH_DEBUG", "0")
     # execute
     code = main(["devices", "plan", "pixel-8", "--model", "nano"])
     out, err = capsys.readouterr()
@@ -290,7 +292,6 @@ def test_an_internal_error_is_one_line_with_a_hint_and_exit_1(monkeypatch, capsy
     code = main(["devices", "plan", "pixel-8", "--model", "nano", "--debug"])
     out, err = capsys.readouterr()
     assert code == 1 and "Traceback (most recent call last)" in err and "ZeroDivisionError" in err
-    monkeypatch.delenv("EDGESMITH_DEBUG", raising=False)
 
 
 def test_the_bad_files_really_differ_from_the_good_ones(good, tmp_path):
