@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from models.errors import EdgesmithError
+
 
 def peak_rss_mb() -> float:
     """Peak resident set of this process (VmHWM; ru_maxrss survives exec on Linux)."""
@@ -92,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spin-waiting threads on a shared device
-    result = bench_artifact(args.artifact, args.prompt_len, args.gen_len, args.repeat)
+    try:
+        result = bench_artifact(args.artifact, args.prompt_len, args.gen_len, args.repeat)
+    except EdgesmithError as e:  # bad input: one line (the caller quotes it), no traceback
+        if os.environ.get("EDGESMITH_DEBUG", "").lower() in ("1", "true", "yes", "on"):
+            raise
+        print(f"edgesmith: error: {e}", file=sys.stderr, flush=True)
+        return 2
     if args.bandwidth:
         from devices.measure import measure_bandwidth
 

@@ -183,6 +183,9 @@ class LocalRunner:
         argv = [self.python, "-m", "devices.agent", str(path), *_agent_args(prompt_len, gen_len, repeat), "--json", "-"]
         r = run_streaming(argv, self.timeout_s, self.on_line, what=f"bench of {path}", env=self.env)
         if r.returncode != 0:
+            ours = [line for line in r.output.splitlines() if line.startswith("edgesmith: error: ")]
+            if ours:  # the agent refused its input in one line: that line is the error
+                raise EdgesmithError(ours[-1][len("edgesmith: error: "):])
             tail = " | ".join(r.output.strip().splitlines()[-2:])[:400]
             raise EdgesmithError(f"bench of {path} on local failed (exit {r.returncode}): {tail}")
         return {**_last_json(r.output, f"bench of {path}"), "runner": "agent"}

@@ -155,10 +155,6 @@ def test_a_compress_of_a_bad_checkpoint_fails_in_one_line_and_writes_nothing(gui
     assert not (gui.ws / "runs" / "from-bad").exists() and not list(gui.ws.glob("runs/.*"))
 
 
-@pytest.mark.xfail(strict=True, reason="devices/agent.py lets an EdgesmithError escape as a traceback, and "
-                   "devices/bench.py LocalRunner quotes its last two lines: the status line shows `raise "
-                   "EdgesmithError(...) | models.errors.EdgesmithError: ...` (integrator: catch it in agent.main, "
-                   "print one line, exit 2, and quote only that line)")
 def test_a_bench_of_a_bad_artifact_fails_in_one_line_and_writes_nothing(gui, failed_jobs):
     assert not (gui.ws / "bench").exists() or not any((gui.ws / "bench").iterdir())  # no results file
     check_failed(*failed_jobs["bench"])
