@@ -21,6 +21,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -48,7 +49,7 @@ def run_streaming(argv: Sequence[str], timeout: float, on_line: Callable[[str], 
     try:
         proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, text=True, errors="replace", env=env,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_dies_with(os.getpid(), _prctl()))
     except FileNotFoundError:
         raise EdgesmithError(f"{argv[0]}: not found on PATH (needed for {what or 'this device'})") from None
     lines: list[str] = []
@@ -70,6 +71,24 @@ def run_streaming(argv: Sequence[str], timeout: float, on_line: Callable[[str], 
                              f"{shlex.join(argv)[:200]}") from None
     reader.join(timeout=5)
     return RunResult(proc.returncode, "".join(lines))
+
+
+def _prctl():
+    """libc's prctl on Linux (looked up before a fork), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _dies_with(parent: int, prctl):
+    """preexec_fn: the child (in a session of its own, so a timeout can kill its group) gets SIGKILL
+    when this process dies, even by SIGKILL: a killed `edgesmith bench` leaves no agent or ssh behind."""
+    def preexec() -> None:
+        if prctl is not None and prctl(1, signal.SIGKILL) == 0 and os.getppid() != parent:  # PR_SET_PDEATHSIG
+            os._exit(1)
+    return preexec
 
 
 def _kill(proc: subprocess.Popen) -> None:
