@@ -189,3 +189,15 @@ def format_plan(p: Plan) -> str:
              f"  prefill bound      {p.prefill_tok_s_bound:>10,.1f} tok/s  ({p.compute_precision} peak compute)",
              f"  recommended: {p.recommended_format}, {p.recommended_precision}"]
     return "\n".join(lines)
+
+
+def target_verdict(device: str, artifact, fmt: str) -> str:
+    """One line: does the artifact fit the device, its decode bound, and whether the device prefers this format
+    (what `export --target` prints and the GUI's Export tab shows)."""
+    profile = load_profile(device)
+    p = plan(profile, str(artifact))
+    fit = (f"fits ({p.total_bytes / 1e6:,.1f} MB of a {p.budget_bytes / 1e6:,.0f} MB budget at {p.context:,} "
+           f"tokens)" if p.fits else f"does NOT fit ({p.total_bytes / 1e6:,.1f} MB of a {p.budget_bytes / 1e6:,.0f} "
+           f"MB budget at {p.context:,} tokens; largest context that fits: {p.max_context:,})")
+    prefers = "" if fmt in profile.formats else f"; {device} prefers {', '.join(profile.formats)}"
+    return f"target {device:<12} {fit}, decode bound {p.decode_tok_s_bound:,.1f} tok/s{prefers}"

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.errors import EdgesmithError
+from runtimes.loader import artifact_formats
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 KINDS = ("phone", "jetson", "sbc", "desktop")
-FORMATS = ("gguf", "onnx", "executorch", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 TRANSPORT_SCHEMES = ("local", "ssh://", "adb://")
 GIB = 1 << 30
@@ -67,7 +67,7 @@ class DeviceProfile:
                 raise EdgesmithError(f"{where}: peak compute precision {prec!r}; allowed: {', '.join(PRECISIONS)}")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise EdgesmithError(f"{where}: peak compute {prec} {value!r} must be a positive number")
-        for name, allowed in (("formats", FORMATS), ("precisions", PRECISIONS)):
+        for name, allowed in (("formats", tuple(artifact_formats())), ("precisions", PRECISIONS)):
             values = getattr(self, name)
             if not values:
                 raise EdgesmithError(f"{where}: {name} is empty; allowed: {', '.join(allowed)}")

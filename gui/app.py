@@ -18,7 +18,7 @@ from gui import devices_tab, runs
 from gui.actions import SKIP, Actions
 from gui.playground import Playground
 from models.llama import SIZES
-from toolchain.export.registry import MODULES, PRECISIONS
+from toolchain.export.spec import MODULES, PRECISIONS
 
 POLL_S = 1.0
 CACHE_S = 24 * 3600  # Gradio's copies of uploads and of files it shows are deleted after a day (checked hourly)
@@ -172,10 +172,6 @@ def _profiles() -> list[str]:
 
 
 def _bench_tab(act: Actions, timer, demo):
-    if not devices_tab.bench_available():
-        gr.Markdown("The benchmark harness (`edgesmith bench`, devices/bench.py) is not in this build yet.",
-                    elem_id="bench-missing")
-        return
     from gui import bench_tab
 
     bench_tab.build(act, timer, demo)

@@ -84,13 +84,6 @@ def profile_table(name: str) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- benchmark
 
 
-def bench_available() -> bool:
-    from toolchain.cli import build_parser
-
-    sub = next(a for a in build_parser()._subparsers._group_actions if a.dest == "command")  # noqa: SLF001
-    return "bench" in sub.choices
-
-
 def bench_table(results: list[dict] | None) -> pd.DataFrame:
     cols = ["artifact", "format", "precision", "device", "MB", "prefill tok/s", "decode tok/s", "TTFT ms",
             "peak RSS MB", "decode bound tok/s", "roofline fraction"]

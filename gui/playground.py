@@ -78,7 +78,7 @@ class Playground:
 
 
 def _start(session, history: list, message: str, cfg):
-    from toolchain.cli import stream_text
+    from runtimes.text import stream_text
 
     tok = session.tokenizer
     context = "".join(m["content"] for m in history) + message

@@ -1,41 +1,40 @@
 """`runtimes.load(path, **options) -> Session`: the backend for an artifact directory or a checkpoint.
 
-An artifact directory (with `manifest.json`) gets the backend of its format (BACKEND_OF_FORMAT);
+An artifact directory (with `manifest.json`) gets the backend registered for its format;
 a checkpoint directory (`edgesmith.json`, or a transformers-saved Llama with `config.json`) gets
-the torch backend. Backends live one per module and are imported only when asked for, by module
-path (BACKENDS), so loading a GGUF never imports ExecuTorch. The tokenizer is the directory's
+the torch backend. Backends live one per module in `runtimes/backends/`, registered in `models.registry.BACKENDS`;
+their format runtimes (llama_cpp, onnxruntime, executorch) are imported only inside the backend that
+runs them, so loading a GGUF never imports ExecuTorch. The tokenizer is the directory's
 `tokenizer.json` when it has one our Tokenizer reads. Options are the backend's keyword
 arguments; an unknown one is refused in one line that lists the allowed ones.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from pathlib import Path
 
 from models.errors import EdgesmithError
+from models.registry import BACKENDS
 from runtimes.artifact import MANIFEST, read_manifest
 from runtimes.session import Session
 
-# backend -> (module, Session class, how it is built: "directory" or "checkpoint")
-BACKENDS = {
-    "torch": ("runtimes.torch", "TorchSession"),
-    "onnxruntime": ("runtimes.onnxruntime", "OnnxRuntimeSession"),
-    "executorch": ("runtimes.executorch", "ExecuTorchSession"),
-    "llamacpp": ("runtimes.llamacpp", "LlamaCppSession"),
-    "tensorrt": ("runtimes.tensorrt", "TensorRTSession"),
-}
-BACKEND_OF_FORMAT = {"gguf": "llamacpp", "onnx": "onnxruntime", "executorch": "executorch", "tensorrt": "tensorrt"}
-# A TensorRT artifact also holds the TensorRT-ready ONNX, which ONNX Runtime runs anywhere.
-ALSO_RUNS = {"tensorrt": ("onnxruntime",)}
-
 
 def backend_class(name: str) -> type[Session]:
-    if name not in BACKENDS:
-        raise EdgesmithError(f"backend {name!r}; allowed: {', '.join(BACKENDS)}")
-    module, cls = BACKENDS[name]
-    return getattr(importlib.import_module(module), cls)
+    return BACKENDS.get(name, "backend").obj
+
+
+def backends_for(fmt: str) -> list[str]:
+    """The backends that run a `fmt` artifact, its own first (a TensorRT artifact also holds the
+    TensorRT-ready ONNX, which ONNX Runtime runs anywhere)."""
+    entries = BACKENDS.entries()
+    own = [e.name for e in entries if fmt in e.meta.get("formats", ())]
+    return own + [e.name for e in entries if fmt in e.meta.get("also", ())]
+
+
+def artifact_formats() -> list[str]:
+    """Every artifact format some backend runs."""
+    return sorted({f for e in BACKENDS.entries() for f in e.meta.get("formats", ())})
 
 
 def artifact_tokenizer(directory: Path, manifest: dict):
@@ -77,10 +76,10 @@ def load(path: str | Path, backend: str | None = None, **options) -> Session:
     if (path / MANIFEST).is_file():
         manifest = read_manifest(path, verify=False)  # the backend verifies every file's sha256
         fmt = manifest.get("format")
-        if fmt not in BACKEND_OF_FORMAT:
-            raise EdgesmithError(f"{path / MANIFEST}: format {fmt!r}; allowed: {', '.join(BACKEND_OF_FORMAT)}")
-        name = backend or BACKEND_OF_FORMAT[fmt]
-        allowed = (BACKEND_OF_FORMAT[fmt], *ALSO_RUNS.get(fmt, ()))
+        allowed = backends_for(fmt) if isinstance(fmt, str) else []
+        if not allowed:
+            raise EdgesmithError(f"{path / MANIFEST}: format {fmt!r}; allowed: {', '.join(artifact_formats())}")
+        name = backend or allowed[0]
         if name not in allowed:
             raise EdgesmithError(f"backend {name!r} cannot run a {fmt} artifact; allowed: {', '.join(allowed)}")
         cls = backend_class(name)

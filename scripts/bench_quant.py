@@ -77,7 +77,7 @@ def anchor_rows(model, best4, tokenizer, val, args) -> list[tuple]:
     """llama.cpp Q8_0 / Q4_0 / Q4_K_M of the F16 GGUF, and our best 4-bit as GGUF, through llama.cpp."""
     import llama_cpp
 
-    from toolchain.export.gguf import write_gguf
+    from toolchain.export.formats.gguf import write_gguf
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         f16 = Path(tmp) / "f16.gguf"

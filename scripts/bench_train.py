@@ -29,7 +29,7 @@ from pathlib import Path
 
 def start_cell(model: str, nproc: int, precision: str, args, out: Path, threads: int | None = None,
                batch_size: int | None = None) -> tuple[subprocess.Popen, list[str], Path]:
-    cmd = [sys.executable, "-m", "toolchain.cli", "train", "--model", model, "--data", args.data,
+    cmd = [sys.executable, "-m", "edgesmith", "train", "--model", model, "--data", args.data,
            "--steps", str(args.steps), "--batch-size", str(batch_size or args.batch_size), "--seq-len",
            str(args.seq_len), "--precision", precision, "--nproc", str(nproc), "--warmup", "2", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # let the trainer split the cores

@@ -52,7 +52,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def project_root() -> Path:
     """The directory holding the `toolchain` package: put on the jobs' PYTHONPATH so that
-    `python -m toolchain.cli` works from any working directory."""
+    `python -m edgesmith` works from any working directory."""
     return Path(__file__).resolve().parents[1]
 
 
@@ -391,7 +391,7 @@ def run_job(d: Path) -> int:
                 break
             write_text_atomic(d / "step.json", json.dumps({"step": step}) + "\n")
             log.write(f"$ edgesmith {shlex.join(argv)}\n".encode())
-            proc = subprocess.Popen([sys.executable, "-m", "toolchain.cli", *argv], cwd=spec["cwd"],
+            proc = subprocess.Popen([sys.executable, "-m", "edgesmith", *argv], cwd=spec["cwd"],
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
             rc = proc.wait()
             if rc != 0:

@@ -38,7 +38,8 @@ from pathlib import Path
 from models.atomic import remove_tree, replace_dir, temp_path, write_text_atomic
 from models.checkpoint import read_json
 from models.errors import EdgesmithError
-from toolchain.recipe import FORMAT_TOOLKITS, Recipe, to_toml
+from toolchain.export.spec import get_format
+from toolchain.recipe import Recipe, to_toml
 
 MARKER = ".step.json"
 RUN_JSON = "run.json"
@@ -281,9 +282,10 @@ def optional_formats(recipe: Recipe) -> tuple[list[str], list[dict]]:
     """The formats to export: every listed one, plus each optional one whose toolkit imports here."""
     formats, skipped = list(recipe.export.formats), []
     for f in recipe.export.optional:
-        if importable(FORMAT_TOOLKITS[f]):
+        toolkit = get_format(f).toolkit
+        if importable(toolkit):
             formats.append(f)
         else:
-            skipped.append({"format": f, "reason": f"optional; `{FORMAT_TOOLKITS[f]}` does not import here"})
+            skipped.append({"format": f, "reason": f"optional; `{toolkit}` does not import here"})
     return formats, skipped
 

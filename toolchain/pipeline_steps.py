@@ -16,14 +16,15 @@ from pathlib import Path
 
 from models.checkpoint import read_json, write_text_atomic
 from models.errors import EdgesmithError
+from models.registry import METHODS
+from toolchain.compress import QUANTIZE
+from toolchain.export.spec import get_format
 from toolchain.pipeline import Step, digest, optional_formats
 from toolchain.recipe import Recipe, float_precision
 
 REPORT_VERSION = 1
 # Rough seconds per unit on a 2-core CPU, only for the ETA (the display rescales by measured pace).
 TOKENS_PER_S = {"nano": 8000.0, "micro": 2200.0, "small": 600.0}
-EXPORT_S = {"gguf": 5.0, "onnx": 6.0, "executorch": 50.0, "tensorrt": 8.0}  # x3 for quantized ExecuTorch
-QUANT_S = {"rtn": 3.0, "gptq": 15.0, "awq": 60.0, "smoothquant": 5.0, "kv_int8": 5.0}
 
 
 def plan(recipe: Recipe, run_dir: Path) -> tuple[list[Step], list[dict]]:
@@ -149,7 +150,7 @@ def _pass_name(cfg) -> str:
 
 def _compress_step(recipe: Recipe, run_dir: Path, i: int, cfg, in_key: str, src: Path, source_ckpt: Path) -> Step:
     from toolchain.compress import config_to_dict, kind_of
-    from toolchain.compress.driver import TRAINING_KINDS
+    from toolchain.compress.driver import training_kinds
 
     kind = kind_of(cfg)
     keyed = config_to_dict(cfg)
@@ -159,12 +160,13 @@ def _compress_step(recipe: Recipe, run_dir: Path, i: int, cfg, in_key: str, src:
     s = recipe.compress
     settings = {"data": recipe.data, "calib_seq_len": s.calib_seq_len, "eval_seq_len": s.eval_seq_len,
                 "eval_tokens": s.eval_tokens, "seed": s.seed}
-    nproc = s.nproc if kind in TRAINING_KINDS else 1
+    nproc = s.nproc if kind in training_kinds() else 1
     key = digest({"step": "pass", "input": in_key, "kind": kind, "config": keyed, "settings": settings,
                   "nproc": nproc})
     name = f"{i + 1:02d}-{_pass_name(cfg)}"
     train_s = getattr(cfg, "steps", 0) * getattr(cfg, "batch_size", 0) * getattr(cfg, "seq_len", 0) / 6000.0
-    estimate = 10.0 + QUANT_S.get(keyed.get("method", ""), 10.0) + train_s
+    quant_s = METHODS.get(keyed["method"]).meta.get("estimate_s", 10.0) if "method" in keyed and kind == QUANTIZE else 10.0
+    estimate = 10.0 + quant_s + train_s
 
     def run(tmp: Path) -> dict:
         from toolchain.compress.driver import REPORT, compress_checkpoint
@@ -216,7 +218,7 @@ def _export_step(recipe: Recipe, run_dir: Path, fmt: str, precision: str, in_key
                 "export_s": m["export_s"], "parity": m["parity"]}
 
     slow = fmt == "executorch" and _quantized(recipe)  # one XNNPACK partition per quantized Linear
-    estimate = EXPORT_S.get(fmt, 10.0) * (3 if slow else 1)
+    estimate = get_format(fmt).estimate_s * (3 if slow else 1)  # x3 for quantized ExecuTorch
     return Step("export", fmt, key, run_dir / "artifacts" / fmt, run, estimate,
                 f"export {fmt} ({precision} floats; quantized weights keep their codes), parity in its runtime")
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from models.errors import EdgesmithError
+from models.registry import FORMATS, METHODS, PASSES
+from toolchain.compress import QUANTIZE, pass_kinds
+from toolchain.export.spec import PRECISIONS
 from toolchain.train.trainer import TrainConfig
 
 BUNDLED = Path(__file__).parent / "recipes"
-PASS_KINDS = ("quantize", "prune", "lowrank", "distill", "qat")
 DEVICE_FORMATS = "device"  # export.formats / export.precision value: take them from the target's profile
-# What must import for a format listed in export.optional to be exported (else it is skipped, noted).
-FORMAT_TOOLKITS = {"tensorrt": "tensorrt", "executorch": "executorch", "gguf": "llama_cpp", "onnx": "onnxruntime"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class CompressSettings:
 @dataclass(frozen=True)
 class ExportSettings:
     formats: tuple[str, ...] = ()
-    optional: tuple[str, ...] = ()  # exported only where their toolkit imports (FORMAT_TOOLKITS)
+    optional: tuple[str, ...] = ()  # exported only where their toolkit imports (FormatSpec.toolkit)
     precision: str = "fp32"  # float weights (or "device": see float_precision); quantized checkpoints keep their codes
     max_seq_len: int | None = None
     fuse: bool = True
@@ -268,24 +268,21 @@ def _source(t: dict) -> Source:
 
 
 def _pass(p, path: str):
-    from toolchain.compress import KINDS, METHODS, PASSES, _load_methods
-
     if not isinstance(p, dict):
         raise EdgesmithError(f"{path}: expected a table, got {_tname(p)}")
     p = dict(p)
     kind = p.pop("kind", None)
     if kind is None:
-        raise EdgesmithError(f"{path}.kind: missing; allowed: {', '.join(PASS_KINDS)}")
-    if kind not in PASS_KINDS:
-        raise EdgesmithError(f"{path}.kind: {kind!r} is not one of {', '.join(PASS_KINDS)}")
-    _load_methods()
-    if kind != "quantize":
-        return build(KINDS.get(kind).config, p, path)
+        raise EdgesmithError(f"{path}.kind: missing; allowed: {', '.join(pass_kinds())}")
+    if kind not in pass_kinds():
+        raise EdgesmithError(f"{path}.kind: {kind!r} is not one of {', '.join(pass_kinds())}")
+    if kind != QUANTIZE:
+        return build(PASSES.get(kind).config, p, path)
     method = p.pop("method", None)
-    if method not in METHODS:
+    if method not in METHODS.names():
         got = "missing" if method is None else f"{method!r} is not one of"
-        raise EdgesmithError(f"{path}.method: {got} {', '.join(METHODS)}".replace("missing ", "missing; allowed: "))
-    return build(PASSES.get(method).config, p, path)
+        raise EdgesmithError(f"{path}.method: {got} {', '.join(METHODS.names())}".replace("missing ", "missing; allowed: "))
+    return build(METHODS.get(method).config, p, path)
 
 
 def _profile(target: Target, export: dict):
@@ -305,16 +302,14 @@ def _profile(target: Target, export: dict):
 
 
 def _export(t: dict, profile) -> ExportSettings:
-    from toolchain.export.registry import MODULES, PRECISIONS
-
     t = dict(t)
     if t.get("formats") == DEVICE_FORMATS:
         t["formats"] = _device_formats(profile)
     s = build(ExportSettings, t, "export")
     for key in ("formats", "optional"):
         for i, f in enumerate(getattr(s, key)):
-            if f not in MODULES:
-                raise EdgesmithError(f"export.{key}[{i}]: unknown format {f!r}; allowed: {', '.join(MODULES)}")
+            if f not in FORMATS.names():
+                raise EdgesmithError(f"export.{key}[{i}]: unknown format {f!r}; allowed: {', '.join(FORMATS.names())}")
     if len(set(s.formats + s.optional)) != len(s.formats + s.optional):
         raise EdgesmithError("export.formats: a format is listed twice (formats and optional together)")
     if s.precision not in PRECISIONS + (DEVICE_FORMATS,):
@@ -325,9 +320,7 @@ def _export(t: dict, profile) -> ExportSettings:
 
 
 def _device_formats(profile) -> list[str]:
-    from toolchain.export.registry import MODULES
-
-    picked = [f for f in profile.formats if f in MODULES]
+    picked = [f for f in profile.formats if f in FORMATS.names()]
     if not picked:
         raise EdgesmithError(f"export.formats: device {profile.name} lists no format edgesmith exports "
                              f"({', '.join(profile.formats) or 'none'})")

@@ -20,6 +20,8 @@ from pathlib import Path
 from models.atomic import write_bytes_atomic, write_text_atomic
 from models.checkpoint import read_json
 from models.errors import EdgesmithError
+from models.registry import METHODS, PASSES
+from toolchain.compress import QUANTIZE
 
 
 # ----------------------------------------------------------------------------- collecting
@@ -76,11 +78,8 @@ def _changed(kind: str, config: dict) -> str:
     """A pass's settings that differ from its config class's defaults (method first), as k=v."""
     import dataclasses
 
-    from toolchain.compress import KINDS, PASSES, _load_methods
-
-    _load_methods()
     try:
-        cls = PASSES.get(config["method"]).config if kind == "quantize" else KINDS.get(kind).config
+        cls = METHODS.get(config["method"]).config if kind == QUANTIZE else PASSES.get(kind).config
     except (EdgesmithError, KeyError):
         cls = None
     defaults = {f.name: f.default for f in dataclasses.fields(cls)} if cls else {}

@@ -11,7 +11,7 @@ import pytest
 
 from devices.bench import bench, format_table, plot_results, read_results, write_results
 from models.errors import EdgesmithError
-from toolchain.cli import main
+from edgesmith.cli import main
 
 FAKE_ADB = Path(__file__).parent / "fake_adb"
 SMALL = dict(prompt_len=16, gen_len=16, repeat=2)

@@ -34,7 +34,7 @@ def start_gui(workspace: Path, *extra: str, env: dict | None = None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **(env or {})}
     with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "toolchain.cli", "gui", "--workspace", str(workspace),
+        proc = subprocess.Popen([sys.executable, "-m", "edgesmith", "gui", "--workspace", str(workspace),
                                  "--port", str(port), *extra], stdout=f, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 90

@@ -8,8 +8,8 @@ import kernels
 from models.llama import KERNELS, Transformer
 from models.quant import QuantizedLinear, quantize_linear_
 from runtimes.sampling import GenerationConfig
-from runtimes.torch import TorchSession
-from toolchain.cli import main
+from runtimes.backends.torch import TorchSession
+from edgesmith.cli import main
 from toolchain.export.parity import torch_threads
 
 GREEDY = ("--prompt", "def moving_average(values", "--temperature", "0", "--max-new-tokens", "24")

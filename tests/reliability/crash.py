@@ -1,6 +1,6 @@
 """Run `edgesmith` as a user does, SIGKILL it at a chosen point, and look at what it left behind.
 
-`launch(args)` starts `python -m toolchain.cli ARGS` in a session of its own (so the whole process
+`launch(args)` starts `python -m edgesmith ARGS` in a session of its own (so the whole process
 group -- torchrun, its ranks, bench agents that stay in the group -- can be killed the way a
 terminal or a job manager does), with one CPU thread and a tag in its environment that every
 descendant inherits. `Proc.kill_when(...)` waits for a condition plus a delay, then
@@ -62,7 +62,7 @@ class Proc:
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                     **(env or {})}
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "toolchain.cli", *self.args], env=full_env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgesmith", *self.args], env=full_env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         self.chunks: list[bytes] = []

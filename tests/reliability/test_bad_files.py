@@ -6,7 +6,7 @@ edited; a tokenizer of another model (vocab larger than the model's); a tensor o
 Artifact files are tried twice: as they are (the manifest's sha256 refuses them) and "resealed",
 with the manifest's sha256 updated to match, so that the format's own parser must refuse them
 cleanly. Entry points: `runtimes.load`, and `edgesmith eval / generate / export / bench` run in
-process through `toolchain.cli.main` (plus the real console script for the no-traceback check).
+process through `edgesmith.cli.main` (plus the real console script for the no-traceback check).
 """
 
 import json
@@ -23,7 +23,7 @@ from models.checkpoint import sha256_file
 from models.errors import EdgesmithError
 from models.tokenizer import train_tokenizer
 from tests.conftest import TEXT
-from toolchain.cli import main
+from edgesmith.cli import main
 from toolchain.export.manifest import write_manifest
 from toolchain.export.parity import torch_threads
 

@@ -1,5 +1,5 @@
 """Fuzzing the readers of user-supplied files: the recipe parser, the artifact manifest reader and
-the GGUF file our llama.cpp loader opens (runtimes.llamacpp.check_gguf reads its metadata first).
+the GGUF file our llama.cpp loader opens (runtimes.backends.llamacpp.check_gguf reads its metadata first).
 The property everywhere: a bad file either loads or raises EdgesmithError with a one-line message;
 nothing else escapes (llama.cpp aborts the whole process on some corruptions; none may reach it).
 """
@@ -161,7 +161,7 @@ def test_manifest_mutated_bytes(tmp_path_factory, data):
 @pytest.fixture(scope="module")
 def gguf_bytes(tmp_path_factory, tokenizer, tiny_config):
     """A small valid GGUF of a random tiny model, as our exporter writes it."""
-    from toolchain.export.gguf import write_gguf
+    from toolchain.export.formats.gguf import write_gguf
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("gguf") / "model.gguf"
@@ -173,7 +173,7 @@ def gguf_bytes(tmp_path_factory, tokenizer, tiny_config):
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 8), span=st.sampled_from([32, 512, 4096, 16384]))
 def test_gguf_mutated_header(tmp_path_factory, gguf_bytes, tiny_config, seed, n, span):
     pytest.importorskip("llama_cpp")
-    from runtimes.llamacpp import LlamaCppSession
+    from runtimes.backends.llamacpp import LlamaCppSession
 
     # setup: bytes flipped in the header / metadata region, with a manifest whose sha256 matches the
     # bad file (so the GGUF reading is exercised, not only the sha256 check)

@@ -158,7 +158,7 @@ def _free_port() -> int:
 def test_gui_auth_secret_reaches_no_output_or_file(tmp_path):
     # setup: the real `edgesmith gui --auth admin:SECRET`
     ws, port = tmp_path / "ws", _free_port()
-    argv = [sys.executable, "-m", "toolchain.cli", "gui", "--workspace", str(ws), "--port", str(port)]
+    argv = [sys.executable, "-m", "edgesmith", "gui", "--workspace", str(ws), "--port", str(port)]
     env = {k: v for k, v in os.environ.items() if k != "EDGESMITH_GUI_AUTH"}
     argv += ["--auth", f"admin:{SECRET}"]
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from toolchain.cli import main
+from edgesmith.cli import main
 from toolchain.export.parity import torch_threads
 
 

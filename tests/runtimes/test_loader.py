@@ -53,7 +53,7 @@ def test_a_quantized_checkpoint_runs_its_fake_quant_weights(checkpoints, prompt)
 
 
 def test_a_tensorrt_artifact_says_why_it_cannot_run_here_and_runs_its_onnx(artifact, checkpoints, prompt):
-    from runtimes.tensorrt import unavailable_reason
+    from runtimes.backends.tensorrt import unavailable_reason
 
     # setup
     path = artifact("tensorrt")

@@ -73,7 +73,7 @@ def test_decode_returns_fresh_arrays(name, artifact, prompt):
 
 
 def test_accuracy_level_override_finds_external_data(checkpoints, tmp_path, monkeypatch, prompt):
-    import toolchain.export.onnx as onnx_export
+    import toolchain.export.formats.onnx as onnx_export
     from toolchain.export import ExportConfig, export
 
     # setup: the 4-bit graph with its weights in model.onnx.data (as a large model's are)

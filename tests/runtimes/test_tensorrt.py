@@ -11,7 +11,7 @@ import pytest
 
 import runtimes
 from runtimes import GenerationConfig
-from runtimes.tensorrt import unavailable_reason
+from runtimes.backends.tensorrt import unavailable_reason
 from tests.toolchain.export.test_tensorrt import STUBS, patched_stubs
 
 BACKEND = Path(__file__).parents[2] / "runtimes/tensorrt.py"

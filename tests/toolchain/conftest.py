@@ -54,7 +54,7 @@ def edgesmith(*args, timeout=600, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "toolchain.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "edgesmith", *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=timeout, **kw)
 
 

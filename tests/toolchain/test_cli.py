@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from models.checkpoint import child_lineage, save_checkpoint
-from toolchain.cli import main
+from edgesmith.cli import main
 
 
 def edgesmith(*args, cwd=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "toolchain.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "edgesmith", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=600)
 
 

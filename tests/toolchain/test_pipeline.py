@@ -100,7 +100,7 @@ def test_killed_run_resumes_from_its_last_completed_step(tiny_recipe, tmp_path):
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                        os.environ.get("PYTHONPATH")]))}
     args = ["run", str(tiny_recipe), "--out", str(out), "--set", "target.bench=false"]
-    proc = subprocess.Popen([sys.executable, "-m", "toolchain.cli", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "edgesmith", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     marker = out / "checkpoints" / "00-train" / MARKER
     deadline = time.monotonic() + 300

@@ -6,7 +6,7 @@ import tomllib
 import pytest
 
 from models.errors import EdgesmithError
-from toolchain.cli import main
+from edgesmith.cli import main
 from toolchain.recipe import BUNDLED, apply_override, list_recipes, load_recipe, parse_recipe, to_toml
 
 BASE = {

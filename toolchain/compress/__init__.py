@@ -1,14 +1,14 @@
 """Compression passes: registry, context, calibration data, and `apply(model, cfg, ctx)`.
 
-Each method is one file with a frozen config and one registered function; importing this package
-registers them all. A pass changes the model in place and returns it; it records what it did in
+Each quantize method (`methods/`) and each other pass kind (`passes/`) is one file with a frozen config
+and one function registered in `models.registry` (METHODS, PASSES) under its file name; a module is
+imported when its name is first asked for. A pass changes the model in place and returns it; it records what it did in
 `ctx.report`. Calibration always comes from the TRAIN split (`calibration_tokens`), never validation.
 This package does not read or write checkpoints (the CLI and pipeline do).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from models.errors import EdgesmithError
-from toolchain.registry import Registry
+from models.registry import METHODS, PASSES
 
-PASSES = Registry("quantize method")
-METHODS = ("rtn", "gptq", "awq", "smoothquant", "kv_int8")
-# The other pass kinds register one config each under their kind (prune has its own `method` field).
-KINDS = Registry("pass kind")
-KIND_MODULES = ("prune", "lowrank", "distill", "qat")
+QUANTIZE = "quantize"  # the pass kind whose configs are the quantize METHODS
+
+
+def pass_kinds() -> list[str]:
+    """quantize, then every kind in `passes/` (prune, lowrank, distill, qat)."""
+    return [QUANTIZE, *PASSES.names()]
 
 
 @dataclass
@@ -38,15 +39,9 @@ class Context:
     env: object = None  # toolchain.train.launch.DistEnv of this rank (None: a single process)
 
 
-def _load_methods() -> None:
-    for m in METHODS + KIND_MODULES:
-        importlib.import_module(f"toolchain.compress.{m}")
-
-
 def kind_of(cfg) -> str:
     """'quantize', or the kind a prune / lowrank / distill / qat config is registered under."""
-    _load_methods()
-    return next((k for k in KINDS.names() if KINDS.get(k).config is type(cfg)), "quantize")
+    return next((e.name for e in PASSES.entries() if e.config is type(cfg)), QUANTIZE)
 
 
 def apply(model: nn.Module, cfg, ctx: Context | None = None) -> nn.Module:
@@ -54,13 +49,12 @@ def apply(model: nn.Module, cfg, ctx: Context | None = None) -> nn.Module:
     changes its shape, e.g. structured pruning)."""
     ctx = ctx or Context()
     kind = kind_of(cfg)
-    entry = PASSES.for_config(cfg) if kind == "quantize" else KINDS.get(kind)
-    return entry.fn(model, cfg, ctx)
+    entry = METHODS.for_config(cfg) if kind == QUANTIZE else PASSES.get(kind)
+    return entry.obj(model, cfg, ctx)
 
 
-def config_class(method: str) -> type:
-    _load_methods()
-    return PASSES.get(method).config
+def config_class(method: str, what: str | None = None) -> type:
+    return METHODS.get(method, what).config
 
 
 def _parse_value(text: str):
@@ -79,20 +73,19 @@ def parse_pass(spec: str, rules=()) -> object:
     """`quantize:method=gptq,bits=4,group_size=32` or `prune:method=heads,ratio=0.25` -> the config
     (rules added if it has them)."""
     kind, _, body = spec.partition(":")
-    if kind not in ("quantize",) + KIND_MODULES:
-        raise EdgesmithError(f"--pass {spec!r}: unknown pass kind {kind!r}; allowed: quantize, {', '.join(KIND_MODULES)}")
+    if kind not in pass_kinds():
+        raise EdgesmithError(f"--pass {spec!r}: unknown pass kind {kind!r}; allowed: {', '.join(pass_kinds())}")
     kv = {}
     for part in filter(None, body.split(",")):
         key, eq, value = part.partition("=")
         if not eq:
             raise EdgesmithError(f"--pass {spec!r}: {part!r} is not key=value")
         kv[key.strip()] = _parse_value(value.strip())
-    if kind != "quantize":
-        _load_methods()
-        return _build(spec, KINDS.get(kind).config, kv, rules)
+    if kind != QUANTIZE:
+        return _build(spec, PASSES.get(kind).config, kv, rules)
     if "method" not in kv:
-        raise EdgesmithError(f"--pass {spec!r}: missing method=; allowed: {', '.join(METHODS)}")
-    return _build(spec, config_class(str(kv.pop("method"))), kv, rules)
+        raise EdgesmithError(f"--pass {spec!r}: missing method=; allowed: {', '.join(METHODS.names())}")
+    return _build(spec, config_class(str(kv.pop("method")), f"--pass {spec!r}"), kv, rules)
 
 
 def _build(spec: str, cls: type, kv: dict, rules) -> object:
@@ -110,7 +103,7 @@ def config_to_dict(cfg) -> dict:
     d = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
     if "rules" in d:
         d["rules"] = [list(r) for r in d["rules"]]
-    return d if kind_of(cfg) != "quantize" else {"method": PASSES.for_config(cfg).name, **d}
+    return d if kind_of(cfg) != QUANTIZE else {"method": METHODS.for_config(cfg).name, **d}
 
 
 def calibration_tokens(train: np.ndarray, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint
 from models.errors import EdgesmithError
+from models.registry import PASSES
 from toolchain.compress import Context, apply, calibration_tokens, config_to_dict, kind_of
 from toolchain.compress.quality import compare, layer_sqnr
 
@@ -61,7 +62,9 @@ def model_stats(model, val, seq_len: int, eval_tokens: int) -> dict:
             "perplexity": compare(model, None, val, seq_len, eval_tokens)["perplexity"]}
 
 
-TRAINING_KINDS = ("distill", "qat")
+def training_kinds() -> list[str]:
+    """The pass kinds that train (registered with trains=True): the ones --nproc applies to."""
+    return [e.name for e in PASSES.entries() if e.meta.get("trains")]
 
 
 def compress_checkpoint(src: str | Path, out: str | Path, passes: list, data: str = "stdlib",
@@ -83,8 +86,8 @@ def compress_checkpoint(src: str | Path, out: str | Path, passes: list, data: st
         raise EdgesmithError(f"{out}: already exists (pass --force to replace it)")
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise EdgesmithError(f"--nproc: {nproc!r} must be an integer >= 1")
-    if nproc > 1 and not any(kind_of(cfg) in TRAINING_KINDS for cfg in passes):
-        raise EdgesmithError(f"--nproc {nproc}: no pass trains (only {', '.join(TRAINING_KINDS)} do); "
+    if nproc > 1 and not any(kind_of(cfg) in training_kinds() for cfg in passes):
+        raise EdgesmithError(f"--nproc {nproc}: no pass trains (only {', '.join(training_kinds())} do); "
                              "leave --nproc out")
     if nproc > 1 and argv is None:
         raise EdgesmithError("--nproc: the ranks re-run the command line; call this from `edgesmith compress`")

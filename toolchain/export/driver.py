@@ -21,7 +21,8 @@ from models.errors import EdgesmithError
 from toolchain.export.hf_optimum import export_hf, is_hf_directory
 from toolchain.export.manifest import build_manifest, write_manifest
 from toolchain.export.parity import check_parity
-from toolchain.export.registry import MODULES, PRECISIONS, get_format
+from models.registry import FORMATS
+from toolchain.export.spec import PRECISIONS, get_format
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,8 @@ class ExportConfig:
                 object.__setattr__(self, "target", load_profile(self.target).name)
             except EdgesmithError as e:  # an unknown name lists the known ones
                 raise EdgesmithError(f"--target: {e}") from None
-        if self.format not in MODULES:
-            raise EdgesmithError(f"--format: unknown format {self.format!r}; allowed: {', '.join(MODULES)}")
+        if self.format not in FORMATS.names():
+            raise EdgesmithError(f"--format: unknown format {self.format!r}; allowed: {', '.join(FORMATS.names())}")
         if self.precision not in PRECISIONS:
             raise EdgesmithError(f"--precision: {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if self.max_seq_len is not None and self.max_seq_len < 1:

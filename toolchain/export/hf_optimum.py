@@ -4,7 +4,7 @@ A directory saved by `transformers` (no `edgesmith.json`: Qwen2, Phi, Gemma, ...
 optimum's ONNX exporter with the `text-generation-with-past` task: a decoder whose KV cache is
 explicit inputs/outputs, plus `attention_mask` and `position_ids`. It gets the same manifest
 (`exporter` says optimum) and the same parity check, against `transformers` as the reference,
-through `runtimes.onnxruntime`. fp32 only: optimum exports fp16 only on a GPU. Weights are read
+through `runtimes.backends.onnxruntime`. fp32 only: optimum exports fp16 only on a GPU. Weights are read
 from safetensors only. This module does not convert or optimize the graph.
 """
 
@@ -84,7 +84,7 @@ def export_hf(src: Path, out: Path, cfg, log=print) -> dict:
         manifest = hf_manifest(src, hf_config, max_seq_len)
         manifest["export_s"] = round(export_s, 3)
         write_manifest(tmp, manifest)
-        from runtimes.onnxruntime import OnnxRuntimeBackend
+        from runtimes.backends.onnxruntime import OnnxRuntimeBackend
 
         vocab = int(hf_config["vocab_size"])
         prompt = parity_prompt(src, vocab, cfg.parity_positions)

@@ -17,7 +17,7 @@ from pathlib import Path
 from models.checkpoint import Checkpoint, sha256_file, write_text_atomic
 from models.version import versions
 from runtimes.artifact import MANIFEST, MANIFEST_FORMAT
-from toolchain.export.registry import files_in
+from toolchain.export.spec import files_in
 
 MANIFEST_VERSION = 1
 

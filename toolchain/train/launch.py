@@ -110,12 +110,12 @@ def strip_nproc(argv: list[str]) -> list[str]:
 
 
 def relaunch(argv: list[str], nproc: int) -> int:
-    """Run `python -m toolchain.cli ARGV` as `nproc` ranks under torchrun on this machine; its exit code."""
+    """Run `python -m edgesmith ARGV` as `nproc` ranks under torchrun on this machine; its exit code."""
     threads = max(1, usable_cores() // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
            "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "toolchain.train.torchrun", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "toolchain.cli", *strip_nproc(argv)]
+           "-m", "edgesmith", *strip_nproc(argv)]
     preexec = functools.partial(_term_with_parent, os.getpid(), _prctl())  # prctl looked up before the fork
     return subprocess.run(cmd, env=env, preexec_fn=preexec).returncode
 

@@ -9,7 +9,7 @@ import torch
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.errors import EdgesmithError
-from toolchain.cli import main
+from edgesmith.cli import main
 from toolchain.compress import Context, apply, parse_pass
 from toolchain.compress.quality import compare
 from toolchain.train.trainer import TrainConfig, train

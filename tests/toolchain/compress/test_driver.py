@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.quant import Int8KVAttention, QuantizedEmbedding, QuantizedLinear
-from toolchain.cli import main
+from edgesmith.cli import main
 from toolchain.compress import Context, apply, parse_pass
 
 

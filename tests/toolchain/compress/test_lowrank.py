@@ -11,9 +11,9 @@ import torch
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.errors import EdgesmithError
 from models.lowrank import LowRankLinear
-from toolchain.cli import main
+from edgesmith.cli import main
 from toolchain.compress import Context, apply, parse_pass
-from toolchain.compress.lowrank import factorize
+from toolchain.compress.passes.lowrank import factorize
 
 
 def factorized(trained, spec):

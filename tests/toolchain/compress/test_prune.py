@@ -10,7 +10,7 @@ from torch import nn
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.errors import EdgesmithError
-from toolchain.cli import main
+from edgesmith.cli import main
 from toolchain.compress import Context, apply, parse_pass
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -11,7 +11,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.errors import EdgesmithError
 from models.quant import QuantizedLinear, quantize_rtn, replace_module_
 from toolchain.compress import Context, apply, parse_pass
-from toolchain.compress.qat import FakeQuantLinear
+from toolchain.compress.passes.qat import FakeQuantLinear
 from toolchain.train.trainer import TrainConfig, train
 
 SHORT = "steps=8,batch_size=4,seq_len=64,eval_tokens=2048"

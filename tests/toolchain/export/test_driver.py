@@ -6,7 +6,7 @@ import pytest
 
 from models.errors import EdgesmithError
 from runtimes.artifact import read_manifest
-from toolchain.cli import main
+from edgesmith.cli import main
 from toolchain.export import ExportConfig, export
 
 
@@ -34,7 +34,7 @@ def test_cli_export_writes_a_verified_manifest(float_checkpoint, tmp_path, capsy
 
 
 def test_tampered_artifact_is_refused(float_checkpoint, tmp_path):
-    from runtimes.llamacpp import LlamaCppBackend
+    from runtimes.backends.llamacpp import LlamaCppBackend
 
     # setup
     out = tmp_path / "a"
@@ -82,7 +82,7 @@ def test_existing_output_needs_force(float_checkpoint, tmp_path, capsys):
 
 def test_failed_parity_leaves_nothing(float_checkpoint, tmp_path, monkeypatch):
     # setup: a GGUF writer that breaks the RoPE permutation, as a wrong exporter would
-    import toolchain.export.gguf as gguf_export
+    import toolchain.export.formats.gguf as gguf_export
 
     monkeypatch.setattr(gguf_export, "permute_rope_rows", lambda w, n_heads: w)
     # execute / assert

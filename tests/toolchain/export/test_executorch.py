@@ -9,13 +9,13 @@ import torch
 from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint
 from models.quant import QuantizedEmbedding, QuantizedLinear, quantize_embedding_, quantize_linear_
 from toolchain.export import ExportConfig, export
-from toolchain.export.executorch import ExecuTorchEmbedding, split_codes
+from toolchain.export.formats.executorch import ExecuTorchEmbedding, split_codes
 
 
 @pytest.mark.slow  # lowering to XNNPACK takes 15-50 s per export on two shared cores
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_pte_runs_in_executorch_runtime_with_parity(float_checkpoint, tmp_path, precision):
-    from runtimes.executorch import ExecuTorchBackend
+    from runtimes.backends.executorch import ExecuTorchBackend
 
     # execute
     out = tmp_path / "et"

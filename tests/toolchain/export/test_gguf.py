@@ -6,7 +6,7 @@ import torch
 
 from models.llama import apply_rope, rope_tables
 from toolchain.export import ExportConfig, export
-from toolchain.export.gguf import gguf_tensors, permute_rope_rows
+from toolchain.export.formats.gguf import gguf_tensors, permute_rope_rows
 
 
 def llama_cpp_rope(x: torch.Tensor, pos: int, theta: float) -> torch.Tensor:

@@ -37,7 +37,7 @@ def test_onnx_graph_runs_in_onnxruntime_with_parity(float_checkpoint, tmp_path, 
 
 
 def test_large_weights_go_to_external_data(float_checkpoint, tmp_path, monkeypatch):
-    import toolchain.export.onnx as onnx_export
+    import toolchain.export.formats.onnx as onnx_export
 
     # setup: treat the tiny model as large
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
@@ -52,7 +52,7 @@ def test_large_weights_go_to_external_data(float_checkpoint, tmp_path, monkeypat
 def test_fused_decode_writes_the_cache_in_place(float_checkpoint, tmp_path):
     import numpy as np
 
-    from runtimes.onnxruntime import OnnxRuntimeBackend
+    from runtimes.backends.onnxruntime import OnnxRuntimeBackend
 
     # setup
     export(float_checkpoint, tmp_path / "onnx", ExportConfig(format="onnx", max_seq_len=64))

@@ -15,7 +15,7 @@ from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint
 from models.errors import EdgesmithError
 from models.quant import Int8KVAttention, quantize_linear_, quantize_rtn, replace_module_
 from toolchain.export import ExportConfig, export
-from toolchain.export.gguf import pack_q4_0, pack_q8_0
+from toolchain.export.formats.gguf import pack_q4_0, pack_q8_0
 from toolchain.export.onnx_graph import matmulnbits_weight
 
 

@@ -14,7 +14,7 @@ TINY = {"vocab_size": 320, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads":
 
 def edgesmith(*args, timeout=300, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "toolchain.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "edgesmith", *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=timeout, **kw)
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.checkpoint import load_checkpoint
-from toolchain.cli import main
+from edgesmith.cli import main
 from toolchain.train.launch import usable_cores
 
 from .conftest import edgesmith
@@ -68,7 +68,7 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny_json,
     assert full.returncode == 0, full.stderr
     # execute: kill -9 once step 25 is logged (the newest complete state is then step 20)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "toolchain.cli", *map(str, args), "--out", tmp_path / "cut"],
+    proc = subprocess.Popen([sys.executable, "-m", "edgesmith", *map(str, args), "--out", tmp_path / "cut"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     metrics = tmp_path / "cut" / "metrics.jsonl"
     deadline = time.time() + 240
@@ -112,7 +112,7 @@ def test_sigkill_of_the_launcher_stops_its_ranks(tiny_json, corpus, tmp_path):
     # setup: a 2-rank run far longer than the test
     out = tmp_path / "run"
     args = ("train", "--model", tiny_json, "--data", corpus, "--steps", 100000, *COMMON, "--nproc", 2, "--out", out)
-    proc = subprocess.Popen([sys.executable, "-m", "toolchain.cli", *map(str, args)],
+    proc = subprocess.Popen([sys.executable, "-m", "edgesmith", *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(_ranks_of(out)) >= 2):

@@ -8,7 +8,7 @@ from torch import nn
 
 from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint
 from models.quant import QuantizedLinear
-from toolchain.cli import main
+from edgesmith.cli import main
 from toolchain.train.lora import LoRA, LoRALinear, apply_lora_, count_params, load_adapter_, merge_lora_
 from toolchain.train.trainer import TrainConfig, train
 

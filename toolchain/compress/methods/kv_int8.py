@@ -16,7 +16,7 @@ from torch import nn
 from models.errors import EdgesmithError
 from models.llama import Attention, apply_rope
 from models.quant import Int8KVAttention, replace_module_
-from toolchain.compress import PASSES
+from models.registry import METHODS
 from toolchain.compress.common import require_calibration
 
 
@@ -61,7 +61,7 @@ def head_amax(model: nn.Module, calib: torch.Tensor, batch_size: int = 8) -> dic
     return {n: (k, v) for n, (k, v) in amax.items()}
 
 
-@PASSES.register("kv_int8", KVInt8)
+@METHODS.register("kv_int8", config=KVInt8, estimate_s=5.0)
 def kv_int8(model: nn.Module, cfg: KVInt8, ctx) -> nn.Module:
     calib = require_calibration(ctx, cfg, "kv_int8")
     scales = {}

@@ -25,9 +25,10 @@ from torch import nn
 
 from models.errors import EdgesmithError
 from models.quant import QuantizedLinear, check_scheme, dequantize, quantize_rtn, replace_module_
-from toolchain.compress import KINDS, Context
+from models.registry import PASSES
+from toolchain.compress import Context
 from toolchain.compress.common import embedding_names, plan_layers, quantize_embeddings_
-from toolchain.compress.distill import TrainPass, check_trainable, run_training, val_perplexity
+from toolchain.compress.passes.distill import TrainPass, check_trainable, run_training, val_perplexity
 from toolchain.compress.rules import bits_for, parse_rules
 
 
@@ -91,7 +92,7 @@ class QAT(TrainPass):
 
 def _rtn_baseline(model: nn.Module, cfg: QAT, ctx) -> float:
     """Validation perplexity of the `rtn` pass on the input model (what QAT is measured against)."""
-    from toolchain.compress.rtn import RTN, rtn
+    from toolchain.compress.methods.rtn import RTN, rtn
 
     q = rtn(copy.deepcopy(model), RTN(bits=cfg.bits, group_size=cfg.group_size, rules=cfg.rules), Context())
     return val_perplexity(q, ctx, cfg)
@@ -128,7 +129,7 @@ def finalize_(model: nn.Module, cfg: QAT, probe: torch.Tensor) -> dict:
     return {"codes_identical": True, "added_error_max_abs_logit": diff}
 
 
-@KINDS.register("qat", QAT)
+@PASSES.register("qat", config=QAT, trains=True)
 def qat(model: nn.Module, cfg: QAT, ctx) -> nn.Module:
     check_trainable(model, cfg, ctx)
     plan = {n: b for n, b in plan_layers(model, cfg, ctx.report).items() if b is not None}

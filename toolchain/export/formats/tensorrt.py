@@ -18,9 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.checkpoint import Checkpoint
-from toolchain.export.onnx import save_onnx
+from toolchain.export.formats.onnx import save_onnx
 from toolchain.export.onnx_graph import plain_graph
-from toolchain.export.registry import FormatSpec, quantization_scheme, refuse_int8_kv_cache, register_format
+from toolchain.export.spec import FormatSpec, quantization_scheme, refuse_int8_kv_cache, register_format
 from toolchain.export.tensorrt_engine import EngineShapes, build_engine, unavailable_reason
 
 ONNX_FILE = "model.onnx"
@@ -52,10 +52,11 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
 
 
 def _backend(directory: Path):
-    from runtimes.onnxruntime import OnnxRuntimeBackend
+    from runtimes.backends.onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(directory, fmt="tensorrt")
 
 
 register_format(FormatSpec(name="tensorrt", precisions=("fp32", "fp16"), write=write, backend=_backend,
-                           runtime_package="onnxruntime", quant_exact=True))
+                           runtime_package="onnxruntime", quant_exact=True,
+                           toolkit="tensorrt", estimate_s=8.0))

@@ -28,7 +28,7 @@ from torch import nn
 
 from models.errors import EdgesmithError
 from models.llama import Transformer
-from toolchain.compress import KINDS
+from models.registry import PASSES
 
 METHODS = ("magnitude", "2:4", "heads", "channels", "layers")
 STRUCTURED = ("heads", "channels", "layers")
@@ -155,7 +155,7 @@ def prune_two_four(model: nn.Module, cfg: Prune, ctx) -> nn.Module:
     return model
 
 
-@KINDS.register("prune", Prune)
+@PASSES.register("prune", config=Prune)
 def prune(model: nn.Module, cfg: Prune, ctx) -> nn.Module:
     require_plain(model, cfg.method)
     if cfg.method == "magnitude":

@@ -27,7 +27,7 @@ from torch import nn
 
 from models.errors import EdgesmithError
 from models.llama import SIZES, Transformer, config_for
-from toolchain.compress import KINDS
+from models.registry import PASSES
 from toolchain.compress.quality import compare
 
 
@@ -173,7 +173,7 @@ def distill_loss(teacher: nn.Module, cfg: Distill):
     return loss_fn
 
 
-@KINDS.register("distill", Distill)
+@PASSES.register("distill", config=Distill, trains=True)
 def distill(model: nn.Module, cfg: Distill, ctx) -> nn.Module:
     teacher = load_teacher(cfg, ctx)
     if cfg.student is not None:  # a fresh model of a named size, speaking the teacher's vocabulary

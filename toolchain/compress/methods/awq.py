@@ -20,7 +20,7 @@ from torch import nn
 
 from models.errors import EdgesmithError
 from models.quant import QuantizedLinear, dequantize, group_scales, quantize_codes, quantize_rtn, replace_module_
-from toolchain.compress import PASSES
+from models.registry import METHODS
 from toolchain.compress.common import (WeightQuant, capture_inputs, fold_scales_, fold_target, plan_layers,
                                        progress, quantize_embeddings_, require_calibration, stages)
 
@@ -100,7 +100,7 @@ def clip_search(W: torch.Tensor, X: torch.Tensor, bits: int, group_size: int, n_
     return codes, best_d.squeeze(-1).half()
 
 
-@PASSES.register("awq", AWQ)
+@METHODS.register("awq", config=AWQ, estimate_s=60.0)
 def awq(model: nn.Module, cfg: AWQ, ctx) -> nn.Module:
     plan = plan_layers(model, cfg, ctx.report)
     calib = require_calibration(ctx, cfg, "awq")

@@ -17,7 +17,7 @@ from torch import nn
 
 from models.errors import EdgesmithError
 from models.quant import group_scales, quantize_codes
-from toolchain.compress import PASSES
+from models.registry import METHODS
 from toolchain.compress.common import (WeightQuant, capture_inputs, plan_layers, progress, quantize_embeddings_,
                                        require_calibration, stages, swap_quantized_)
 
@@ -78,7 +78,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     return codes, scales.half()
 
 
-@PASSES.register("gptq", GPTQ)
+@METHODS.register("gptq", config=GPTQ, estimate_s=15.0)
 def gptq(model: nn.Module, cfg: GPTQ, ctx) -> nn.Module:
     plan = plan_layers(model, cfg, ctx.report)
     calib = require_calibration(ctx, cfg, "gptq")

@@ -57,7 +57,7 @@ from models.errors import EdgesmithError
 from models.llama import Transformer
 from models.lowrank import LowRankLinear
 from models.quant import QuantizedEmbedding, QuantizedLinear, replace_module_
-from toolchain.export.registry import FormatSpec, quantization_scheme, refuse_int8_kv_cache, register_format
+from toolchain.export.spec import FormatSpec, quantization_scheme, refuse_int8_kv_cache, register_format
 
 FILE = "model.pte"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -228,10 +228,11 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
 
 
 def _backend(directory: Path):
-    from runtimes.executorch import ExecuTorchBackend
+    from runtimes.backends.executorch import ExecuTorchBackend
 
     return ExecuTorchBackend(directory)
 
 
 register_format(FormatSpec(name="executorch", precisions=("fp32", "fp16"), write=write, backend=_backend,
-                           runtime_package="executorch"))
+                           runtime_package="executorch",
+                           toolkit="executorch", estimate_s=50.0))

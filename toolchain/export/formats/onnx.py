@@ -3,7 +3,7 @@
 By default the fused graph (GroupQueryAttention holding the cache, RotaryEmbedding,
 Simplified/SkipSimplifiedLayerNormalization); `--no-fuse` writes the plain standard-op graph. Both
 are built by `onnx_graph` from the same weights, fp32 or fp16, and are parity-checked through
-`runtimes.onnxruntime`. Quantized Linears keep their codes exactly: MatMulNBits (bits 4/8, block =
+`runtimes.backends.onnxruntime`. Quantized Linears keep their codes exactly: MatMulNBits (bits 4/8, block =
 group size) in the fused graph, block-wise DequantizeLinear (opset 21) in the plain one; a quantized
 token embedding is GatherBlockQuantized (fused) or DequantizeLinear + Gather (plain). Models
 whose weights pass EXTERNAL_DATA_BYTES are saved with external data (`model.onnx.data`), since a
@@ -19,7 +19,7 @@ import onnx
 
 from models.checkpoint import Checkpoint
 from toolchain.export.onnx_graph import fused_graph, plain_graph
-from toolchain.export.registry import FormatSpec, quantization_scheme, refuse_int8_kv_cache, register_format
+from toolchain.export.spec import FormatSpec, quantization_scheme, refuse_int8_kv_cache, register_format
 
 FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -59,10 +59,11 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
 
 
 def _backend(directory: Path):
-    from runtimes.onnxruntime import OnnxRuntimeBackend
+    from runtimes.backends.onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(directory)
 
 
 register_format(FormatSpec(name="onnx", precisions=("fp32", "fp16"), write=write, backend=_backend,
-                           runtime_package="onnxruntime", quant_exact=True))
+                           runtime_package="onnxruntime", quant_exact=True,
+                           toolkit="onnxruntime", estimate_s=6.0))

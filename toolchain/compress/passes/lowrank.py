@@ -31,8 +31,8 @@ from torch import nn
 from models.errors import EdgesmithError
 from models.lowrank import LowRankLinear
 from models.quant import replace_module_
-from toolchain.compress import KINDS
-from toolchain.compress.prune import DEFAULT_TARGETS
+from models.registry import PASSES
+from toolchain.compress.passes.prune import DEFAULT_TARGETS
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def choose_ranks(linears: dict[str, nn.Linear], cfg: LowRank) -> dict[str, int]:
     return best if cost <= cfg.budget * dense else ranks
 
 
-@KINDS.register("lowrank", LowRank)
+@PASSES.register("lowrank", config=LowRank)
 def lowrank(model: nn.Module, cfg: LowRank, ctx) -> nn.Module:
     linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and re.search(cfg.targets, n)}
     if not linears:

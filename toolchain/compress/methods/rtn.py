@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from models.quant import QuantizedLinear, replace_module_
-from toolchain.compress import PASSES
+from models.registry import METHODS
 from toolchain.compress.common import WeightQuant, plan_layers, quantize_embeddings_
 
 
@@ -19,7 +19,7 @@ class RTN(WeightQuant):
     pass
 
 
-@PASSES.register("rtn", RTN)
+@METHODS.register("rtn", config=RTN, estimate_s=3.0)
 def rtn(model: nn.Module, cfg: RTN, ctx) -> nn.Module:
     plan = plan_layers(model, cfg, ctx.report)
     embeds = quantize_embeddings_(model, cfg)

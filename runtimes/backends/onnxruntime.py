@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import EdgesmithError
+from models.registry import BACKENDS
 from runtimes.artifact import artifact_bytes, read_manifest
 from runtimes.session import Session, default_threads
 
@@ -56,6 +57,7 @@ def graph_with_accuracy_level(path: Path, level: int) -> bytes | None:
     return model.SerializeToString()
 
 
+@BACKENDS.register("onnxruntime", formats=("onnx",), also=("tensorrt",))
 class OnnxRuntimeSession(Session):
     backend = "onnxruntime"
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from models.errors import EdgesmithError
+from models.registry import BACKENDS
 from runtimes.artifact import read_manifest
 from runtimes.native_stderr import captured
 from runtimes.session import Session
@@ -24,6 +25,7 @@ from runtimes.session import Session
 RUNTIME_PACKAGE = "executorch"
 
 
+@BACKENDS.register("executorch", formats=("executorch",))
 class ExecuTorchSession(Session):
     backend = "executorch"
 

@@ -17,7 +17,7 @@ writes it, and llama.cpp's get_rows dequantizes exactly our `scale * code`. A ti
 `output.weight`: llama.cpp then runs the head from `token_embd`, which is what our
 `TiedQuantizedHead` computes. A scheme a GGUF block cannot hold is refused with one line naming the
 tensor. The rest (norms, any layer left float) is F32 or F16 per `--precision`. This module writes
-the file; parity runs it through `runtimes.llamacpp`.
+the file; parity runs it through `runtimes.backends.llamacpp`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from models.llama import ModelConfig, Transformer
 from models.lowrank import LowRankLinear
 from models.quant import Int8KVAttention, QuantizedEmbedding, QuantizedLinear
 from models.tokenizer import Tokenizer
-from toolchain.export.registry import FormatSpec, quantization_scheme, register_format
+from toolchain.export.spec import FormatSpec, quantization_scheme, register_format
 
 FILE = "model.gguf"
 
@@ -212,10 +212,11 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
 
 
 def _backend(directory: Path):
-    from runtimes.llamacpp import LlamaCppBackend
+    from runtimes.backends.llamacpp import LlamaCppBackend
 
     return LlamaCppBackend(directory)
 
 
 register_format(FormatSpec(name="gguf", precisions=("fp32", "fp16"), write=write, backend=_backend,
-                           runtime_package="llama-cpp-python"))
+                           runtime_package="llama-cpp-python",
+                           toolkit="llama_cpp", estimate_s=5.0))

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from models.errors import EdgesmithError
+from models.registry import BACKENDS
 from models.llama import Transformer
 from models.quant import QuantizedLinear, replace_module_
 from runtimes.session import Session
@@ -64,6 +65,7 @@ def load_model(path: Path):
     return model.eval(), tokenizer
 
 
+@BACKENDS.register("torch", formats=())
 class TorchSession(Session):
     backend = "torch"
 

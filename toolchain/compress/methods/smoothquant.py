@@ -16,7 +16,7 @@ from torch import nn
 
 from models.errors import EdgesmithError
 from models.quant import QuantizedLinear, replace_module_
-from toolchain.compress import PASSES
+from models.registry import METHODS
 from toolchain.compress.common import (WeightQuant, capture_inputs, fold_scales_, fold_target, plan_layers,
                                        progress, quantize_embeddings_, require_calibration, stages)
 
@@ -32,7 +32,7 @@ class SmoothQuant(WeightQuant):
             raise EdgesmithError(f"alpha={self.alpha!r} must be in [0, 1]")
 
 
-@PASSES.register("smoothquant", SmoothQuant)
+@METHODS.register("smoothquant", config=SmoothQuant, estimate_s=5.0)
 def smoothquant(model: nn.Module, cfg: SmoothQuant, ctx) -> nn.Module:
     plan = plan_layers(model, cfg, ctx.report)
     calib = require_calibration(ctx, cfg, "smoothquant")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from models.errors import EdgesmithError
+from models.registry import BACKENDS
 from runtimes.artifact import read_manifest
 from runtimes.session import Session
 
@@ -55,6 +56,7 @@ def torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
     return table[dtype]
 
 
+@BACKENDS.register("tensorrt", formats=("tensorrt",))
 class TensorRTSession(Session):
     backend = "tensorrt"
 

@@ -1,27 +1,19 @@
-"""The registry of export formats: a dict plus a decorator, filled lazily by module path.
+"""What an export format registers, and the helpers every format shares.
 
-Each format lives in one file (`toolchain/export/<name>.py`) and registers a `FormatSpec` with
-`@register_format`. `get_format(name)` imports that file only when the format is asked for, so
-heavy backends (ExecuTorch, TensorRT, llama.cpp) are never imported by formats that don't need
-them. This module holds no format logic.
+Each format is one file in `toolchain/export/formats/` that registers a `FormatSpec` in
+`models.registry.FORMATS` under its file name (`register_format(FormatSpec(...))`). `get_format(name)`
+imports that file only when the format is asked for, so heavy backends (ExecuTorch, TensorRT,
+llama.cpp) are never imported by formats that don't need them. This module holds no format logic.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from models.errors import EdgesmithError
-
-# name -> module that registers it; adding a format is one file plus one line here.
-MODULES = {
-    "onnx": "toolchain.export.onnx",
-    "executorch": "toolchain.export.executorch",
-    "gguf": "toolchain.export.gguf",
-    "tensorrt": "toolchain.export.tensorrt",
-}
+from models.registry import FORMATS
 
 PRECISIONS = ("fp32", "fp16")
 EMBEDDING = "model.embed_tokens"  # the token embedding's name in edgesmith.json "quantization"
@@ -38,24 +30,16 @@ class FormatSpec:
     # True when the runtime computes quantized weights exactly as the fake-quant reference does
     # (dequantize, float matmul): such artifacts are held to the float thresholds.
     quant_exact: bool = False
-
-
-_REGISTRY: dict[str, FormatSpec] = {}
+    toolkit: str = ""  # the module that must import for this format to be exported here (recipe `optional`)
+    estimate_s: float = 10.0  # rough seconds for a nano export on 2 cores, only for the pipeline's ETA
 
 
 def register_format(spec: FormatSpec) -> FormatSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"export format {spec.name!r} registered twice")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return FORMATS.register(spec.name, spec)
 
 
-def get_format(name: str) -> FormatSpec:
-    if name not in MODULES:
-        raise EdgesmithError(f"--format: unknown format {name!r}; allowed: {', '.join(MODULES)}")
-    if name not in _REGISTRY:
-        importlib.import_module(MODULES[name])
-    return _REGISTRY[name]
+def get_format(name: str, what: str = "--format") -> FormatSpec:
+    return FORMATS.get(name, what).obj
 
 
 def files_in(directory: Path) -> list[str]:

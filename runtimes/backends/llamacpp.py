@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import EdgesmithError
+from models.registry import BACKENDS
 from runtimes.artifact import artifact_bytes, read_manifest
 from runtimes.session import Session, default_threads
 
@@ -33,6 +34,7 @@ KV_TYPES = ("f32", "f16")
 _backend_ready = False
 
 
+@BACKENDS.register("llamacpp", formats=("gguf",))
 class LlamaCppSession(Session):
     backend = "llamacpp"
 

@@ -1,0 +1,1 @@
+"""The `edgesmith` command's entry point; the commands themselves belong to the packages they drive."""
