@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 
 from models.errors import EdgesmithError
 from models.version import edgesmith_version
@@ -81,11 +82,20 @@ def main(argv: list[str] | None = None) -> int:
 # Library log lines that say nothing to a user of this CLI: torchao's CUDA-only extensions that do not
 # load on a CPU machine, and a pytree deprecation raised by torchao's own import. Shown with --debug.
 QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+# Libraries whose UserWarnings are notes to their own developers (ExecuTorch's "Mutation on a buffer",
+# torch.export's), not to a user of edgesmith; ours (e.g. a --rule that matches nothing) stay visible.
+QUIET_WARNING_MODULES = r"(torch|torchao|executorch|onnx|onnxscript|onnxruntime|transformers|optimum|gradio|copyreg)(\.|$)"
 
 
 def quiet_library_warnings() -> None:
+    """Filter library noise from the user's terminal (every warning is shown again with --debug): deprecation
+    notices (FutureWarning, DeprecationWarning) of the libraries we pin, and their internal UserWarnings.
+    ExecuTorch's native start-up lines are held back by runtimes.native_stderr."""
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=QUIET_WARNING_MODULES)
 
 
 def one_line(e: BaseException) -> str:

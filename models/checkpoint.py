@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def lineage_path(target: str | Path, holder: str | Path) -> str:
+    """`target` as a lineage entry of the directory `holder`: a POSIX path relative to `holder`, so a run
+    copied or moved as a whole keeps its lineage inside it (never an absolute path of the machine it ran on)."""
+    return Path(os.path.relpath(Path(target).resolve(), Path(holder).resolve())).as_posix()
+
+
+def resolve_lineage(holder: str | Path, entry: str) -> Path:
+    """The directory a lineage entry of `holder` names (relative to `holder`; older absolute entries as they are)."""
+    p = Path(entry)
+    return p if p.is_absolute() else (Path(holder) / p).resolve()
+
+
 def child_lineage(parent: Checkpoint | None, step: dict) -> dict:
     """Lineage of a checkpoint made from `parent` (None: made from scratch) by one more step."""
     passes = list(parent.meta["lineage"]["passes"]) if parent else []
@@ -153,7 +166,7 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer, out: str | Path, l
             "files": {WEIGHTS: {"sha256": sha256_file(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}},
             "quantization": quantization_meta(model),
             **({"lowrank": lowrank_meta(model)} if lowrank_meta(model) else {}),
-            "lineage": lineage,
+            "lineage": {**lineage, "parent": lineage_path(lineage["parent"], out)} if lineage.get("parent") else lineage,
             "versions": versions(),
         }
         (tmp / "edgesmith.json").write_text(json.dumps(meta, indent=2) + "\n")

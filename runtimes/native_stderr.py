@@ -3,7 +3,7 @@
 ExecuTorch's C++ loader writes its own diagnostic (`[program.cpp:...] ...`) before raising: to file
 descriptor 2, or through Python's `sys.stderr` when its pybindings route the log there.
 `captured()` points both at temporary buffers for the length of the block; the text goes back to
-stderr when the block succeeds and is handed to the caller when it fails, so the error can carry
+stderr when the block succeeds (less ExecuTorch's own start-up log lines) and is handed to the caller when it fails, so the error can carry
 its last line in our one line. With EDGESMITH_DEBUG=1 nothing is held back.
 """
 
@@ -12,11 +12,15 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import sys
 import tempfile
 import threading
 
-_lock = threading.Lock()  # descriptor 2 is one per process: one capture at a time
+_lock = threading.Lock()
+# ExecuTorch's own log lines (`[cpuinfo_utils.cpp:87] Reading file ...`): diagnostics of the runtime's
+# start-up, not the user's business once the load succeeded (shown with EDGESMITH_DEBUG=1).
+NATIVE_LOG = re.compile(r"^\[[A-Za-z0-9_]+\.(cpp|cc|c|h):[0-9]+\] ")  # descriptor 2 is one per process: one capture at a time
 
 
 class Captured:
@@ -51,6 +55,7 @@ def captured():
             os.close(saved)
             tmp.seek(0)
             out.text = tmp.read().decode("utf-8", "replace") + python_text
-            if not failed and out.text:
-                sys.stderr.write(out.text)
+            kept = "".join(line for line in out.text.splitlines(keepends=True) if not NATIVE_LOG.match(line))
+            if not failed and kept:
+                sys.stderr.write(kept)
                 sys.stderr.flush()

@@ -39,7 +39,7 @@ GOOD = (PROFILE_DIR / "raspberry-pi-5.toml").read_text()
 
 @pytest.mark.parametrize("edit, match", [
     (('kind = "sbc"', 'kind = "toaster"'), r"kind 'toaster'; allowed: phone, jetson, sbc, desktop"),
-    (('formats = ["gguf"', 'formats = ["tflite"'), r"formats entry 'tflite'; allowed: gguf, onnx, executorch"),
+    (('formats = ["gguf"', 'formats = ["tflite"'), r"formats entry 'tflite'; allowed: executorch, gguf, onnx, tensorrt"),
     (("bandwidth_gb_s = 17.07", "bandwidth_gb_s = -1"), r"bandwidth_bytes_s -1000000000.0 must be a positive"),
     (("bandwidth_gb_s = 17.07", "bandwidht_gb_s = 17.07"), r"missing field 'bandwidth_gb_s'"),
     (("cores = 4", "cores = 4\ncolor = 'red'"), r"unknown field 'color'; allowed: name, kind"),

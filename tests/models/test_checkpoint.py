@@ -1,11 +1,13 @@
 import dataclasses
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 import models.checkpoint as checkpoint
-from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint
+from models.checkpoint import child_lineage, load_checkpoint, resolve_lineage, save_checkpoint
 from models.errors import EdgesmithError
 from models.llama import Transformer
 
@@ -40,7 +42,10 @@ def test_lineage_and_versions(saved, tiny_model, tokenizer, tmp_path):
     parent = load_checkpoint(saved)
     child = save_checkpoint(tiny_model, tokenizer, tmp_path / "child", child_lineage(parent, {"kind": "quantize"}))
     meta = json.loads((child / "edgesmith.json").read_text())
-    assert meta["lineage"] == {"parent": str(saved), "passes": [STEP, {"kind": "quantize"}]}
+    # the parent is named relative to the child, so a run copied as a whole keeps its lineage
+    rel = os.path.relpath(saved.resolve(), child.resolve())
+    assert meta["lineage"] == {"parent": Path(rel).as_posix(), "passes": [STEP, {"kind": "quantize"}]}
+    assert resolve_lineage(child, meta["lineage"]["parent"]) == saved.resolve()
     assert {"edgesmith", "torch", "tokenizers", "safetensors"} <= meta["versions"].keys()
     assert len(meta["files"]["model.safetensors"]["sha256"]) == 64
 

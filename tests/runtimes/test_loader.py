@@ -95,5 +95,5 @@ def test_an_unknown_format_is_refused(artifact, tmp_path):
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps({**manifest, "format": "tflite"}))
     # execute / assert
-    with pytest.raises(EdgesmithError, match="format 'tflite'; allowed: gguf, onnx, executorch, tensorrt"):
+    with pytest.raises(EdgesmithError, match="format 'tflite'; allowed: executorch, gguf, onnx, tensorrt"):
         runtimes.load(copy)

@@ -14,7 +14,7 @@ from runtimes import GenerationConfig
 from runtimes.backends.tensorrt import unavailable_reason
 from tests.toolchain.export.test_tensorrt import STUBS, patched_stubs
 
-BACKEND = Path(__file__).parents[2] / "runtimes/tensorrt.py"
+BACKEND = Path(__file__).parents[2] / "runtimes/backends/tensorrt.py"
 # Our own modules, torch and numpy are not what is checked here: skipped (Any), so mypy reads only
 # this backend and the TensorRT stubs.
 SKIPPED = "torch,torch.*,numpy,numpy.*,models.*,runtimes.session,runtimes.artifact"

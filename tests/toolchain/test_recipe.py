@@ -45,9 +45,9 @@ DELETE = object()
     ("source.train.steps", 2.5, "source.train.steps: expected an integer, got a number 2.5"),
     ("export.fuse", "yes", "export.fuse: expected true or false, got a string 'yes'"),
     ("export.formats", "gguf", "export.formats: expected an array, got a string 'gguf'"),
-    ("pass[0].kind", "sparsify", "pass[0].kind: 'sparsify' is not one of quantize, prune, lowrank, distill, qat"),
-    ("pass[0].kind", DELETE, "pass[0].kind: missing; allowed: quantize, prune, lowrank, distill, qat"),
-    ("pass[1].method", "magic", "pass[1].method: 'magic' is not one of rtn, gptq, awq, smoothquant, kv_int8"),
+    ("pass[0].kind", "sparsify", "pass[0].kind: 'sparsify' is not one of quantize, distill, lowrank, prune, qat"),
+    ("pass[0].kind", DELETE, "pass[0].kind: missing; allowed: quantize, distill, lowrank, prune, qat"),
+    ("pass[1].method", "magic", "pass[1].method: 'magic' is not one of awq, gptq, kv_int8, rtn, smoothquant"),
     ("pass[1].bits", 5, "pass[1].bits: 5 is not allowed; allowed: 4, 8"),
     ("pass[1].group_size", 48, "pass[1].group_size: 48 is not allowed; allowed: "),
     ("pass[0].method", "sideways", "pass[0].method: 'sideways' is not supported; allowed: "),
@@ -59,8 +59,8 @@ DELETE = object()
     ("source.checkpoint", "x", "source: give exactly one of source.checkpoint"),
     ("target.device", "toaster", "target.device: unknown device profile 'toaster'; known: "),
     ("target.repeat", 0, "target.repeat: 0 must be an integer >= 1"),
-    ("export.formats", ["gguf", "tflite"], "export.formats[1]: unknown format 'tflite'; allowed: onnx, executorch, "
-                                           "gguf, tensorrt"),
+    ("export.formats", ["gguf", "tflite"], "export.formats[1]: unknown format 'tflite'; allowed: executorch, gguf, "
+                                           "onnx, tensorrt"),
     ("export.precision", "fp8", "export.precision: 'fp8' is not one of fp32, fp16, device"),
     ("name", "a b", "name: 'a b' must be letters, digits"),
 ])

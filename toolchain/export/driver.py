@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+from devices.profiles import load_profile
 from models.checkpoint import Checkpoint, load_checkpoint, replace_dir, temp_dir_for
 from models.errors import EdgesmithError
+from models.registry import FORMATS
 from toolchain.export.hf_optimum import export_hf, is_hf_directory
 from toolchain.export.manifest import build_manifest, write_manifest
 from toolchain.export.parity import check_parity
-from models.registry import FORMATS
 from toolchain.export.spec import PRECISIONS, get_format
 
 
@@ -38,8 +39,6 @@ class ExportConfig:
 
     def __post_init__(self):
         if self.target is not None:
-            from devices.profiles import load_profile
-
             try:
                 object.__setattr__(self, "target", load_profile(self.target).name)
             except EdgesmithError as e:  # an unknown name lists the known ones
@@ -95,7 +94,7 @@ def export(checkpoint: str | Path, out: str | Path, cfg: ExportConfig, log=print
         if written.get("notice"):
             log(written["notice"])
         ckpt.tokenizer.save(tmp)
-        manifest = build_manifest(ckpt, cfg.format, cfg.precision, written, spec.runtime_package, cfg.target)
+        manifest = build_manifest(ckpt, out, cfg.format, cfg.precision, written, spec.runtime_package, cfg.target)
         manifest["options"] = {"max_seq_len": cfg_seq, **manifest["options"]}
         manifest["export_s"] = round(export_s, 3)
         write_manifest(tmp, manifest)

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.checkpoint import read_json, replace_dir, sha256_file, temp_dir_for
+from models.checkpoint import lineage_path, read_json, replace_dir, sha256_file, temp_dir_for
 from models.errors import EdgesmithError
 from models.version import versions
 from runtimes.artifact import MANIFEST_FORMAT
+from runtimes.backends.onnxruntime import OnnxRuntimeBackend
 from toolchain.export.manifest import MANIFEST_VERSION, package_version, write_manifest
 from toolchain.export.parity import PARITY_TEXT, check_parity
 
@@ -81,11 +82,9 @@ def export_hf(src: Path, out: Path, cfg, log=print) -> dict:
         for name in TOKENIZER_FILES:
             if (src / name).is_file() and not (tmp / name).exists():
                 shutil.copy(src / name, tmp / name)
-        manifest = hf_manifest(src, hf_config, max_seq_len)
+        manifest = hf_manifest(src, out, hf_config, max_seq_len)
         manifest["export_s"] = round(export_s, 3)
         write_manifest(tmp, manifest)
-        from runtimes.backends.onnxruntime import OnnxRuntimeBackend
-
         vocab = int(hf_config["vocab_size"])
         prompt = parity_prompt(src, vocab, cfg.parity_positions)
         manifest["parity"] = check_parity(reference, OnnxRuntimeBackend(tmp), None, "fp32", greedy_steps=cfg.greedy_steps,
@@ -101,7 +100,7 @@ def export_hf(src: Path, out: Path, cfg, log=print) -> dict:
     return manifest
 
 
-def hf_manifest(src: Path, hf_config: dict, max_seq_len: int) -> dict:
+def hf_manifest(src: Path, out: Path, hf_config: dict, max_seq_len: int) -> dict:
     return {
         "manifest": MANIFEST_FORMAT,
         "manifest_version": MANIFEST_VERSION,
@@ -114,7 +113,7 @@ def hf_manifest(src: Path, hf_config: dict, max_seq_len: int) -> dict:
         "model": hf_config,
         "tokenizer": {"file": "tokenizer.json"} if (src / "tokenizer.json").is_file() else None,
         "quantization": None,
-        "lineage": {"hf_source": str(src.resolve()), "config_sha256": sha256_file(src / "config.json")},
+        "lineage": {"hf_source": lineage_path(src, out), "config_sha256": sha256_file(src / "config.json")},
         "target_device": None,
         "files": {},
         "parity": None,

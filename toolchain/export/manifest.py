@@ -14,7 +14,7 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-from models.checkpoint import Checkpoint, sha256_file, write_text_atomic
+from models.checkpoint import Checkpoint, lineage_path, resolve_lineage, sha256_file, write_text_atomic
 from models.version import versions
 from runtimes.artifact import MANIFEST, MANIFEST_FORMAT
 from toolchain.export.spec import files_in
@@ -29,9 +29,13 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
-def build_manifest(ckpt: Checkpoint, fmt: str, precision: str, written: dict, runtime_package: str,
+def build_manifest(ckpt: Checkpoint, out: Path, fmt: str, precision: str, written: dict, runtime_package: str,
                    target_device: str | None = None) -> dict:
-    """Everything but `files` and `parity`, which `write_manifest` and the parity check fill in."""
+    """Everything but `files` and `parity`, which `write_manifest` and the parity check fill in. Lineage paths
+    are relative to the artifact directory `out` (and a checkpoint's parent to the checkpoint)."""
+    lineage = dict(ckpt.meta.get("lineage", {}))
+    if lineage.get("parent"):
+        lineage["parent"] = lineage_path(resolve_lineage(ckpt.path, lineage["parent"]), out)
     tok = ckpt.tokenizer
     return {
         "manifest": MANIFEST_FORMAT,
@@ -47,9 +51,9 @@ def build_manifest(ckpt: Checkpoint, fmt: str, precision: str, written: dict, ru
                       "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id},
         "quantization": written.get("quantization"),
         "lineage": {
-            "checkpoint": str(ckpt.path.resolve()),
+            "checkpoint": lineage_path(ckpt.path, out),
             "checkpoint_sha256": ckpt.meta.get("files", {}).get("model.safetensors", {}).get("sha256"),
-            **ckpt.meta.get("lineage", {}),
+            **lineage,
         },
         "target_device": target_device,
         "files": {},

@@ -96,7 +96,7 @@ def test_eval_with_reference_prints_kl_agreement_and_layer_table(float_ckpt, tra
     (["--pass", "quantize:method=hqq"], "unknown quantize method 'hqq'; allowed: awq, gptq, kv_int8, rtn, smoothquant"),
     (["--pass", "quantize:method=gptq,n_calib=100000"], "calibration set too small"),
     (["--pass", "quantize:method=rtn,bitz=4"], "unknown field 'bitz'"),
-    (["--pass", "sparsify:ratio=0.5"], "unknown pass kind 'sparsify'; allowed: quantize, prune, lowrank, distill, qat"),
+    (["--pass", "sparsify:ratio=0.5"], "unknown pass kind 'sparsify'; allowed: quantize, distill, lowrank, prune, qat"),
     (["--pass", "quantize:method=rtn", "--rule", "lm_head=3"], "value 3 is not allowed"),
 ])
 def test_bad_input_is_one_clear_line(float_ckpt, trained, tmp_path, capsys, argv, message):

@@ -120,7 +120,7 @@ def test_tied_head_reads_the_quantized_table(trained):
     ("quantize:method=gptq,group_size=256", "group_size=256 is not allowed; allowed: 32, 64, 128"),
     ("quantize:method=gptq,act_order=1", "act_order=1; allowed: true, false"),
     ("quantize:method=smoothquant,alpha=1.5", "alpha=1.5 must be in [0, 1]"),
-    ("quantize:bits=4", "missing method=; allowed: rtn, gptq, awq, smoothquant, kv_int8"),
+    ("quantize:bits=4", "missing method=; allowed: awq, gptq, kv_int8, rtn, smoothquant"),
 ])
 def test_bad_config_is_one_clear_line(spec, message):
     with pytest.raises(EdgesmithError, match=message.replace("[", r"\[").replace("]", r"\]")):

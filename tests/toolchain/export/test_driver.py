@@ -1,9 +1,11 @@
 """The export driver and CLI: manifests, atomic output, one-line errors that leave nothing behind."""
 
 import json
+from pathlib import Path
 
 import pytest
 
+from models.checkpoint import resolve_lineage
 from models.errors import EdgesmithError
 from runtimes.artifact import read_manifest
 from edgesmith.cli import main
@@ -29,6 +31,8 @@ def test_cli_export_writes_a_verified_manifest(float_checkpoint, tmp_path, capsy
     assert m["quantization"] is None
     assert m["lineage"]["passes"] == ckpt_meta["lineage"]["passes"]
     assert m["lineage"]["checkpoint_sha256"] == ckpt_meta["files"]["model.safetensors"]["sha256"]
+    assert not Path(m["lineage"]["checkpoint"]).is_absolute()  # relative to the artifact: a copied run stays whole
+    assert resolve_lineage(tmp_path / "a", m["lineage"]["checkpoint"]) == float_checkpoint.resolve()
     assert m["versions"]["edgesmith"] and m["versions"]["llama-cpp-python"] != "not installed"
     assert m["parity"]["passed"] is True
 
@@ -51,7 +55,7 @@ def test_tampered_artifact_is_refused(float_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--format", "tflite"], "--format: unknown format 'tflite'; allowed: onnx, executorch, gguf, tensorrt"),
+    (["--format", "tflite"], "--format: unknown format 'tflite'; allowed: executorch, gguf, onnx, tensorrt"),
     (["--format", "gguf", "--precision", "int3"], "--precision: 'int3'; allowed: fp32, fp16"),
     (["--format", "gguf", "--max-seq-len", "4096"], "--max-seq-len: 4096 exceeds the model's max_seq_len 128"),
     (["--format", "gguf", "--max-seq-len", "16"], "--max-seq-len: 16 is too short for the parity check"),
