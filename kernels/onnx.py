@@ -2,9 +2,13 @@
 
 `CONTRIB_OPS` names the ONNX op (type, domain) of each fused op; toolchain/export/onnx_graph.py
 (the hand-built fused graph) takes its op names from here. `translation_table()` gives the dynamo
-exporter's `custom_translation_table`, so a model run under `kernels.use("fused")` exports with
+exporter's `custom_translation_table`, so a model after `kernels.fuse_(model)` exports with
 
     torch.onnx.export(model, args, dynamo=True, custom_translation_table=translation_table())
+
+This is the one export path that carries the fused ops. The toolchain's exporters work from the plain
+model: GGUF and the hand-built ONNX / TensorRT graphs read only weights (the same fused or not), and
+ExecuTorch, which traces the model, refuses a fused one in one line (`kernels.refuse_fused`).
 
 | fused op                    | ONNX op                                          |
 |-----------------------------|--------------------------------------------------|
@@ -18,13 +22,17 @@ exporter's `custom_translation_table`, so a model run under `kernels.use("fused"
 `decode_attention` has no translation: exported decode graphs keep the static cache and its mask
 (every exporter traces the reference path), and the hand-built fused graph feeds GroupQueryAttention
 its own cache buffers. The contrib ops' schemas are not in the `onnx` package, so each translation
-declares the part of the schema it uses (`_schema`). onnxscript is imported only by
-`translation_table()`.
+declares the part of the schema it uses (`_schema`). onnx and onnxscript (optional, heavy) are imported
+only by the functions that need them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
+
+from kernels import ops  # noqa: F401  (registers torch.ops.edgesmith.*)
 
 MS = "com.microsoft"
 
@@ -72,11 +80,8 @@ def _schema(key: str, inputs: list[str], outputs: list[str], attributes: dict[st
 
 def translation_table() -> dict:
     """{torch.ops.edgesmith.<op>.default: onnxscript translation} for torch.onnx.export(dynamo=True)."""
-    import torch
     from onnxscript import opset18 as op
     from onnxscript import values
-
-    from kernels import ops  # noqa: F401  (registers the ops)
 
     def contrib(key, *schema):
         o = CONTRIB_OPS[key]

@@ -7,27 +7,30 @@ Which implementation runs is picked per call from the tensors' device, once per 
     CPU   -> the fused C++ library (kernels/cpu.py) when it builds, else the reference
     other -> the reference (kernels/reference.py)
 
-`override("reference" | "cpu" | "triton")` forces one implementation for every device (tests run
-the Triton kernels on CPU tensors this way under TRITON_INTERPRET=1). Ops return the same layout
-whichever implementation runs: attention outputs are `(B, H, T, D)` views of `(B, T, H, D)` memory,
-so the model's transpose + reshape after attention copies nothing.
+`override("reference" | "cpu" | "triton")` forces one implementation for every device, in the calling
+thread only (a context variable; tests run the Triton kernels on CPU tensors this way under
+TRITON_INTERPRET=1). Ops return the same layout whichever implementation runs: attention outputs are
+`(B, H, T, D)` views of `(B, T, H, D)` memory, so the model's transpose + reshape copies nothing.
 
-The ops are for inference: none has an autograd formula. This module registers the ops; the model
-uses them through kernels/__init__.py (`kernels.use("fused")`).
+The ops are for inference: none has an autograd formula. This module registers the ops; a model
+runs them after `kernels.fuse_(model)` (kernels/modules.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import types
 
 import torch
 from torch import Tensor
 
 from kernels import cpu, reference
+from models.errors import EdgesmithError
 
 IMPLS = ("reference", "cpu", "triton")
-_override: str | None = None  # for tests: force one implementation
+# For tests: force one implementation. A context variable, so one thread's override never reaches another's ops.
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("edgesmith_kernel_override", default=None)
 _triton: types.ModuleType | None = None
 _triton_reason: str | None = None
 
@@ -36,7 +39,7 @@ def triton_module() -> types.ModuleType | None:
     """kernels.triton_kernels, or None when triton cannot be imported (reason: triton_unavailable_reason)."""
     global _triton, _triton_reason
     if _triton is None and _triton_reason is None:
-        try:
+        try:  # lazily: importing kernels.triton_kernels imports triton, an optional heavy dependency
             from kernels import triton_kernels
 
             _triton = triton_kernels
@@ -53,25 +56,23 @@ def triton_unavailable_reason() -> str | None:
 @contextlib.contextmanager
 def override(impl: str | None):
     """Run every op with one implementation ("reference", "cpu", "triton"); None restores the choice by device."""
-    global _override
     if impl is not None and impl not in IMPLS:
-        from models.errors import EdgesmithError
-
         raise EdgesmithError(f"kernel implementation {impl!r}; allowed: {', '.join(IMPLS)}")
-    saved, _override = _override, impl
+    token = _override.set(impl)
     try:
         yield
     finally:
-        _override = saved
+        _override.reset(token)
 
 
 def impl_for(t: Tensor) -> types.ModuleType:
     """The implementation module for tensors on t's device (see the module docstring)."""
-    if _override == "reference":
+    forced = _override.get()
+    if forced == "reference":
         return reference
-    if _override == "cpu" or (_override is None and t.device.type == "cpu"):
+    if forced == "cpu" or (forced is None and t.device.type == "cpu"):
         return cpu if cpu.available() else reference
-    if _override == "triton" or t.is_cuda:
+    if forced == "triton" or t.is_cuda:
         return triton_module() or reference
     return reference
 
@@ -206,7 +207,7 @@ def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bits: int) ->
     """x `(..., K)` @ W^T with W = scales * codes, read from the canonical int8 codes `(N, K)` and fp16
     group scales `(N, K/g)` (models/quant.py) without materialising W."""
     impl = impl_for(x)
-    if impl is cpu and x.numel() // x.shape[-1] > CPU_GEMV_MAX_ROWS and _override != "cpu":
+    if impl is cpu and x.numel() // x.shape[-1] > CPU_GEMV_MAX_ROWS and _override.get() != "cpu":
         impl = reference
     return impl.weight_only_matmul(x, qweight, scales, bits)
 

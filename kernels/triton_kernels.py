@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.cpu import packed_weight  # the packing is device-agnostic torch code
+
 # ----------------------------------------------------------------------------- RMSNorm (+ residual)
 
 
@@ -260,8 +262,6 @@ def _wo_matmul_kernel(X, W, S, Y, N, K, G, GROUP, BITS: tl.constexpr, BLOCK_N: t
 
 
 def weight_only_matmul(x, qweight, scales, bits: int):
-    from kernels.cpu import packed_weight  # the packing is device-agnostic torch code
-
     N, K = qweight.shape
     w, s = packed_weight(qweight, scales, bits)
     if bits == 4:

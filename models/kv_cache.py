@@ -51,7 +51,7 @@ def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> t
 class Int8KVCache(nn.Module):
     """The static cache stored as int8 codes with one fixed (calibrated) scale per KV head for K and
     one for V: `k = k_scale[h] * code`. Same interface as KVCache; `update` returns the cache
-    dequantized to `dtype` (the reference path; a fused attention kernel reads the codes directly)."""
+    dequantized to `dtype`, which the reference and the fused attention (kernels/modules.py) both read."""
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
                  k_scale: torch.Tensor, v_scale: torch.Tensor, dtype: torch.dtype = torch.float32):

@@ -4,14 +4,15 @@ RMSNorm, rotary embeddings (Hugging Face's rotate-half convention, so HF Llama w
 no permutation), grouped-query attention, SwiGLU MLP, optional tied embeddings. Module names mirror
 `transformers.LlamaForCausalLM` (`layers.0.self_attn.q_proj`, ...) so a checkpoint key is ours with
 `model.` in front. Training, compression, export and the torch runtime all use this definition;
-backend variants are module swaps applied by a pass. This module knows nothing about tokenizers,
-files or devices.
+backend variants are module swaps applied by a pass. The layers name the steps a variant replaces
+(`Attention.rotate / read_kv / attend`, `MLP.act`, `Block.add_norm`), so a swap overrides one method,
+never a copy of forward: kernels/modules.py's fused subclasses call custom ops there. This module
+knows nothing about tokenizers, files, devices or kernels (it imports nothing of ours but models/).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,19 +105,6 @@ def config_for(size: str) -> ModelConfig:
     return SIZES[size]
 
 
-# ----------------------------------------------------------------------------- kernel switch
-
-# The fused ops the layers call instead of their inline PyTorch. None (the default) means the inline
-# code below, the reference that every exporter traces. `kernels.use("fused")` fills this table with
-# torch custom ops (kernels/ imports models, never the reverse); signatures:
-#   add_rms_norm(x, residual, weight, eps) -> (normed, x + residual)   rms_norm(x, weight, eps)
-#   rope(x, cos, sin) -> rotated x (may rotate in place)               swiglu(gate, up)
-#   attention(q, k, v, input_pos) -> y (B, nh, T, hd), GQA-aware, causal; k/v as read_kv returns them
-#   weight_only_matmul(x, qweight, scales, bits) (used by models.quant.QuantizedLinear)
-KERNELS: dict[str, Callable | None] = dict.fromkeys(
-    ("rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "weight_only_matmul"))
-
-
 # ----------------------------------------------------------------------------- layers
 
 
@@ -127,8 +115,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if KERNELS["rms_norm"] is not None:
-            return KERNELS["rms_norm"](x, self.weight, self.eps)
         # Normalise in fp32 and cast back before the weight, exactly as HF LlamaRMSNorm does.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -160,6 +146,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
+    def rotate(self, q, k, cos, sin):
+        """q `(B, nh, T, hd)` and k `(B, nkv, T, hd)` rotated by the rows cos/sin `(T, hd)`."""
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
     def read_kv(self, input_pos, k, v):
         """The keys and values attention reads: these ones (no cache) or the whole static cache
         `(B, nkv, S, hd)` after writing these at `input_pos`. Variants (an int8 cache) override this."""
@@ -167,23 +157,21 @@ class Attention(nn.Module):
             return k, v
         return self.kv_cache.update(input_pos, k, v)
 
+    def attend(self, q, k, v, input_pos, mask):
+        """Causal grouped-query attention of q `(B, nh, T, hd)` over k/v as read_kv returns them -> `(B, nh, T, hd)`."""
+        n_rep = self.n_heads // self.n_kv_heads
+        if n_rep > 1:
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
     def forward(self, x, cos, sin, input_pos=None, mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if KERNELS["rope"] is not None:
-            q, k = KERNELS["rope"](q, cos, sin), KERNELS["rope"](k, cos, sin)
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rotate(q, k, cos, sin)
         k, v = self.read_kv(input_pos, k, v)
-        if KERNELS["attention"] is not None:  # reads the live keys only, no repeated K/V
-            y = KERNELS["attention"](q, k, v, input_pos)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-        n_rep = self.n_heads // self.n_kv_heads
-        if n_rep > 1:
-            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = self.attend(q, k, v, input_pos, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
         return self.o_proj(y)
 
@@ -195,10 +183,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
+    def act(self, gate, up):
+        """SwiGLU: silu(gate) * up."""
+        return F.silu(gate) * up
+
     def forward(self, x):
-        if KERNELS["swiglu"] is not None:
-            return self.down_proj(KERNELS["swiglu"](self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -209,14 +199,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
+    def add_norm(self, a, x):
+        """(post_attention_layernorm(x + a), x + a): the attention's residual add and the norm after it."""
+        x = x + a
+        return self.post_attention_layernorm(x), x
+
     def forward(self, x, cos, sin, input_pos=None, mask=None):
-        if KERNELS["add_rms_norm"] is not None:
-            a = self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
-            norm = self.post_attention_layernorm
-            h, x = KERNELS["add_rms_norm"](a, x, norm.weight, norm.eps)
-            return x + self.mlp(h)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, x = self.add_norm(self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask), x)
+        return x + self.mlp(h)
 
 
 # ----------------------------------------------------------------------------- model

@@ -9,7 +9,8 @@ API (stable; the trainer's QLoRA and the GGUF / ONNX / ExecuTorch exporters impo
                `group_size` consecutive input columns;
   symmetric, no zero point: `w[o, i] = scales[o, i // group_size] * qweight[o, i]`.
   `act_bits=8` also quantizes the input dynamically per token to int8 (SmoothQuant W8A8 / 8da4w).
-  `forward` dequantizes and runs a float matmul (under `kernels.use("fused")` a kernel reads the codes).
+  `forward` dequantizes and runs a float matmul (`kernels.fuse_(model)` swaps in a subclass whose kernel
+  reads the codes).
   `dequantize(dtype)` returns the float weight; `QuantizedLinear.from_float(linear, bits, group_size)`
   rounds to nearest (the rule below); `QuantizedLinear.from_codes(qweight, scales, bits, group_size)`
   wraps codes chosen by any method (GPTQ, AWQ). `.to(dtype)` never casts codes or scales.
@@ -62,7 +63,7 @@ from torch import nn
 
 from models.errors import EdgesmithError
 from models.kv_cache import Int8KVCache, KVCache, dequantize_kv, quantize_kv
-from models.llama import KERNELS, Attention
+from models.llama import Attention
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -169,8 +170,6 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is not None:
             x = fake_quantize_per_token(x, self.act_bits)
-        if KERNELS["weight_only_matmul"] is not None:  # kernels.use("fused"): reads the codes, no float weight
-            return KERNELS["weight_only_matmul"](x, self.qweight, self.scales, self.bits)
         return F.linear(x, self.dequantize(x.dtype))
 
     def scheme(self) -> dict:

@@ -4,7 +4,7 @@
     python scripts/bench_kernels.py --quick         # smaller shapes, fewer repeats (a smoke run)
     python scripts/bench_kernels.py --no-compile    # skip the torch.compile column
 
-CPU: for each kernel, `eager` is the reference chain (what the model runs without kernels.use),
+CPU: for each kernel, `eager` is the reference chain (what an unfused model runs),
 `compiled` is that chain under torch.compile (the other fused-CPU option; measured so the choice of
 a C++ library is a measurement, not a guess), `fused` is torch.ops.edgesmith.* (kernels/cpu.py). The
 weight-only matmul also gets `fp32 linear`: the float matmul of the already dequantized weight (what
@@ -19,8 +19,10 @@ Shapes default to a ~1B Llama layer (dim 2048, 32 heads / 8 KV heads of 64, ffn 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,9 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import runtimes  # noqa: E402
 from kernels import cpu, ops, reference  # noqa: E402
-from models.llama import apply_rope  # noqa: E402
-from models.quant import dequantize, quantize_rtn  # noqa: E402
+from models.checkpoint import child_lineage, save_checkpoint  # noqa: E402
+from models.llama import ModelConfig, Transformer, apply_rope  # noqa: E402
+from models.quant import dequantize, quantize_linear_, quantize_rtn  # noqa: E402
+from models.tokenizer import train_tokenizer  # noqa: E402
 
 
 def median_s(fn, repeat: int, warmup: int = 3) -> float:
@@ -136,7 +141,7 @@ def bench_cpu(a) -> None:
 
 
 def cuda_time(fn, repeat: int) -> float:
-    from triton.testing import do_bench
+    from triton.testing import do_bench  # lazily: triton is optional (only the GPU table needs it)
 
     return do_bench(fn, warmup=25, rep=max(50, repeat * 10)) / 1e3  # ms -> s
 
@@ -178,19 +183,10 @@ def bench_model(a) -> None:
     its 4-bit group-32 child; each decodes `--decode` tokens after a `--ctx`-token prompt through
     `runtimes.load(ckpt, kernels=...)`. Reference mode dequantizes 4-bit weights at load (a float
     matmul per step); fused mode keeps the codes and runs the weight-only kernel."""
-    import tempfile
-
-    import runtimes
-    from models.checkpoint import child_lineage, save_checkpoint
-    from models.llama import ModelConfig, Transformer
-    from models.quant import quantize_linear_
-    from models.tokenizer import train_tokenizer
-
     cfg = ModelConfig(vocab_size=32000, dim=a.dim, n_layers=a.model_layers, n_heads=a.heads, n_kv_heads=a.kv_heads,
                       ffn_dim=a.ffn, max_seq_len=a.max_seq)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
-    import json
     text = "".join(Path(json.__file__).parent.joinpath(n).read_text() for n in ("decoder.py", "encoder.py"))
     tok = train_tokenizer([text], vocab_size=512, show_progress=False)  # ids only; the model's vocab stays 32000
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,10 +8,12 @@ the numerics are the checkpoint's and no call re-dequantizes; Linears that also 
 activations (SmoothQuant) are kept as they are. The cache is the model's own (`setup_cache`), written
 by position, so `rewind` is free. The tokenizer is the checkpoint's `tokenizer.json`.
 
-Kernels (`kernels="fused"`): every forward runs inside `kernels.use("fused")` (fused RMSNorm, RoPE,
-SwiGLU, flash / split-KV decode attention), and weight-only quantized Linears are kept as codes so the
-int4/int8 matmul kernel reads them instead of a dequantized float weight. "reference" (the default) is
-the model's own PyTorch.
+Kernels (`kernels="fused"`): the session applies `kernels.fuse_` to its own model once, at construction
+(fused RMSNorm, RoPE, SwiGLU, flash / split-KV decode attention), and weight-only quantized Linears are
+kept as codes so the int4/int8 matmul kernel reads them instead of a dequantized float weight.
+"reference" (the default) is the model's own PyTorch (`fuse_(model, "reference")` puts back a model that
+came in fused). The choice lives in the model's modules, so sessions in one process (a speculative
+draft and its target, two threads) never see each other's.
 
 Compilation (`compile=True`) wraps only the decode step, with static shapes: prefill and multi-token
 calls stay eager (gpt-fast compiles the hot function only). It is compiled on the first decode.
@@ -19,16 +21,19 @@ calls stay eager (gpt-fast compiles the hot function only). It is compiled on th
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from kernels import check_mode, fuse_
+from models.checkpoint import from_hf_config, load_checkpoint, load_state_dict_, read_json
 from models.errors import EdgesmithError
-from models.registry import BACKENDS
+from models.hf import read_hf_weights
 from models.llama import Transformer
+from models.registry import BACKENDS
+from models.tokenizer import Tokenizer
 from models.quant import QuantizedLinear, replace_module_
 from runtimes.session import Session
 
@@ -49,15 +54,9 @@ def dequantize_linears_(model: nn.Module) -> list[str]:
 
 def load_model(path: Path):
     """(model, tokenizer) from an edgesmith checkpoint or a transformers-saved Llama directory."""
-    from models.checkpoint import load_checkpoint
-
     if (path / "edgesmith.json").is_file():
         ckpt = load_checkpoint(path)
         return ckpt.model, ckpt.tokenizer
-    from models.checkpoint import from_hf_config, load_state_dict_, read_json
-    from models.hf import read_hf_weights
-    from models.tokenizer import Tokenizer
-
     config = from_hf_config(read_json(path / "config.json"), str(path / "config.json"))
     model = Transformer(config)
     load_state_dict_(model, read_hf_weights(path), path)
@@ -71,16 +70,15 @@ class TorchSession(Session):
 
     def __init__(self, model: Transformer, tokenizer=None, max_seq_len: int | None = None, compile: bool = False,
                  dtype: str | None = None, path=None, kernels: str = "reference"):
-        import kernels as kernel_ops
-
         if dtype is not None and dtype not in DTYPES:
             raise EdgesmithError(f"torch session dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
-        self.kernels = kernel_ops.check_mode(kernels)
+        self.kernels = check_mode(kernels)
         S = max_seq_len or model.config.max_seq_len
         if not 1 <= S <= model.config.max_seq_len:
             raise EdgesmithError(f"max_seq_len {S}: must be in 1..{model.config.max_seq_len} (the model's)")
         super().__init__(S, model.config.vocab_size, tokenizer, path=path)
         self.model = (model if dtype is None else model.to(DTYPES[dtype])).eval()  # None: as it is
+        fuse_(self.model, self.kernels)  # this model's modules only; "reference" unfuses one that came fused
         model.setup_cache(1, S)  # zeros, in the model's dtype
         self.compiled = compile
         self._decode_step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
@@ -94,9 +92,7 @@ class TorchSession(Session):
             if n_threads < 1:
                 raise EdgesmithError(f"n_threads: {n_threads} must be >= 1")
             torch.set_num_threads(n_threads)
-        import kernels as kernel_ops
-
-        kernel_ops.check_mode(kernels)
+        check_mode(kernels)
         model, tokenizer = load_model(path)
         if kernels == "reference":  # fused: the weight-only kernel reads the codes
             dequantize_linears_(model)
@@ -110,14 +106,8 @@ class TorchSession(Session):
         tokens = torch.tensor([ids], dtype=torch.long)
         input_pos = torch.arange(start, start + len(ids))
         step = self._decode_step if len(ids) == 1 else self._step
-        with self._kernels():
-            logits = step(tokens, input_pos)[0]
+        logits = step(tokens, input_pos)[0]
         return (logits if all_logits else logits[-1:]).float().numpy()
-
-    def _kernels(self):
-        import kernels as kernel_ops
-
-        return kernel_ops.use("fused") if self.kernels == "fused" else contextlib.nullcontext()
 
     def _rewind(self, n: int) -> None:
         if n == 0:  # a fresh start leaves nothing of the previous run in memory

@@ -1,11 +1,11 @@
-"""Drop-in: the model with the fused ops gives the reference model's greedy tokens, through the torch
-session and `edgesmith generate --kernels`; the switch leaves the default path untouched."""
+"""Drop-in: the model with the fused modules gives the reference model's greedy tokens, through the torch
+session and `edgesmith generate --kernels`; unfusing leaves the default path untouched."""
 
 import pytest
 import torch
 
 import kernels
-from models.llama import KERNELS, Transformer
+from models.llama import Transformer
 from models.quant import QuantizedLinear, quantize_linear_
 from runtimes.sampling import GenerationConfig
 from runtimes.backends.torch import TorchSession
@@ -27,6 +27,7 @@ def test_fused_session_gives_the_reference_greedy_tokens(checkpoints, source):
         logits = {mode: s.prefill(prompt) for mode, s in sessions.items()}
     # assert
     assert tokens["fused"] == tokens["reference"] and len(tokens["fused"]) == 24
+    assert kernels.fused_modules(sessions["reference"].model) == [] and kernels.fused_modules(sessions["fused"].model)
     assert abs(logits["fused"] - logits["reference"]).max() < 1e-4
     quantized = [m for m in sessions["fused"].model.modules() if isinstance(m, QuantizedLinear)]
     assert bool(quantized) == (source == "q4")  # fused keeps the codes for the int4 kernel
@@ -45,19 +46,18 @@ def test_generate_cli_kernels_flag(checkpoints, capsys):
     assert err.strip().splitlines()[-1] == "edgesmith: error: --kernels: 'fast'; allowed: reference, fused"
 
 
-def test_switch_restores_the_reference_path(tiny_model):
+def test_unfuse_restores_the_reference_path(tiny_model):
     # setup
     quantize_linear_(tiny_model, 4, 32, include=lambda n: "mlp" in n)
     tokens = torch.randint(0, tiny_model.config.vocab_size, (2, 13))
     with torch.inference_mode():
         before = tiny_model(tokens)
         # execute
-        with kernels.use("fused"):
-            fused = tiny_model(tokens)
-            assert all(fn is not None for fn in KERNELS.values())
-        after = tiny_model(tokens)
+        fused = kernels.fuse_(tiny_model)(tokens)
+        assert kernels.fused_modules(tiny_model)
+        after = kernels.unfuse_(tiny_model)(tokens)
     # assert: batch 2, no cache: the flash path; afterwards the inline PyTorch again, bit for bit
-    assert all(fn is None for fn in KERNELS.values())
+    assert kernels.fused_modules(tiny_model) == []
     assert torch.equal(before, after)
     torch.testing.assert_close(fused, before, rtol=1e-5, atol=1e-5)
 
@@ -70,7 +70,8 @@ def test_fused_cached_decode_matches_reference(tiny_config):
     out = {}
     for mode in kernels.MODES:
         model.setup_cache(1, 64)
-        with torch.inference_mode(), kernels.use(mode):
+        kernels.fuse_(model, mode)
+        with torch.inference_mode():
             steps = [model(tokens[:, :9], torch.arange(9))[:, -1]]
             steps += [model(tokens[:, i:i + 1], torch.tensor([i]))[:, -1] for i in range(9, 15)]
         out[mode] = torch.cat(steps)
@@ -78,7 +79,7 @@ def test_fused_cached_decode_matches_reference(tiny_config):
     torch.testing.assert_close(out["fused"], out["reference"], rtol=1e-5, atol=1e-5)
 
 
-def test_unknown_mode_is_one_clear_line():
-    with pytest.raises(Exception, match=r"kernels: 'triton'; allowed: reference, fused"):
-        with kernels.use("triton"):
-            pass
+def test_unknown_mode_is_one_clear_line(tiny_model):
+    with pytest.raises(Exception, match=r"^kernels: 'triton'; allowed: reference, fused$"):
+        kernels.fuse_(tiny_model, "triton")
+    assert kernels.fused_modules(tiny_model) == []

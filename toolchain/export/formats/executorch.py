@@ -52,11 +52,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import refuse_fused
 from models.checkpoint import Checkpoint
 from models.errors import EdgesmithError
 from models.llama import Transformer
 from models.lowrank import LowRankLinear
 from models.quant import QuantizedEmbedding, QuantizedLinear, replace_module_
+from runtimes.backends.executorch import ExecuTorchBackend
 from toolchain.export.spec import FormatSpec, quantization_scheme, refuse_int8_kv_cache, register_format
 
 FILE = "model.pte"
@@ -184,6 +186,7 @@ def swap_quantized_(model: nn.Module) -> list[str]:
 
 def export_program(model: Transformer, precision: str, max_seq_len: int):
     """The lowered ExecuTorch program manager (call `.buffer` for the .pte bytes)."""
+    refuse_fused(model, "executorch")  # torch.export would capture edgesmith::* ops no XNNPACK runtime has
     from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -227,12 +230,6 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
             "quantization": quantization_scheme(ckpt, STORED_AS, EMBEDDING_STORED_AS)}
 
 
-def _backend(directory: Path):
-    from runtimes.backends.executorch import ExecuTorchBackend
-
-    return ExecuTorchBackend(directory)
-
-
-register_format(FormatSpec(name="executorch", precisions=("fp32", "fp16"), write=write, backend=_backend,
+register_format(FormatSpec(name="executorch", precisions=("fp32", "fp16"), write=write, backend=ExecuTorchBackend,
                            runtime_package="executorch",
                            toolkit="executorch", estimate_s=50.0))
