@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import runtimes
+from devices.measure import measure_bandwidth
 from models.errors import EdgesmithError
 
 
@@ -57,15 +59,13 @@ def one_run(session, prompt: list[int], gen_len: int) -> tuple[float, float, flo
 
 
 def bench_artifact(path: str, prompt_len: int, gen_len: int, repeat: int) -> dict:
-    import runtimes
-
     baseline = peak_rss_mb()
     t0 = time.perf_counter()
     session = runtimes.load(path)
     load_s = time.perf_counter() - t0
     if prompt_len + gen_len > session.max_seq_len:
-        raise SystemExit(f"agent: --prompt-len {prompt_len} + --gen-len {gen_len} exceeds the artifact's "
-                         f"max_seq_len {session.max_seq_len}")
+        raise EdgesmithError(f"{path}: --prompt-len {prompt_len} + --gen-len {gen_len} exceeds the artifact's "
+                             f"max_seq_len {session.max_seq_len}")
     prompt = prompt_ids(session.vocab_size, prompt_len)
     one_run(session, prompt[: min(prompt_len, 16)], min(gen_len, 4))  # warm-up: lazy allocations, caches
     runs = {"prefill_tok_s": [], "decode_tok_s": [], "ttft_ms": [], "peak_rss_mb": []}
@@ -102,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgesmith: error: {e}", file=sys.stderr, flush=True)
         return 2
     if args.bandwidth:
-        from devices.measure import measure_bandwidth
-
         result["bandwidth_bytes_s"] = measure_bandwidth(os.cpu_count())
     text = json.dumps(result)
     if args.json == "-":

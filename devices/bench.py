@@ -31,9 +31,11 @@ from pathlib import Path
 
 from devices import roofline
 from devices.native import llama_bench_argv, parse_llama_bench
+from devices.pack import build_agent
 from devices.profiles import DeviceProfile, list_profiles, load_profile
 from devices.transports import AdbTransport, LocalTransport, SshTransport, Transport, run_streaming, transport_for
 from models.atomic import write_bytes_atomic, write_text_atomic
+from models.checkpoint import sha256_file
 from models.errors import EdgesmithError
 from runtimes.artifact import artifact_bytes, read_manifest
 
@@ -155,7 +157,8 @@ def _agent_args(prompt_len: int, gen_len: int, repeat: int) -> list[str]:
     return ["--prompt-len", str(prompt_len), "--gen-len", str(gen_len), "--repeat", str(repeat)]
 
 
-def _last_json(text: str, what: str) -> dict:
+def last_json(text: str, what: str) -> dict:
+    """The JSON object on the last line of a worker's output that starts with `{`."""
     for line in reversed(text.strip().splitlines()):
         if line.startswith("{"):
             try:
@@ -164,6 +167,20 @@ def _last_json(text: str, what: str) -> dict:
                 break
     tail = " | ".join(text.strip().splitlines()[-3:])[:400] or "(no output)"
     raise EdgesmithError(f"{what}: the bench agent gave no result: {tail}")
+
+
+def run_json(argv: Sequence[str], timeout_s: float, what: str, on_line: Callable[[str], None] | None = None,
+             env: dict | None = None) -> dict:
+    """Run a bench worker (`argv`) in a fresh local process, killed after `timeout_s`; the JSON result it
+    prints last. A worker that refused its input in one `edgesmith: error: ...` line fails with that line."""
+    r = run_streaming(argv, timeout_s, on_line, what=what, env=env)
+    if r.returncode != 0:
+        ours = [line for line in r.output.splitlines() if line.startswith("edgesmith: error: ")]
+        if ours:  # the worker refused its input in one line: that line is the error
+            raise EdgesmithError(ours[-1][len("edgesmith: error: "):])
+        tail = " | ".join(r.output.strip().splitlines()[-2:])[:400]
+        raise EdgesmithError(f"{what} failed (exit {r.returncode}): {tail}")
+    return last_json(r.output, what)
 
 
 class LocalRunner:
@@ -181,14 +198,8 @@ class LocalRunner:
 
     def run(self, path: Path, m: dict, prompt_len: int, gen_len: int, repeat: int) -> dict:
         argv = [self.python, "-m", "devices.agent", str(path), *_agent_args(prompt_len, gen_len, repeat), "--json", "-"]
-        r = run_streaming(argv, self.timeout_s, self.on_line, what=f"bench of {path}", env=self.env)
-        if r.returncode != 0:
-            ours = [line for line in r.output.splitlines() if line.startswith("edgesmith: error: ")]
-            if ours:  # the agent refused its input in one line: that line is the error
-                raise EdgesmithError(ours[-1][len("edgesmith: error: "):])
-            tail = " | ".join(r.output.strip().splitlines()[-2:])[:400]
-            raise EdgesmithError(f"bench of {path} on local failed (exit {r.returncode}): {tail}")
-        return {**_last_json(r.output, f"bench of {path}"), "runner": "agent"}
+        result = run_json(argv, self.timeout_s, f"bench of {path} on local", self.on_line, self.env)
+        return {**result, "runner": "agent"}
 
 
 class SshRunner:
@@ -203,10 +214,6 @@ class SshRunner:
         self.workdir = None
 
     def __enter__(self):
-        from devices.pack import build_agent
-
-        from models.checkpoint import sha256_file
-
         agent = build_agent(self.tmp / self.AGENT)
         self.workdir = self.t.mkdtemp(timeout=min(self.timeout_s, 60))
         self.agent = self.t.push(agent, self.workdir, timeout=self.timeout_s)
@@ -230,7 +237,7 @@ class SshRunner:
             argv.append("--bandwidth")
         self.t.check(self.t.run(argv, self.timeout_s, self.on_line), f"bench agent on {path.name}")
         local = self.t.pull(out, self.tmp, timeout=self.timeout_s)
-        return {**_last_json(local.read_text(), f"bench of {path} on {self.t.uri}"), "runner": "agent"}
+        return {**last_json(local.read_text(), f"bench of {path} on {self.t.uri}"), "runner": "agent"}
 
 
 class AdbRunner:

@@ -7,7 +7,7 @@ import argparse
 from tqdm import tqdm
 
 from devices.bench import bench, format_table, plot_results, write_results
-from devices.planner import format_plan, plan
+from devices import planner
 from devices.profiles import list_profiles, load_profile
 from devices.shapes import PUBLIC
 
@@ -23,7 +23,7 @@ def devices(args: argparse.Namespace) -> None:
         for key, value in prof.as_dict().items():
             print(f"{key:<20} {value}")
     else:
-        print(format_plan(plan(args.device, args.model, context=args.context, bits=args.bits)))
+        print(planner.format_plan(planner.plan(args.device, args.model, context=args.context, bits=args.bits)))
 
 
 def run_bench(args: argparse.Namespace) -> None:

@@ -18,8 +18,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devices import measure
 from models.errors import EdgesmithError
 from runtimes.loader import artifact_formats
+from runtimes.session import cpu_cores
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 KINDS = ("phone", "jetson", "sbc", "desktop")
@@ -178,9 +180,6 @@ def local_formats() -> tuple[str, ...]:
 def local_profile(refresh: bool = False) -> DeviceProfile:
     """This machine: cores, RAM, OS and arch detected; bandwidth and fp32 rate measured once and
     cached (keyed by host, CPU and core count, so a moved cache is measured again)."""
-    from devices.measure import measure_bandwidth, measure_matmul_flops
-    from runtimes.session import cpu_cores
-
     cores = cpu_cores()
     key = f"{socket.gethostname()}|{platform.machine()}|{platform.processor()}|{cores}"
     path = cache_dir() / "local.json"
@@ -192,8 +191,8 @@ def local_profile(refresh: bool = False) -> DeviceProfile:
         except (json.JSONDecodeError, UnicodeDecodeError):
             measured = None
     if measured is None:
-        measured = {"key": key, "bandwidth_bytes_s": measure_bandwidth(cores),
-                    "fp32_flops": measure_matmul_flops(cores), "threads": cores,
+        measured = {"key": key, "bandwidth_bytes_s": measure.measure_bandwidth(cores),
+                    "fp32_flops": measure.measure_matmul_flops(cores), "threads": cores,
                     "method": "median of 5 multi-threaded torch sums over a 0.5 GiB fp32 tensor; "
                               "median of 5 fp32 1024x1024 matmuls"}
         path.parent.mkdir(parents=True, exist_ok=True)

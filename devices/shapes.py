@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.checkpoint import from_hf_config
 from models.errors import EdgesmithError
 from models.llama import SIZES, ModelConfig
 
@@ -90,8 +91,6 @@ def _read_json(path: Path) -> dict:
 
 
 def _from_checkpoint(path: Path) -> ModelSpec:
-    from models.checkpoint import from_hf_config
-
     cfg = from_hf_config(_read_json(path / "config.json"), str(path / "config.json"))
     meta = _read_json(path / "edgesmith.json") if (path / "edgesmith.json").is_file() else {}
     weights = (meta.get("quantization") or {}).get("weights") or {}

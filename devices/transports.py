@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
+from models.checkpoint import sha256_file
 from models.errors import EdgesmithError
 
 SHA256_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
@@ -166,8 +167,6 @@ class LocalTransport(Transport):
         return tempfile.mkdtemp(prefix="edgesmith-device-")
 
     def sha256(self, remote_files: Sequence[str], timeout: float = 120) -> dict[str, str]:
-        from models.checkpoint import sha256_file
-
         return {f: sha256_file(Path(f)) for f in remote_files if Path(f).is_file()}
 
 

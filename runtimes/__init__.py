@@ -7,6 +7,7 @@ May import `models` and `kernels`. Never imports `toolchain`: a device has runti
 
 from runtimes.loader import load
 from runtimes.sampling import GenerationConfig
-from runtimes.session import GenerationStats, Session
+from runtimes.session import Session
+from runtimes.stats import GenerationStats
 
 __all__ = ["load", "GenerationConfig", "GenerationStats", "Session"]

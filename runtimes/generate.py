@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from models.llama import Transformer
+from runtimes.backends.torch import TorchSession
 from runtimes.sampling import GenerationConfig
 
 
 def generate(model: Transformer, prompt: list[int], cfg: GenerationConfig) -> Iterator[int]:
     """Yield up to `cfg.max_new_tokens` new tokens, stopping after a stop token."""
-    from runtimes.backends.torch import TorchSession
-
     return TorchSession(model).generate(prompt, cfg)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from models.errors import EdgesmithError
 from models.registry import BACKENDS
+from models.tokenizer import Tokenizer
 from runtimes.artifact import MANIFEST, read_manifest
 from runtimes.session import Session
 
@@ -40,8 +41,6 @@ def artifact_formats() -> list[str]:
 def artifact_tokenizer(directory: Path, manifest: dict):
     """Our Tokenizer from the artifact's tokenizer.json, or None when it has none we can read
     (an optimum export of a model whose tokenizer lacks our special tokens)."""
-    from models.tokenizer import Tokenizer
-
     path = directory / "tokenizer.json"
     if not path.is_file():
         return None

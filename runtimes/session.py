@@ -23,7 +23,6 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,6 +30,8 @@ import torch.nn.functional as F
 
 from models.errors import EdgesmithError
 from runtimes.sampling import GenerationConfig, sample
+from runtimes.speculative import speculative_generate
+from runtimes.stats import GenerationStats
 
 # Below this many weight bytes a forward is a few hundred microseconds of work, and waking (or
 # spin-waiting) a second thread costs more than it saves, badly so on a loaded machine (DESIGN.md).
@@ -45,48 +46,6 @@ def cpu_cores() -> int:
 def default_threads(weight_bytes: int) -> int:
     """One thread for a tiny model, else one per core."""
     return 1 if weight_bytes < SMALL_MODEL_BYTES else cpu_cores()
-
-
-@dataclass
-class GenerationStats:
-    """What the last `generate` did. Times cover the runtime and the sampler only, not the consumer."""
-
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    prefill_s: float = 0.0  # prefill + the first sample: time to first token
-    decode_s: float = 0.0  # everything after the first token
-    # speculative decoding (zero otherwise)
-    draft_tokens: int = 0  # k: tokens the draft proposes per round
-    rounds: int = 0
-    proposed: int = 0
-    accepted: int = 0
-    target_forwards: int = 0  # verification calls, prefill excluded
-    draft_forwards: int = 0
-
-    @property
-    def ttft_s(self) -> float:
-        return self.prefill_s
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.proposed if self.proposed else 0.0
-
-    @property
-    def tokens_per_target_forward(self) -> float:
-        return (self.new_tokens - 1) / self.target_forwards if self.target_forwards else 0.0
-
-    def summary(self) -> str:
-        line = (f"{self.new_tokens} tokens, time to first token {self.ttft_s * 1e3:.1f} ms, "
-                f"decode {self.decode_tokens_per_s:.1f} tok/s")
-        if self.draft_tokens:
-            line += (f"; speculative k={self.draft_tokens}: acceptance {self.acceptance_rate:.1%} "
-                     f"({self.accepted}/{self.proposed}), {self.tokens_per_target_forward:.2f} tokens per "
-                     f"target forward")
-        return line
 
 
 class Session:
@@ -176,8 +135,6 @@ class Session:
         cfg = cfg or GenerationConfig()
         self.check_generation(prompt, cfg)
         if draft is not None:
-            from runtimes.speculative import speculative_generate
-
             return speculative_generate(self, draft, list(prompt), cfg, draft_tokens)
         return self._generate(list(prompt), cfg)
 

@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from models.errors import EdgesmithError
 from runtimes.sampling import GenerationConfig, probabilities, sample
-from runtimes.session import GenerationStats, Session
+from runtimes.stats import GenerationStats
+
+if TYPE_CHECKING:  # annotations only: runtimes.session imports this module for generate(draft=...)
+    from runtimes.session import Session
 
 
 def check_compatible(target: Session, draft: Session) -> None:

@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.llama import Transformer, config_for  # noqa: E402
+from models.quant import QuantizedLinear, replace_module_  # noqa: E402
 from runtimes.generate import generate  # noqa: E402
 from runtimes.sampling import GenerationConfig  # noqa: E402
 from toolchain.compress import Context, apply, calibration_tokens, parse_pass  # noqa: E402
@@ -72,8 +73,6 @@ def recipes(distill: str, qat: str) -> list[tuple[str, list[str], str]]:
 
 def _dequantized(model: torch.nn.Module) -> torch.nn.Module:
     """What the torch runtime runs: weight-only quantized Linears as float Linears holding scale * code."""
-    from models.quant import QuantizedLinear, replace_module_
-
     model = copy.deepcopy(model)
     for name, m in list(model.named_modules()):
         if type(m) is QuantizedLinear and m.act_bits is None:  # a tied head keeps reading its table

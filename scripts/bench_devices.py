@@ -34,11 +34,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devices.bench import bench, format_table, plot_results, write_results  # noqa: E402
 from devices.planner import kv_cache_bytes, linear_read_bytes  # noqa: E402
 from devices.profiles import load_profile  # noqa: E402
 from devices.shapes import resolve_model  # noqa: E402
+from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint  # noqa: E402
+from models.llama import SIZES, Transformer  # noqa: E402
+from models.quant import quantize_linear_  # noqa: E402
+from models.tokenizer import train_tokenizer  # noqa: E402
+from toolchain.export import ExportConfig, export  # noqa: E402
 
 # (runtime, device, model, Linear bits (16 = bf16/fp16), lm_head bits, context, published tok/s)
 PUBLISHED = [
@@ -67,14 +75,6 @@ def paper() -> bool:
 
 
 def nano_artifacts(root: Path) -> list[Path]:
-    import torch
-
-    from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint
-    from models.llama import SIZES, Transformer
-    from models.quant import quantize_linear_
-    from models.tokenizer import train_tokenizer
-    from toolchain.export import ExportConfig, export
-
     cfg = SIZES["nano"]
     float_dir, q4_dir = root / "nano-float", root / "nano-q4"
     if not (q4_dir / "edgesmith.json").is_file():
@@ -106,8 +106,6 @@ def nano_artifacts(root: Path) -> list[Path]:
 
 
 def local(args) -> None:
-    from devices.bench import bench, format_table
-
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_devices-"))
     root.mkdir(parents=True, exist_ok=True)
     artifacts = nano_artifacts(root)
@@ -118,8 +116,6 @@ def local(args) -> None:
                     progress=lambda d, t, label: print(f"  [{d}/{t}] {label}", flush=True))
     print(format_table(results))
     if args.json:
-        from devices.bench import plot_results, write_results
-
         out = write_results(results, args.json)
         plot_results(results, out.with_suffix(".png"))
         print(f"wrote {out}")

@@ -7,7 +7,7 @@ too (round to nearest, at the method's bits), as llama.cpp's Q4_0 / Q8_0 do. Siz
 weights take deployed: b/8 bytes per code + 2 bytes per group scale for quantized Linears and the
 quantized embedding, 2 bytes (fp16) for every float tensor — exactly GGUF Q4_0 / Q8_0 / F16 sizes.
 Anchor rows (llama.cpp's own quantizer on the F16 GGUF of the same model, perplexity through
-llama.cpp on the same windows) need toolchain/export/gguf.py and llama-cpp-python; when either is
+llama.cpp on the same windows) need the `gguf` and llama-cpp-python packages; when either is
 missing the table is printed without them, saying so. Our best 4-bit goes through llama.cpp twice:
 as written (token_embd Q4_0 from our codes) and with its embedding put back to float (token_embd
 F16), so the embedding's share of size and perplexity shows; the last line checks the issue's target
@@ -38,6 +38,7 @@ from toolchain.compress import Context, apply, calibration_tokens, parse_pass  #
 from toolchain.compress.quality import compare  # noqa: E402
 from toolchain.data import load_corpus, tokenize_corpus  # noqa: E402
 from toolchain.demo import cached_tokenizer  # noqa: E402
+from toolchain.export.formats.gguf import write_gguf  # noqa: E402
 from toolchain.train.trainer import TrainConfig, train  # noqa: E402
 
 SPECS = [f"quantize:method={m},bits={b},group_size=32" for b in (8, 4) for m in ("rtn", "gptq", "awq", "smoothquant")]
@@ -59,7 +60,7 @@ def deployed_mb(model: torch.nn.Module) -> float:
 
 
 def llama_cpp_ppl(path: Path, tokens: np.ndarray, seq_len: int, max_tokens: int) -> float:
-    from llama_cpp import Llama
+    from llama_cpp import Llama  # optional, as in anchor_rows
     llm = Llama(model_path=str(path), n_ctx=seq_len, logits_all=True, n_threads=1, verbose=False)
     n_windows = min(len(tokens) - 1, max_tokens) // seq_len
     nll, count = 0.0, 0
@@ -75,9 +76,8 @@ def llama_cpp_ppl(path: Path, tokens: np.ndarray, seq_len: int, max_tokens: int)
 
 def anchor_rows(model, best4, tokenizer, val, args) -> list[tuple]:
     """llama.cpp Q8_0 / Q4_0 / Q4_K_M of the F16 GGUF, and our best 4-bit as GGUF, through llama.cpp."""
-    import llama_cpp
+    import llama_cpp  # optional: the anchor rows are left out where llama-cpp-python is missing
 
-    from toolchain.export.formats.gguf import write_gguf
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         f16 = Path(tmp) / "f16.gguf"
@@ -149,7 +149,7 @@ def main() -> None:
     try:
         anchors = anchor_rows(model, best4, tok, tokens.val, args)
     except ImportError as e:
-        print(f"\nanchor rows: not available ({e}); GGUF exporter or llama-cpp-python missing")
+        print(f"\nanchor rows: not available ({e}); the gguf or llama-cpp-python package is missing")
         return
     print("\nanchor rows (llama.cpp perplexity on the same windows; size = file bytes)")
     for label, mb, ppl in anchors:

@@ -7,15 +7,16 @@ MatMulNBits, ExecuTorch fp32 and 8da4w). Random weights give nearly flat logits 
 would make the exporters' parity checks coin tosses, so the head is scaled up (LOGIT_SCALE): the
 logits are peaked, every shape and every byte moved per token is the same.
 
-Each row runs in its own subprocess (so its peak RSS is its own) through the same harness: greedy
-argmax over the logits the runtime returns, medians over `--repeats`:
+Each row runs in its own subprocess (so its peak RSS is its own: scripts/bench_runtime_worker.py, run
+through `devices.bench.run_json` as `edgesmith bench` runs its agent) with the bench agent's harness
+(`devices.agent`): greedy argmax over the logits the runtime returns, medians over `--repeats`:
 
 - prefill tok/s of a `--prompt-len` (512) token prompt, and TTFT = that prefill + the first argmax;
 - decode tok/s over `--decode-tokens` (128) tokens after a 128-token prompt, and after a
   `--long-context` (896) token prompt: their ratio shows what a growing KV cache costs;
 - weight bandwidth achieved in decode: bytes of Linear weights read per token (lm_head included;
   the embedding row and the KV cache excluded) x decode tok/s, as a share of this machine's
-  bandwidth measured first by the same script (median of torch sums over a large fp32 tensor).
+  bandwidth measured first with `devices.measure` (median of torch sums over a large fp32 tensor).
 
 Anchors in the same run: llama.cpp itself (llama-cpp-python's `Llama`, flash attention on, one
 thread per core) on the same GGUF files, Q4_0 and F16; optimum's ONNX export of the same float
@@ -34,19 +35,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from devices.bench import run_json  # noqa: E402
+from devices.measure import measure_bandwidth  # noqa: E402
+from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint  # noqa: E402
+from models.errors import EdgesmithError  # noqa: E402
+from models.llama import ModelConfig, Transformer  # noqa: E402
+from models.tokenizer import train_tokenizer  # noqa: E402
+from runtimes.session import cpu_cores  # noqa: E402
+from toolchain.compress import Context, apply, parse_pass  # noqa: E402
+from toolchain.export import ExportConfig, export  # noqa: E402
+
+WORKER = Path(__file__).resolve().with_name("bench_runtime_worker.py")
 
 LOGIT_SCALE = 25.0
 Q4_0, NBITS_Q4, XNNPACK_Q4 = 18 / 32, (16 + 4) / 32, (16 + 2) / 32  # bytes per weight (NBITS: fp32 scales)
@@ -75,21 +85,6 @@ SIZES = {"full": dict(dim=1024, layers=16, heads=16, kv_heads=4, ffn=2816, vocab
 # ----------------------------------------------------------------------------- machine and model
 
 
-def measure_bandwidth(threads: int, gib: float, repeats: int = 5) -> float:
-    """GB/s of a multi-threaded sum over a `gib` GiB fp32 tensor (reads only, like weight streaming)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    x = torch.ones(int(gib * (1 << 30)) // 4)
-    x.sum()  # touch every page once
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t0)
-    torch.set_num_threads(before)
-    return x.numel() * 4 / statistics.median(times) / 1e9
-
-
 def linear_weights(c: dict) -> int:
     hd = c["dim"] // c["heads"]
     per_layer = c["dim"] * hd * (2 * c["heads"] + 2 * c["kv_heads"]) + 3 * c["dim"] * c["ffn"]
@@ -97,11 +92,6 @@ def linear_weights(c: dict) -> int:
 
 
 def make_checkpoints(c: dict, root: Path) -> dict[str, Path]:
-    from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint
-    from models.llama import ModelConfig, Transformer
-    from models.tokenizer import train_tokenizer
-    from toolchain.compress import Context, apply, parse_pass
-
     cfg = ModelConfig(vocab_size=c["vocab"], dim=c["dim"], n_layers=c["layers"], n_heads=c["heads"],
                       n_kv_heads=c["kv_heads"], ffn_dim=c["ffn"], max_seq_len=c["max_seq_len"])
     torch.manual_seed(0)
@@ -121,7 +111,7 @@ def make_checkpoints(c: dict, root: Path) -> dict[str, Path]:
 
 
 def export_optimum(ckpt: Path, out: Path, quantize: bool) -> Path:
-    from optimum.exporters.onnx import main_export
+    from optimum.exporters.onnx import main_export  # optional anchor: only its rows need optimum
 
     main_export(str(ckpt), output=str(out), task="text-generation-with-past", do_validation=False)
     if quantize:
@@ -138,8 +128,6 @@ def export_optimum(ckpt: Path, out: Path, quantize: bool) -> Path:
 
 
 def make_artifacts(needed: set[str], ckpts: dict[str, Path], root: Path, S: int) -> dict[str, Path]:
-    from toolchain.export import ExportConfig, export
-
     plan = {"onnx": ("ckpt", ExportConfig("onnx", max_seq_len=S)),
             "onnx-q4": ("ckpt-q4", ExportConfig("onnx", max_seq_len=S)),
             "executorch": ("ckpt", ExportConfig("executorch", max_seq_len=S)),
@@ -159,149 +147,15 @@ def make_artifacts(needed: set[str], ckpts: dict[str, Path], root: Path, S: int)
     return paths
 
 
-# ----------------------------------------------------------------------------- the harness (in a worker)
-
-
-class SessionRunner:
-    def __init__(self, path: str, options: dict, threads: int):
-        import runtimes
-
-        if (Path(path) / "edgesmith.json").is_file():  # a checkpoint: the torch backend
-            torch.set_num_threads(threads)
-            self.s = runtimes.load(path, **options)
-        else:
-            self.s = runtimes.load(path, n_threads=threads, **options)
-
-    def prefill(self, ids):
-        return self.s.prefill(ids, all_logits=False)[-1]
-
-    def decode(self, token):
-        return self.s.decode(token)
-
-
-class LlamaRunner:
-    """llama.cpp as its own CLI runs it: flash attention on, one thread per core."""
-
-    def __init__(self, path: str, options: dict, threads: int):
-        import llama_cpp
-
-        manifest = json.loads((Path(path) / "manifest.json").read_text())
-        self.lc = llama_cpp
-        self.llm = llama_cpp.Llama(str(Path(path) / manifest["entry"]), n_ctx=int(manifest["options"]["max_seq_len"]),
-                                   n_batch=2048, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
-                                   flash_attn=True, logits_all=False, verbose=False)
-        self.V = self.llm.n_vocab()
-
-    def _logits(self):
-        return np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.V,))
-
-    def prefill(self, ids):
-        self.llm.reset()
-        self.llm.eval(ids)
-        return self._logits()
-
-    def decode(self, token):
-        self.llm.eval([token])
-        return self._logits()
-
-
-class OptimumRunner:
-    """optimum's ORTModelForCausalLM, called the way `generate` calls it (past_key_values handed back)."""
-
-    def __init__(self, path: str, options: dict, threads: int):
-        import onnxruntime as ort
-        from optimum.onnxruntime import ORTModelForCausalLM
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        self.model = ORTModelForCausalLM.from_pretrained(path, use_cache=True, session_options=so)
-
-    @torch.inference_mode()
-    def prefill(self, ids):
-        out = self.model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         use_cache=True)
-        self.past, self.n = out.past_key_values, len(ids)
-        return out.logits[0, -1].numpy()
-
-    @torch.inference_mode()
-    def decode(self, token):
-        self.n += 1
-        out = self.model(input_ids=torch.tensor([[token]]), attention_mask=torch.ones(1, self.n, dtype=torch.long),
-                         past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
-        return out.logits[0, -1].numpy()
-
-
-RUNNERS = {"session": SessionRunner, "llama": LlamaRunner, "optimum": OptimumRunner}
-
-
-def decode_rate(r, prompt: list[int], n: int) -> float:
-    token = int(np.argmax(r.prefill(prompt)))
-    t0 = time.perf_counter()
-    for _ in range(n):
-        token = int(np.argmax(r.decode(token)))
-    return n / (time.perf_counter() - t0)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set. VmHWM, not getrusage's ru_maxrss: on Linux ru_maxrss survives
-    exec, so a worker would report the peak of the parent it was forked from."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        line = next(li for li in status.read_text().splitlines() if li.startswith("VmHWM:"))
-        return int(line.split()[1]) / 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def worker(spec: dict) -> dict:
-    import runtimes  # noqa: F401  (the imports every row pays, counted in the baseline)
-
-    baseline = peak_rss_mb()
-    t0 = time.perf_counter()
-    r = RUNNERS[spec["kind"]](spec["path"], spec["options"], spec["threads"])
-    load_s = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, spec["vocab"], spec["long_context"]).tolist()
-    p, n = spec["prompt_len"], spec["decode_tokens"]
-    decode_rate(r, ids[:16], 4)  # warm up (compilation, lazy allocations)
-    prefill_s, ttft_s, short, long = [], [], [], []
-    for _ in range(spec["repeats"]):
-        t = time.perf_counter()
-        logits = r.prefill(ids[:p])
-        prefill_s.append(time.perf_counter() - t)
-        int(np.argmax(logits))
-        ttft_s.append(time.perf_counter() - t)
-        short.append(decode_rate(r, ids[:128], n))
-        long.append(decode_rate(r, ids[: spec["long_context"]], n))
-    return {"load_s": load_s, "prefill_tok_s": p / statistics.median(prefill_s),
-            "ttft_ms": statistics.median(ttft_s) * 1e3,
-            "decode_tok_s": statistics.median(short), "decode_long_tok_s": statistics.median(long),
-            "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline}
-
-
-def speculative_worker(spec: dict) -> dict:
-    import runtimes
-    from runtimes import GenerationConfig
-    from runtimes.speculative import compare_speculative
-
-    target = runtimes.load(spec["path"], n_threads=spec["threads"])
-    draft = runtimes.load(spec["draft"], n_threads=spec["threads"], accuracy_level=4)
-    prompt = np.random.default_rng(0).integers(0, spec["vocab"], 128).tolist()
-    list(target.generate(prompt[:16], GenerationConfig(max_new_tokens=4)))
-    r = compare_speculative(target, draft, prompt, GenerationConfig(max_new_tokens=spec["decode_tokens"]), 4)
-    s = r["speculative_stats"]
-    return {"identical": r["identical"], "acceptance": s.acceptance_rate, "tokens_per_target_forward":
-            s.tokens_per_target_forward, "speedup": r["speedup"], "plain_tok_s": r["plain_stats"].decode_tokens_per_s,
-            "speculative_tok_s": s.decode_tokens_per_s}
+# ----------------------------------------------------------------------------- the rows (each in a worker)
 
 
 def in_subprocess(spec: dict, timeout: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"error": f"exit {proc.returncode}: {tail[:160]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """One row in a fresh process (scripts/bench_runtime_worker.py); its JSON result, or the error in one line."""
+    try:
+        return run_json([sys.executable, str(WORKER), json.dumps(spec)], timeout, f"row {spec['kind']}")
+    except EdgesmithError as e:
+        return {"error": str(e)[:200]}
 
 
 # ----------------------------------------------------------------------------- report
@@ -385,18 +239,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-speculative", action="store_true")
     p.add_argument("--keep", default=None, metavar="DIR", help="build (or reuse) checkpoints and artifacts here")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per row")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
-    if args.worker:
-        spec = json.loads(args.worker)
-        print(json.dumps(speculative_worker(spec) if spec["kind"] == "speculative" else worker(spec)))
-        return
-    from runtimes.session import cpu_cores
-
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -407,9 +254,9 @@ def main() -> None:
              decode_tokens=args.decode_tokens)
     if args.long_context + args.decode_tokens > args.max_seq_len or args.prompt_len > args.long_context:
         sys.exit("--long-context + --decode-tokens must fit --max-seq-len, and --prompt-len <= --long-context")
-    print("bench_runtime:", {k: v for k, v in vars(args).items() if k != "worker"}, flush=True)
+    print("bench_runtime:", vars(args), flush=True)
     gib = args.bandwidth_gib or (0.25 if args.small else 1.0)
-    bandwidth, bandwidth_1 = measure_bandwidth(c["threads"], gib), measure_bandwidth(1, gib)
+    bandwidth, bandwidth_1 = measure_bandwidth(c["threads"], gib) / 1e9, measure_bandwidth(1, gib) / 1e9  # GB/s
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_runtime-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -421,8 +268,6 @@ def main() -> None:
                     if (root / n / "manifest.json").is_file() or (root / n / "config.json").is_file()}
         paths = {**existing, **make_artifacts(needed - set(existing), ckpts, root, args.max_seq_len)}
         print(f"checkpoints and artifacts ready in {time.perf_counter() - t0:.0f} s", flush=True)
-        from tqdm import tqdm
-
         results = {}
         for key in (bar := tqdm(rows, desc="rows", unit="row")):
             bar.set_postfix_str(key)

@@ -26,57 +26,23 @@ It does not measure (devices.bench), draw (toolchain.report) or define passes (t
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import importlib.util
 import json
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from models.atomic import remove_tree, replace_dir, temp_path, write_text_atomic
 from models.checkpoint import read_json
 from models.errors import EdgesmithError
-from toolchain.export.spec import get_format
-from toolchain.recipe import Recipe, to_toml
+from toolchain.compress.driver import compress_checkpoint
+from toolchain.pipeline_steps import FILE_STAGES, MARKER, STAGES, Step, plan
+from toolchain.recipe import Recipe, pass_table, to_toml
+from toolchain.report import console_summary
+from toolchain.train.run import TrainJob, run_train
+from toolchain.train.trainer import TrainConfig
 
-MARKER = ".step.json"
 RUN_JSON = "run.json"
-STAGES = ("source", "compress", "export", "bench", "report")
-FILE_STAGES = ("bench", "report")  # steps whose output is a file; their marker lies beside it
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@dataclass
-class Step:
-    stage: str  # one of STAGES
-    name: str  # "00-train", "01-quantize-gptq", "gguf", "local", "report"
-    key: str
-    out: Path  # the step's final directory (or file, for bench)
-    run: Callable[[Path], dict]  # writes the step's output at the given temporary path; returns facts
-    estimate_s: float
-    describe: str = ""
-    info: dict = field(default_factory=dict)
-    cached: bool = False
-    seconds: float = 0.0  # spent in this run
-    made_s: float = 0.0  # spent making the output (this run, or the one that made the cached output)
-
-    @property
-    def marker(self) -> Path:
-        return self.out / MARKER if self.stage not in FILE_STAGES else self.out.parent / f".{self.out.name}{MARKER}"
-
-    def done(self) -> bool:
-        if not self.out.exists() or not self.marker.is_file():
-            return False
-        try:
-            return json.loads(self.marker.read_text()).get("key") == self.key
-        except (json.JSONDecodeError, OSError):
-            return False
-
 
 # ----------------------------------------------------------------------------- progress
 
@@ -131,8 +97,6 @@ def _clock(s: float) -> str:
 
 def run_pipeline(recipe: Recipe, out: str | Path | None = None, progress=None, echo: bool = True) -> dict:
     """Run `recipe` into `out` (default runs/<recipe.name>); returns the summary written to run.json."""
-    from toolchain.pipeline_steps import plan
-
     run_dir = Path(out) if out is not None else Path("runs") / recipe.name
     steps, skipped = plan(recipe, run_dir)  # every check that needs no work, before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -161,8 +125,6 @@ def run_pipeline(recipe: Recipe, out: str | Path | None = None, progress=None, e
             prog.finish(i, step)
         summary = _write_summary(recipe, run_dir, steps, skipped, t0)
         _remove_stale(run_dir, steps)
-    from toolchain.report import console_summary
-
     summary["console"] = console_summary(run_dir)
     return summary
 
@@ -258,34 +220,11 @@ def run_step_job(path: str | Path) -> None:
     """Inside a torchrun rank: run the train or compress job the pipeline wrote to `path`."""
     job = read_json(Path(path))
     if job["kind"] == "train":
-        from toolchain.train.run import TrainJob, run_train
-        from toolchain.train.trainer import TrainConfig
-
         t = job["job"]
         run_train(TrainJob(**{**t, "train": TrainConfig(**t["train"])}), job["argv"])
     elif job["kind"] == "compress":
-        from toolchain.compress.driver import compress_checkpoint
-        from toolchain.recipe import _pass
-
         c = job["job"]
-        cfg = _pass(c.pop("pass"), "pass")
+        cfg = pass_table(c.pop("pass"), "pass")
         compress_checkpoint(c.pop("src"), c.pop("out"), [cfg], argv=job["argv"], **c)
     else:
         raise EdgesmithError(f"{path}: unknown step job kind {job['kind']!r}")
-
-
-def importable(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-def optional_formats(recipe: Recipe) -> tuple[list[str], list[dict]]:
-    """The formats to export: every listed one, plus each optional one whose toolkit imports here."""
-    formats, skipped = list(recipe.export.formats), []
-    for f in recipe.export.optional:
-        toolkit = get_format(f).toolkit
-        if importable(toolkit):
-            formats.append(f)
-        else:
-            skipped.append({"format": f, "reason": f"optional; `{toolkit}` does not import here"})
-    return formats, skipped
-

@@ -12,16 +12,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from devices.bench import bench, write_results
+from devices.planner import plan
+from devices.profiles import load_profile
 from models.checkpoint import read_json, write_text_atomic
-from models.errors import EdgesmithError
 
 
 def measurable(target) -> str | None:
     """None when the target can be measured from here, else why not (one line)."""
     if target.device == "local" or target.uri is not None:
         return None
-    from devices.profiles import load_profile
-
     p = load_profile(target.device)
     return (f"no target.uri given for {p.name} (its profile names {p.transport}, which is not tried without one; "
             f"--set target.uri=ssh://... or adb://SERIAL measures it); figures are the planner's prediction")
@@ -30,9 +30,6 @@ def measurable(target) -> str | None:
 def bench_run(target, artifacts: list[Path], ckpt: Path, tmp: Path, why_not: str | None) -> dict:
     if why_not is None:
         return _measure(target, artifacts, tmp)
-    from devices.planner import plan
-    from devices.profiles import load_profile
-
     profile = load_profile(target.device)
     p = plan(profile, str(ckpt), context=target.prompt_len + target.gen_len)
     record = {"measured": False, "device": target.device, "reason": why_not, "checkpoint": str(ckpt),
@@ -49,11 +46,6 @@ def _artifact_summary(a: Path) -> dict:
 
 
 def _measure(target, artifacts: list[Path], tmp: Path) -> dict:
-    try:
-        from devices.bench import bench, write_results
-    except ImportError as e:
-        raise EdgesmithError(f"target: benchmarking needs devices.bench, which does not import ({e}); "
-                             "--set target.bench=false skips the stage") from None
     device = target.uri if target.uri is not None else target.device
     results = bench([str(a) for a in artifacts], device, prompt_len=target.prompt_len, gen_len=target.gen_len,
                     repeat=target.repeat, progress=_progress_line)

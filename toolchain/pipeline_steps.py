@@ -1,7 +1,9 @@
 """The steps of a recipe run, planned before any work: what each one does, its key, where it lands.
 
-`plan(recipe, run_dir)` returns the ordered steps (train, one per pass, one per export format, the
-bench, the report) with their cache keys chained from the source; toolchain/pipeline.py executes them.
+A `Step` is one unit of a run: its cache key (`digest` of its input's key and its own configuration),
+its output path and its completion marker. `plan(recipe, run_dir)` returns the ordered steps (train,
+one per pass, one per export format, the bench, the report) with their keys chained from the source;
+toolchain/pipeline.py executes them.
 Multi-process steps (training with nproc > 1, distill / qat with compress.nproc > 1) re-run
 `edgesmith run --step-job FILE` as torchrun ranks, the way `edgesmith train --nproc` re-runs itself.
 """
@@ -9,22 +11,81 @@ Multi-process steps (training with nproc > 1, distill / qat with compress.nproc 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.util
 import json
 import shutil
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from models.checkpoint import read_json, write_text_atomic
 from models.errors import EdgesmithError
 from models.registry import METHODS
-from toolchain.compress import QUANTIZE
+from toolchain.compress import QUANTIZE, config_to_dict, kind_of
+from toolchain.compress.driver import REPORT, compress_checkpoint, training_kinds
+from toolchain.data import load_corpus
+from toolchain.export import ExportConfig, export
 from toolchain.export.spec import get_format
-from toolchain.pipeline import Step, digest, optional_formats
+from toolchain.pipeline_bench import bench_run, measurable
 from toolchain.recipe import Recipe, float_precision
+from toolchain.report import write_report
+from toolchain.train.run import TrainJob, resolve_model_config, run_train
+from toolchain.train.state import list_states
 
 REPORT_VERSION = 1
 # Rough seconds per unit on a 2-core CPU, only for the ETA (the display rescales by measured pace).
 TOKENS_PER_S = {"nano": 8000.0, "micro": 2200.0, "small": 600.0}
+MARKER = ".step.json"
+STAGES = ("source", "compress", "export", "bench", "report")
+FILE_STAGES = ("bench", "report")  # steps whose output is a file; their marker lies beside it
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class Step:
+    stage: str  # one of STAGES
+    name: str  # "00-train", "01-quantize-gptq", "gguf", "local", "report"
+    key: str
+    out: Path  # the step's final directory (or file, for bench)
+    run: Callable[[Path], dict]  # writes the step's output at the given temporary path; returns facts
+    estimate_s: float
+    describe: str = ""
+    info: dict = field(default_factory=dict)
+    cached: bool = False
+    seconds: float = 0.0  # spent in this run
+    made_s: float = 0.0  # spent making the output (this run, or the one that made the cached output)
+
+    @property
+    def marker(self) -> Path:
+        return self.out / MARKER if self.stage not in FILE_STAGES else self.out.parent / f".{self.out.name}{MARKER}"
+
+    def done(self) -> bool:
+        if not self.out.exists() or not self.marker.is_file():
+            return False
+        try:
+            return json.loads(self.marker.read_text()).get("key") == self.key
+        except (json.JSONDecodeError, OSError):
+            return False
+
+
+def importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def optional_formats(recipe: Recipe) -> tuple[list[str], list[dict]]:
+    """The formats to export: every listed one, plus each optional one whose toolkit imports here."""
+    formats, skipped = list(recipe.export.formats), []
+    for f in recipe.export.optional:
+        toolkit = get_format(f).toolkit
+        if importable(toolkit):
+            formats.append(f)
+        else:
+            skipped.append({"format": f, "reason": f"optional; `{toolkit}` does not import here"})
+    return formats, skipped
 
 
 def plan(recipe: Recipe, run_dir: Path) -> tuple[list[Step], list[dict]]:
@@ -65,15 +126,11 @@ def _source_checkpoint(path: str) -> tuple[str, Path]:
 
 
 def _model_config(ts):
-    from toolchain.train.run import resolve_model_config
-
     cfg = resolve_model_config(ts.model)
     return cfg if ts.vocab_size is None else dataclasses.replace(cfg, vocab_size=ts.vocab_size)
 
 
 def _train_step(recipe: Recipe, run_dir: Path) -> Step:
-    from toolchain.data import load_corpus
-
     ts = recipe.source.train
     model_cfg = _model_config(ts)
     if ts.train.seq_len > model_cfg.max_seq_len:
@@ -99,9 +156,6 @@ def _train_step(recipe: Recipe, run_dir: Path) -> Step:
 
 
 def _run_train(ts, model_cfg, work: Path, tmp: Path) -> dict:
-    from toolchain.train.run import TrainJob, run_train
-    from toolchain.train.state import list_states
-
     work.mkdir(parents=True, exist_ok=True)
     spec = ts.model
     if ts.vocab_size is not None or ts.model.endswith(".json"):
@@ -141,17 +195,12 @@ def _run_train(ts, model_cfg, work: Path, tmp: Path) -> dict:
 
 
 def _pass_name(cfg) -> str:
-    from toolchain.compress import config_to_dict, kind_of
-
     kind = kind_of(cfg)
     method = config_to_dict(cfg).get("method")
     return f"{kind}-{method}".replace(":", "") if method else kind
 
 
 def _compress_step(recipe: Recipe, run_dir: Path, i: int, cfg, in_key: str, src: Path, source_ckpt: Path) -> Step:
-    from toolchain.compress import config_to_dict, kind_of
-    from toolchain.compress.driver import training_kinds
-
     kind = kind_of(cfg)
     keyed = config_to_dict(cfg)
     if kind == "distill" and cfg.teacher is None:  # the run's source is the teacher, as in one compress run
@@ -169,8 +218,6 @@ def _compress_step(recipe: Recipe, run_dir: Path, i: int, cfg, in_key: str, src:
     estimate = 10.0 + quant_s + train_s
 
     def run(tmp: Path) -> dict:
-        from toolchain.compress.driver import REPORT, compress_checkpoint
-
         argv = None
         if nproc > 1:
             job_file = run_dir / ".work" / f"compress-{key[:16]}.json"
@@ -195,8 +242,6 @@ def _compress_step(recipe: Recipe, run_dir: Path, i: int, cfg, in_key: str, src:
 
 def _quantized(recipe: Recipe) -> bool:
     """Whether the final checkpoint holds quantized weights (a weight-quantizing pass, or such a source)."""
-    from toolchain.compress import kind_of
-
     if any(kind_of(c) in ("quantize", "qat") and getattr(c, "bits", None) for c in recipe.passes):
         return True
     if recipe.source.checkpoint is not None:
@@ -211,8 +256,6 @@ def _export_step(recipe: Recipe, run_dir: Path, fmt: str, precision: str, in_key
     key = digest({"step": "export", "input": in_key, **options})
 
     def run(tmp: Path) -> dict:
-        from toolchain.export import ExportConfig, export
-
         m = export(ckpt, tmp, ExportConfig(**options))
         return {"format": fmt, "precision": m["precision"], "bytes": sum(f["bytes"] for f in m["files"].values()),
                 "export_s": m["export_s"], "parity": m["parity"]}
@@ -224,8 +267,6 @@ def _export_step(recipe: Recipe, run_dir: Path, fmt: str, precision: str, in_key
 
 
 def _bench_step(recipe: Recipe, run_dir: Path, exports: list[Step], ckpt: Path) -> Step:
-    from toolchain.pipeline_bench import bench_run, measurable
-
     t = recipe.target
     why_not = measurable(t)
     key = digest({"step": "bench", "inputs": [s.key for s in exports], **asdict(t), "measured": why_not is None})
@@ -246,8 +287,6 @@ def _report_step(run_dir: Path, steps: list[Step]) -> Step:
     key = digest({"step": "report", "inputs": [s.key for s in steps], "version": REPORT_VERSION})
 
     def run(tmp: Path) -> dict:
-        from toolchain.report import write_report
-
         write_report(run_dir)
         return {"html": "report.html", "md": "report.md"}
 

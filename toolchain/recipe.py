@@ -21,8 +21,11 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from devices.profiles import load_profile
 from models.errors import EdgesmithError
+from models.llama import SIZES
 from models.registry import FORMATS, METHODS, PASSES
+from models.tokenizer import MIN_VOCAB
 from toolchain.compress import QUANTIZE, pass_kinds
 from toolchain.export.spec import PRECISIONS
 from toolchain.train.trainer import TrainConfig
@@ -40,9 +43,6 @@ class TrainSource:
     train: TrainConfig = field(default_factory=TrainConfig)  # flattened into the same TOML table
 
     def __post_init__(self):
-        from models.llama import SIZES
-        from models.tokenizer import MIN_VOCAB
-
         if self.model not in SIZES and not self.model.endswith(".json"):
             raise EdgesmithError(f"model={self.model!r} is not one of {', '.join(SIZES)} (or a ModelConfig .json file)")
         if self.vocab_size is not None and self.vocab_size < MIN_VOCAB:
@@ -216,7 +216,7 @@ def parse_recipe(doc: dict, origin: str = "") -> Recipe:
     passes = doc.get("pass", [])
     if not isinstance(passes, list):
         raise EdgesmithError("pass: expected an array of tables ([[pass]]), got " + _tname(passes))
-    configs = tuple(_pass(p, f"pass[{i}]") for i, p in enumerate(passes))
+    configs = tuple(pass_table(p, f"pass[{i}]") for i, p in enumerate(passes))
     compress = build(CompressSettings, _table(doc, "compress"), "compress")
     target = build(Target, _table(doc, "target"), "target")
     profile = _profile(target, _table(doc, "export"))
@@ -267,7 +267,8 @@ def _source(t: dict) -> Source:
     return Source(train=build(TrainSource, {**own, "train": cfg}, "source.train"))
 
 
-def _pass(p, path: str):
+def pass_table(p, path: str):
+    """A recipe's `[[pass]]` table (at key path `path`) -> that pass's validated config."""
     if not isinstance(p, dict):
         raise EdgesmithError(f"{path}: expected a table, got {_tname(p)}")
     p = dict(p)
@@ -290,11 +291,6 @@ def _profile(target: Target, export: dict):
     formats (the local profile is measured once, then cached)."""
     if target.device == "local" and DEVICE_FORMATS != export.get("formats"):
         return None
-    try:
-        from devices.profiles import load_profile
-    except ImportError:
-        raise EdgesmithError(f"target.device: {target.device!r} needs the devices package (device profiles), "
-                             "which is not available") from None
     try:
         return load_profile(target.device)
     except EdgesmithError as e:
@@ -333,8 +329,6 @@ def float_precision(recipe: Recipe, quantized: bool) -> str:
     XNNPACK quantized path takes fp32 only)."""
     if recipe.export.precision != DEVICE_FORMATS:
         return recipe.export.precision
-    from devices.profiles import load_profile
-
     return "fp16" if not quantized and "fp16" in load_profile(recipe.target.device).precisions else "fp32"
 
 

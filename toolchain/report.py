@@ -310,7 +310,7 @@ def _markdown(data: dict, tabs, pngs) -> str:
     for title, headers, rows, note in tabs:
         lines += [f"## {title}", ""]
         if rows:
-            lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+            lines += ["| " + " | ".join(h.replace("|", "\\|") for h in headers) + " |", "|" + "---|" * len(headers)]
             lines += ["| " + " | ".join(str(x).replace("|", "\\|") for x in r) + " |" for r in rows]
         lines += ["", note, ""]
         lines += [f"![{n}](report/{n}.png)" for n in _plots_after(title, pngs)] + [""]

@@ -17,7 +17,8 @@ from torch import nn
 from tqdm import tqdm
 
 from models.errors import EdgesmithError
-from models.quant import QuantizedLinear, _shared_weight_names, check_scheme, linear_names, quantize_embedding_
+from models.quant import (QuantizedLinear, _shared_weight_names, check_scheme, linear_names, quantize_embedding_,
+                          replace_module_)
 from toolchain.compress.rules import bits_for, parse_rules, resolve
 
 
@@ -112,7 +113,6 @@ def capture_inputs(model: nn.Module, names: list[str], calib: torch.Tensor, on_i
 
 def swap_quantized_(model: nn.Module, name: str, qweight: torch.Tensor, scales: torch.Tensor, bits: int,
                     group_size: int, act_bits: int | None = None) -> None:
-    from models.quant import replace_module_
     replace_module_(model, name, QuantizedLinear.from_codes(qweight, scales, bits, group_size, act_bits))
 
 

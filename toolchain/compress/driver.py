@@ -24,6 +24,9 @@ from models.errors import EdgesmithError
 from models.registry import PASSES
 from toolchain.compress import Context, apply, calibration_tokens, config_to_dict, kind_of
 from toolchain.compress.quality import compare, layer_sqnr
+from toolchain.data import load_corpus, tokenize_corpus
+from toolchain.train.launch import shutdown, under_torchrun
+from toolchain.train.run import launch
 
 REPORT = "compress_report.json"
 
@@ -39,7 +42,6 @@ def _finite(x):
 
 
 def _tokens(data: str, tokenizer):
-    from toolchain.data import load_corpus, tokenize_corpus
     return tokenize_corpus(load_corpus(data), tokenizer)
 
 
@@ -76,9 +78,6 @@ def compress_checkpoint(src: str | Path, out: str | Path, passes: list, data: st
     `nproc > 1` re-runs `argv` (the `edgesmith` command line) under torchrun, as `edgesmith train` does:
     rank 0 writes the checkpoint (with its report) and returns the report; the other ranks and the
     launcher return None."""
-    from toolchain.train.launch import shutdown, under_torchrun
-    from toolchain.train.run import launch
-
     out = Path(out)
     if not passes:
         raise EdgesmithError("--pass: give at least one pass, e.g. quantize:method=rtn,bits=4")

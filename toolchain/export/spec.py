@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.errors import EdgesmithError
+from models.quant import Int8KVAttention
 from models.registry import FORMATS
 
 PRECISIONS = ("fp32", "fp16")
@@ -60,8 +61,6 @@ def quantization_scheme(ckpt, target: dict[int, str], embedding: dict[int, str] 
 
 def refuse_int8_kv_cache(model, fmt: str) -> None:
     """The graphs write a float KV cache: refuse a model whose attention keeps an int8 cache."""
-    from models.quant import Int8KVAttention
-
     for name, m in model.named_modules():
         if isinstance(m, Int8KVAttention):
             raise EdgesmithError(f"{name}: an int8 KV cache (calibrated per-head scales) cannot be exported to "

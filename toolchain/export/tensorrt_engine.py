@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.errors import EdgesmithError
+
 Shape = tuple[int, ...]
 MinOptMax = tuple[Shape, Shape, Shape]
 
@@ -70,7 +72,7 @@ def build_engine(onnx_path: Path, plan_path: Path, shapes: EngineShapes, workspa
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"{onnx_path}: TensorRT's ONNX parser refused the graph: {errors}")
+        raise EdgesmithError(f"{onnx_path}: TensorRT's ONNX parser refused the graph: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     if sparse_weights:
@@ -82,7 +84,7 @@ def build_engine(onnx_path: Path, plan_path: Path, shapes: EngineShapes, workspa
         config.add_optimization_profile(profile)
     serialized: Any = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"{onnx_path}: TensorRT failed to build the engine (see the log above)")
+        raise EdgesmithError(f"{onnx_path}: TensorRT failed to build the engine (see the log above)")
     data = bytes(memoryview(serialized))
     plan_path.write_bytes(data)
     return len(data)

@@ -18,6 +18,7 @@ import torch
 
 from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint, write_text_atomic
 from models.errors import EdgesmithError
+from toolchain.data import load_corpus, tokenize_corpus
 from toolchain.train.launch import shutdown
 from toolchain.train.lora import DEFAULT_TARGETS, LoRA, apply_lora_, count_params, merge_lora_, save_adapter
 from toolchain.train.run import launch, world_size
@@ -59,8 +60,6 @@ def _validate(job: FinetuneJob):
 
 
 def _prepare(job: FinetuneJob):
-    from toolchain.data import load_corpus, tokenize_corpus
-
     ckpt = load_checkpoint(job.checkpoint)
     corpus = load_corpus(job.data)
     return ckpt, corpus, tokenize_corpus(corpus, ckpt.tokenizer)
@@ -68,8 +67,6 @@ def _prepare(job: FinetuneJob):
 
 def run_finetune(job: FinetuneJob, argv: list[str]) -> dict | None:
     """The whole command; the summary on rank 0, None elsewhere."""
-    from toolchain.data import load_corpus
-
     lora, resume = _validate(job)
     load_corpus(job.data)
     env, prepared = launch(job.nproc, argv, lambda: _prepare(job))

@@ -22,6 +22,8 @@ import torch
 from models.checkpoint import child_lineage, from_hf_config, read_json, save_checkpoint, write_text_atomic
 from models.errors import EdgesmithError
 from models.llama import SIZES, ModelConfig, Transformer, config_for
+from toolchain.data import load_corpus, tokenize_corpus
+from toolchain.demo import cached_tokenizer
 from toolchain.train.launch import (DistEnv, barrier, init_distributed, nproc_warning, relaunch, shutdown,
                                     under_torchrun)
 from toolchain.train.trainer import TrainConfig, check_resumable, latest_state, train
@@ -77,9 +79,6 @@ def validate(job: TrainJob, world: int):
 
 def prepare_data(data: str, vocab_size: int):
     """(corpus, tokenizer, token files), cached on disk after the first call."""
-    from toolchain.data import load_corpus, tokenize_corpus
-    from toolchain.demo import cached_tokenizer
-
     corpus = load_corpus(data)
     tokenizer = cached_tokenizer(corpus, vocab_size)
     return corpus, tokenizer, tokenize_corpus(corpus, tokenizer)
@@ -122,8 +121,6 @@ def launch(nproc: int, argv: list[str], prepare) -> tuple[DistEnv | None, object
 
 def run_train(job: TrainJob, argv: list[str]) -> dict | None:
     """The whole command. Returns the summary on rank 0 (None on other ranks and in a launcher)."""
-    from toolchain.data import load_corpus
-
     model_cfg, resume = validate(job, world_size(job.nproc))
     load_corpus(job.data)  # a missing or empty corpus fails here, before any rank starts
     env, prepared = launch(job.nproc, argv, lambda: prepare_data(job.data, model_cfg.vocab_size))

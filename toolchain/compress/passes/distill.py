@@ -25,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.checkpoint import load_checkpoint
 from models.errors import EdgesmithError
 from models.llama import SIZES, Transformer, config_for
 from models.registry import PASSES
 from toolchain.compress.quality import compare
+from toolchain.train.trainer import TrainConfig, train
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,6 @@ class TrainPass:
             raise EdgesmithError(f"{name}: keep_zeros={self.keep_zeros!r}; allowed: true, false")
 
     def train_config(self):
-        from toolchain.train.trainer import TrainConfig
-
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=float(self.lr),
                            warmup=self.warmup, eval_tokens=self.eval_tokens, seed=self.seed)
 
@@ -91,8 +91,6 @@ def check_trainable(model: nn.Module, cfg: TrainPass, ctx) -> None:
 
 def run_training(model: nn.Module, cfg: TrainPass, ctx, loss_fn=None) -> tuple[nn.Module, list[dict]]:
     """Train `model` with the trainer on ctx's train split (on ctx.env's ranks); the trained model on every rank."""
-    from toolchain.train.trainer import train
-
     check_trainable(model, cfg, ctx)
     model.requires_grad_(True)  # every parameter of the student trains
     handles, held = keep_zeros_(model) if cfg.keep_zeros else ([], 0)
@@ -147,8 +145,6 @@ def load_teacher(cfg: Distill, ctx) -> nn.Module:
             raise EdgesmithError("distill: no teacher: give teacher=<checkpoint> or run it through "
                                  "`edgesmith compress`")
         return ctx.reference
-    from models.checkpoint import load_checkpoint
-
     t = load_checkpoint(cfg.teacher)
     if ctx.tokenizer is not None and t.tokenizer.fingerprint != ctx.tokenizer.fingerprint:
         raise EdgesmithError(f"distill: teacher={cfg.teacher}: its tokenizer differs from the student's")

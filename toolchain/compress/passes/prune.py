@@ -28,7 +28,10 @@ from torch import nn
 
 from models.errors import EdgesmithError
 from models.llama import Transformer
+from models.lowrank import LowRankLinear
+from models.quant import Int8KVAttention
 from models.registry import PASSES
+from toolchain.compress.prune_structured import prune_structured
 
 METHODS = ("magnitude", "2:4", "heads", "channels", "layers")
 STRUCTURED = ("heads", "channels", "layers")
@@ -76,9 +79,6 @@ class Prune:
 
 def require_plain(model: nn.Module, method: str) -> None:
     """Pruning works on float weights of the plain model: refuse quantized or factorized modules by name."""
-    from models.lowrank import LowRankLinear
-    from models.quant import Int8KVAttention
-
     if not isinstance(model, Transformer):
         raise EdgesmithError(f"prune {method}: expects the edgesmith Transformer, got {type(model).__name__}")
     for name, m in model.named_modules():
@@ -162,6 +162,4 @@ def prune(model: nn.Module, cfg: Prune, ctx) -> nn.Module:
         return prune_magnitude(model, cfg, ctx)
     if cfg.method == "2:4":
         return prune_two_four(model, cfg, ctx)
-    from toolchain.compress.prune_structured import prune_structured
-
     return prune_structured(model, cfg, ctx)

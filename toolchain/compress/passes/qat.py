@@ -28,6 +28,7 @@ from models.quant import QuantizedLinear, check_scheme, dequantize, quantize_rtn
 from models.registry import PASSES
 from toolchain.compress import Context
 from toolchain.compress.common import embedding_names, plan_layers, quantize_embeddings_
+from toolchain.compress.methods.rtn import RTN, rtn
 from toolchain.compress.passes.distill import TrainPass, check_trainable, run_training, val_perplexity
 from toolchain.compress.rules import bits_for, parse_rules
 
@@ -92,8 +93,6 @@ class QAT(TrainPass):
 
 def _rtn_baseline(model: nn.Module, cfg: QAT, ctx) -> float:
     """Validation perplexity of the `rtn` pass on the input model (what QAT is measured against)."""
-    from toolchain.compress.methods.rtn import RTN, rtn
-
     q = rtn(copy.deepcopy(model), RTN(bits=cfg.bits, group_size=cfg.group_size, rules=cfg.rules), Context())
     return val_perplexity(q, ctx, cfg)
 

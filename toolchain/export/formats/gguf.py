@@ -34,6 +34,7 @@ from models.llama import ModelConfig, Transformer
 from models.lowrank import LowRankLinear
 from models.quant import Int8KVAttention, QuantizedEmbedding, QuantizedLinear
 from models.tokenizer import Tokenizer
+from runtimes.backends.llamacpp import LlamaCppBackend
 from toolchain.export.spec import FormatSpec, quantization_scheme, register_format
 
 FILE = "model.gguf"
@@ -211,12 +212,6 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
             "quantization": quantization_scheme(ckpt, {4: "Q4_0", 8: "Q8_0"}), "notice": notice}
 
 
-def _backend(directory: Path):
-    from runtimes.backends.llamacpp import LlamaCppBackend
-
-    return LlamaCppBackend(directory)
-
-
-register_format(FormatSpec(name="gguf", precisions=("fp32", "fp16"), write=write, backend=_backend,
+register_format(FormatSpec(name="gguf", precisions=("fp32", "fp16"), write=write, backend=LlamaCppBackend,
                            runtime_package="llama-cpp-python",
                            toolkit="llama_cpp", estimate_s=5.0))

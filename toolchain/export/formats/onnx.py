@@ -18,6 +18,7 @@ from pathlib import Path
 import onnx
 
 from models.checkpoint import Checkpoint
+from runtimes.backends.onnxruntime import OnnxRuntimeBackend
 from toolchain.export.onnx_graph import fused_graph, plain_graph
 from toolchain.export.spec import FormatSpec, quantization_scheme, refuse_int8_kv_cache, register_format
 
@@ -58,12 +59,6 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
             "quantization": quantization_scheme(ckpt, stored, embedding)}
 
 
-def _backend(directory: Path):
-    from runtimes.backends.onnxruntime import OnnxRuntimeBackend
-
-    return OnnxRuntimeBackend(directory)
-
-
-register_format(FormatSpec(name="onnx", precisions=("fp32", "fp16"), write=write, backend=_backend,
+register_format(FormatSpec(name="onnx", precisions=("fp32", "fp16"), write=write, backend=OnnxRuntimeBackend,
                            runtime_package="onnxruntime", quant_exact=True,
                            toolkit="onnxruntime", estimate_s=6.0))

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.checkpoint import Checkpoint
+from runtimes.backends.onnxruntime import OnnxRuntimeBackend
 from toolchain.export.formats.onnx import save_onnx
 from toolchain.export.onnx_graph import plain_graph
 from toolchain.export.spec import FormatSpec, quantization_scheme, refuse_int8_kv_cache, register_format
@@ -52,8 +53,6 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
 
 
 def _backend(directory: Path):
-    from runtimes.backends.onnxruntime import OnnxRuntimeBackend
-
     return OnnxRuntimeBackend(directory, fmt="tensorrt")
 
 
