@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+import runtimes
 from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint
 from models.quant import QuantizedEmbedding, QuantizedLinear, quantize_embedding_, quantize_linear_
 from toolchain.export import ExportConfig, export
 from toolchain.export.formats.executorch import ExecuTorchEmbedding, split_codes
+from toolchain.export.parity import parity_ids, reference_logits, runtime_greedy, torch_threads
 
 
 @pytest.mark.slow  # lowering to XNNPACK takes 15-50 s per export on two shared cores
@@ -81,8 +83,22 @@ def test_quantized_pte_holds_our_codes_and_meets_parity(quantized_mixed, tmp_pat
     # assert: parity in executorch.runtime against the fake-quant model, at the threshold of its lowest bits
     p = manifest["parity"]
     assert p["passed"] and p["kind"] == "int4" and p["runtime"] == "executorch", p
-    assert p["argmax_agreement"] == 1.0 and p["greedy_matched"] == 32, p  # measured on this model
-    assert p["max_abs_logit_diff"] < 2e-2 * p["max_abs_reference_logit"], p  # measured 6-7e-3 (4 and 8 bits alone)
+    assert p["greedy_matched"] == 32, p
+    # argmax: every position agrees but a numerical tie. XNNPACK picks its kernels by CPU (AVX-512/AMX on one
+    # machine, AVX2 on another), so the int8-activation rounding, and which of two tied logits wins, varies by
+    # machine; a disagreement is allowed only where the reference's top-2 margin is within the runtime's own
+    # logit error at that position (measured: one position of 63 on an AMD EPYC, margin 0.016 vs error 0.030).
+    ckpt = load_checkpoint(quantized_mixed)
+    prompt = parity_ids(ckpt.tokenizer, 32)
+    tokens, got = runtime_greedy(runtimes.load(out), prompt, 32)
+    with torch_threads(1):
+        ref = reference_logits(ckpt.model.float().eval(), prompt + tokens[:-1])
+    got = got[:, :ref.shape[1]]
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    error = np.abs(got - ref).max(axis=-1)
+    flips = np.flatnonzero(got.argmax(-1) != ref.argmax(-1))
+    assert all(top2[i, 1] - top2[i, 0] <= 2 * error[i] for i in flips), [(i, top2[i], error[i]) for i in flips]
+    assert p["max_abs_logit_diff"] < 2e-2 * p["max_abs_reference_logit"], p  # measured 6-7e-3 (4 and 8 bits alone, Intel), 0.056 (mixed, AMD EPYC)
     stored = manifest["quantization"]["stored_as"]
     assert stored["model.layers.0.mlp.down_proj"].startswith("8da4w")
     assert stored["model.layers.1.mlp.down_proj"].startswith("8da8w") and stored["lm_head"].startswith("8da8w")
