@@ -22,12 +22,16 @@ def train(args: argparse.Namespace) -> None:
     job = TrainJob(model=args.model, data=args.data, out=args.out, train=_train_config(args), nproc=args.nproc,
                    resume=args.resume)
     s = run_train(job, args.argv)
-    if s is not None:
+    if s is not None:  # None: the torchrun launcher, or a rank other than 0 (rank 0 prints)
         print(f"checkpoint            {s['checkpoint']}")
-        print(f"final train loss      {s['final_loss']:.4f} (step {s['steps']})")
-        if s["val_perplexity"] is not None:
-            print(f"validation perplexity {s['val_perplexity']:.2f}")
+        _print_loss(s)
         print(f"train tokens/s        {s['tokens_per_s']:,.0f} (median step, {s['world_size']} rank(s))")
+
+
+def _print_loss(s: dict) -> None:
+    print(f"final train loss      {s['final_loss']:.4f} (step {s['steps']})")
+    if s["val_perplexity"] is not None:
+        print(f"validation perplexity {s['val_perplexity']:.2f}")
 
 
 def finetune(args: argparse.Namespace) -> None:
@@ -37,9 +41,7 @@ def finetune(args: argparse.Namespace) -> None:
     s = run_finetune(job, args.argv)
     if s is not None:
         print(f"trainable parameters  {s['trainable_params']:,} of {s['total_params']:,} (LoRA adapters)")
-        print(f"final train loss      {s['final_loss']:.4f} (step {s['steps']})")
-        if s["val_perplexity"] is not None:
-            print(f"validation perplexity {s['val_perplexity']:.2f}")
+        _print_loss(s)
         print(f"output                {s['output']}")
 
 
