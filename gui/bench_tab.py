@@ -1,6 +1,10 @@
 """The Benchmark tab: `edgesmith bench ARTIFACT... --device D --json bench/<id>.json` as a background
 job; when it finishes, the results file (devices.bench.write_results) is shown as a table with the
 roofline fraction, next to the plot the command wrote beside it (devices.bench.plot_results).
+
+It runs the bench command, not a recipe: a recipe's source is a checkpoint, and this tab measures
+artifacts that already exist (any number of them, from any run). A recipe run benches its own
+artifacts in its bench stage.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import time
 import gradio as gr
 
 from gui import views
-from gui.actions import Actions, _int
+from gui.actions import Actions
 from gui.devices_tab import bench_table, profiles
+from gui.recipes import number as _int
 from models.errors import EdgesmithError
 
 
@@ -57,14 +62,14 @@ def bench_poll(act: Actions, job_id: str, shown: str = ""):
     return status, bar, bench_table(results), str(png) if png and png.is_file() else None, log, key
 
 
-def build(act: Actions, timer, demo) -> None:
+def build(act: Actions, timer, demo):
+    """The tab's widgets and events; returns the artifacts dropdown (gui/app.py refreshes its choices)."""
     names = ["local"] + [p for p in profiles() if p != "local"]
     with gr.Row():
         # a dropdown that takes typed paths too: the choices a page was given are kept per session, and a
         # script (gradio_client) or a page whose session state was dropped (gui/bounds.py) has none
         artifacts = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True,
                                 label="Artifacts (one or more)", elem_id="bench-artifacts")
-        refresh = gr.Button("↻", scale=0, min_width=40)
     with gr.Row():
         device = gr.Dropdown(names, value="local", allow_custom_value=True,
                              label="Device: local, a profile, ssh://user@host or adb://SERIAL", elem_id="bench-device")
@@ -74,6 +79,7 @@ def build(act: Actions, timer, demo) -> None:
     with gr.Row():
         start = gr.Button("Start", variant="primary", elem_id="bench-start")
         stop = gr.Button("Stop", variant="stop", elem_id="bench-stop")
+    note = gr.Markdown(elem_id="bench-note")  # a refused start: no poll writes here, so none overwrites it
     job = gr.Textbox(label="Job", interactive=False, elem_id="bench-job")
     status = gr.Markdown(elem_id="bench-status")
     bar = gr.HTML(elem_id="bench-progress")
@@ -84,17 +90,16 @@ def build(act: Actions, timer, demo) -> None:
     shown = gr.State("")
 
     def start_fn(artifacts, device, prompt_len, gen_len, repeat, job_id):
-        return bench_start(act, artifacts, device, prompt_len, gen_len, repeat, job_id)
+        job_id, status = bench_start(act, artifacts, device, prompt_len, gen_len, repeat, job_id)
+        return job_id, status, "" if job_id else status
 
     def poll(job_id, key):
         return bench_poll(act, job_id, key)
 
-    def choices():
-        return gr.Dropdown(choices=act.ws.artifacts())
-
-    refresh.click(choices, None, [artifacts], api_visibility="private")
-    start.click(start_fn, [artifacts, device, prompt_len, gen_len, repeat, job], [job, status], api_name="bench")
+    start.click(start_fn, [artifacts, device, prompt_len, gen_len, repeat, job], [job, status, note],
+                api_name="bench")
     stop.click(act.cancel, [job], [status], api_name="cancel_bench")
     timer.tick(poll, [job, shown], [status, bar, table, plot, log, shown], api_name="bench_status",
                show_progress="hidden")
-    demo.load(lambda: (act.latest_job("bench"), choices()), None, [job, artifacts], api_visibility="private")
+    demo.load(lambda: act.latest_job("bench"), None, [job], api_visibility="private")
+    return artifacts

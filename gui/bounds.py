@@ -26,6 +26,8 @@ import asyncio
 import contextlib
 import os
 
+from models.errors import EdgesmithError
+
 PRUNE_S = 2.0
 MAX_ANALYTICS = 200  # newest analytics rows kept (only Gradio's monitoring page reads them; it is off)
 DEFAULT_MAX_SESSIONS = 64  # browser/API sessions whose Gradio state is kept (~300 KB each)
@@ -35,8 +37,6 @@ SESSIONS_ENV = "EDGESMITH_GUI_SESSIONS"
 def max_sessions() -> int:
     """How many sessions' Gradio state is kept: EDGESMITH_GUI_SESSIONS, default 64. The oldest
     session beyond it loses its state (its page shows the defaults again on its next event)."""
-    from models.errors import EdgesmithError
-
     text = os.environ.get(SESSIONS_ENV, "")
     if not text:
         return DEFAULT_MAX_SESSIONS

@@ -1,8 +1,9 @@
-"""The Devices and Benchmark tabs: device profiles and the planner (`devices.profiles`,
-`devices.planner`), and benchmarks run as `edgesmith bench` jobs whose results file is read back.
+"""The Devices and Benchmark tabs' figures: device profiles and the planner (`devices.profiles`,
+`devices.planner`), and the table of a benchmark's results file (gui/bench_tab.py runs the job).
 
-The planner is quick, so it runs in the request; a benchmark is long work, so it is a background job
-like training. Figures come from `devices`; this module only lays them out.
+The planner is quick, so it runs in the request. A model is a size, a public shape (`devices.shapes`:
+llama-3.2-1b, ...) or a checkpoint / artifact in the workspace, as `edgesmith devices plan` takes it.
+Figures and verdicts come from `devices`; this module only lays them out.
 """
 
 from __future__ import annotations
@@ -12,41 +13,58 @@ from pathlib import Path
 
 import pandas as pd
 
+from devices.planner import plan as plan_
+from devices.planner import target_verdict
+from devices.profiles import list_profiles, load_profile
+from devices.shapes import model_names
 from gui import views
 from gui.workspace import Workspace
 from models.errors import EdgesmithError
-from models.llama import SIZES
+
+PLAN_COLUMNS = ["quantity", "value"]
 
 
 def profiles() -> list[str]:
-    from devices.profiles import list_profiles
-
     return list_profiles()
+
+
+def shapes() -> list[str]:
+    """Named sizes and public shapes the planner knows without a file (nano, ..., llama-3.2-1b, ...)."""
+    return model_names()
 
 
 def _model_arg(ws: Workspace, model: str):
     model = (model or "").strip()
-    return model if model in SIZES else ws.resolve(model, "model", must_exist=True)
+    if not model:
+        raise EdgesmithError(f"model: empty; give a size or public shape ({', '.join(shapes())}) or a checkpoint "
+                             "or artifact in the workspace")
+    if model in shapes():
+        return model
+    path = ws.resolve(model, "model")
+    if not path.exists():
+        raise EdgesmithError(f"model: {model!r} is not a size or public shape ({', '.join(shapes())}) nor a "
+                             "checkpoint or artifact in the workspace")
+    return str(path)
 
 
 def plan(ws: Workspace, device: str, model: str, context, bits) -> tuple[str, pd.DataFrame]:
     """(verdict markdown, plan table) of `model` (size name, or a checkpoint / artifact in the
     workspace) on `device` at `context` tokens with weights at `bits` (empty: the planner's choice)."""
-    from devices.planner import plan as plan_
-
     try:
+        if not (device or "").strip():
+            raise EdgesmithError(f"device: choose a profile ({', '.join(profiles())})")
         context = int(context) if context not in (None, "", 0) else None
         bits = int(bits) if bits not in (None, "", "auto") else None
         p = plan_(device, _model_arg(ws, model), context=context, bits=bits)
     except (EdgesmithError, ValueError) as e:
-        return views.refused(e), pd.DataFrame()
+        return views.refused(e), pd.DataFrame(columns=PLAN_COLUMNS)
     verdict = (f"**{p.model} on {p.device}: {'fits' if p.fits else 'does NOT fit'}** at {p.context:,} tokens "
                f"({p.precision} weights): {p.total_bytes / 1e9:.3f} GB of a {p.budget_bytes / 1e9:.2f} GB budget. "
                f"Largest context that fits: **{p.max_context:,}** tokens. Predicted decode at most "
                f"**{p.decode_tok_s_bound:,.1f} tok/s**, prefill at most {p.prefill_tok_s_bound:,.0f} tok/s. "
                f"Recommended: {p.recommended_format}, {p.recommended_precision}.")
     rows = [[k, _fmt(v)] for k, v in p.as_dict().items()]
-    return verdict, pd.DataFrame(rows, columns=["quantity", "value"])
+    return verdict, pd.DataFrame(rows, columns=PLAN_COLUMNS)
 
 
 def _fmt(v) -> str:
@@ -57,22 +75,15 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def plan_artifact(device: str, directory: Path) -> str:
-    """One line: does this artifact fit on `device`, and its decode bound there."""
-    from devices.planner import plan as plan_
-
+def plan_artifact(device: str, directory: Path, fmt: str) -> str:
+    """One line: the planner's verdict for this artifact on `device` (the same line `export --target` prints)."""
     try:
-        p = plan_(device, directory)
+        return f"- `{directory.name}`: {target_verdict(device, directory, fmt)}"
     except EdgesmithError as e:
-        return f"- {directory.name}: {e}"
-    return (f"- `{directory.name}` on **{device}**: {'fits' if p.fits else 'does NOT fit'} "
-            f"({p.total_bytes / 1e6:,.1f} MB of {p.budget_bytes / 1e9:.1f} GB), max context {p.max_context:,}, "
-            f"decode ≤ {p.decode_tok_s_bound:,.0f} tok/s")
+        return f"- `{directory.name}`: {e}"
 
 
 def profile_table(name: str) -> pd.DataFrame:
-    from devices.profiles import load_profile
-
     try:
         d = load_profile(name).as_dict()
     except EdgesmithError as e:

@@ -3,24 +3,33 @@
 A run is any directory under `<workspace>/runs/`: a recipe run (recipe.toml, checkpoints/,
 artifacts/, bench/, report.html, from `edgesmith run`), a training run (summary.json, checkpoint/)
 or a compressed checkpoint. The lineage comes from the `edgesmith.json` / `manifest.json` files
-(Workspace.lineage); the report is the run's own report.md / report.html (toolchain.report).
+(Workspace.lineage). The report is the run's own report.html (toolchain.report), shown as it is in a
+sandboxed frame (no script runs, nothing leaks into the page's styles) with every image it refers
+to inlined as a data: URI, so nothing it shows is fetched from the server (and nothing can 404).
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
+import re
 from pathlib import Path
 
 from gui import views
 from gui.workspace import Workspace, describe_pass
 from models.errors import EdgesmithError
+from toolchain.recipe import list_recipes, load_recipe
 
 MAX_FILES = 60
+REPORT_HEIGHT_PX = 820
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
+               ".gif": "image/gif", ".webp": "image/webp"}
+IMG_SRC = re.compile(r"""(<img\b[^>]*?\bsrc=)(["'])(.*?)\2""", re.I | re.S)
 
 
 def run_details(ws: Workspace, run: str) -> tuple[str, str, str, str | None]:
-    """(summary markdown, lineage markdown, report markdown, report.html path or None) of a run."""
+    """(summary markdown, lineage markdown, report frame HTML, report.html path or None) of a run."""
     try:
         root = ws.resolve(run, "run", must_exist=True)
     except EdgesmithError as e:
@@ -34,12 +43,41 @@ def run_details(ws: Workspace, run: str) -> tuple[str, str, str, str | None]:
     lines += [f"  - `{p.relative_to(root)}` ({p.stat().st_size / 1e6:.3f} MB)" for p in files[:MAX_FILES]]
     if len(files) > MAX_FILES:
         lines.append(f"  - … {len(files) - MAX_FILES} more")
-    report_md = root / "report.md"
     report_html = root / "report.html"
-    return ("\n".join(lines), lineage_markdown(ws, root),
-            report_md.read_text(errors="replace") if report_md.is_file()
-            else "No report in this run (`edgesmith run` writes one).",
+    return ("\n".join(lines), lineage_markdown(ws, root), report_frame(root),
             str(report_html) if report_html.is_file() else None)
+
+
+def report_frame(root: Path) -> str:
+    """The run's report.html in a sandboxed iframe (srcdoc), its images inlined; or one line saying why not."""
+    path = root / "report.html"
+    if not path.is_file():
+        return '<p class="es-no-report">No report in this run (a recipe run writes report.html).</p>'
+    try:
+        doc = inline_images(path.read_text(errors="replace"), root)
+    except OSError as e:
+        return f"<p>cannot read {html.escape(str(path))}: {html.escape(e.strerror or str(e))}</p>"
+    return (f'<iframe class="es-report" title="report.html" sandbox="" srcdoc="{html.escape(doc, quote=True)}" '
+            f'style="width:100%;height:{REPORT_HEIGHT_PX}px;border:1px solid #ddd;border-radius:6px;'
+            f'background:white"></iframe>')
+
+
+def inline_images(doc: str, root: Path) -> str:
+    """Every <img src> of an HTML document that names a file inside `root` becomes a data: URI; one that
+    names anything else (outside the run, missing, not an image) loses its src and shows its alt text."""
+    root = root.resolve()
+
+    def one(m: re.Match) -> str:
+        src = html.unescape(m.group(3))
+        if src.startswith("data:"):
+            return m.group(0)
+        p = (root / src).resolve()
+        kind = IMAGE_TYPES.get(p.suffix.lower())
+        if kind is None or root not in p.parents or not p.is_file():
+            return f'{m.group(1)}""'
+        return f'{m.group(1)}"data:{kind};base64,{base64.b64encode(p.read_bytes()).decode()}"'
+
+    return IMG_SRC.sub(one, doc)
 
 
 def _summary_of(path: Path) -> str:
@@ -87,21 +125,37 @@ def lineage_markdown(ws: Workspace, root: Path) -> str:
 
 
 def recipes() -> list[tuple[str, str]]:
-    from toolchain.recipe import list_recipes
-
     return list_recipes()
 
 
 def recipe_command(ws: Workspace, recipe: str, out: str, overrides: str) -> tuple[list[str], str]:
-    """The `edgesmith run` command line for a bundled recipe (by name) or a .toml in the workspace."""
+    """The `edgesmith run` command line for a bundled recipe (by name) or a .toml in the workspace, after
+    the recipe with its overrides is validated (one line naming the key)."""
     recipe = (recipe or "").strip()
     names = {n for n, _ in recipes()}
     if recipe not in names:
-        recipe = str(ws.resolve(recipe, "recipe", must_exist=True))
+        recipe = ws.rel(ws.resolve(recipe, "recipe", must_exist=True))
+    sets = [line.strip() for line in (overrides or "").splitlines() if line.strip()]
+    load_recipe(recipe if recipe in names else ws.root / recipe, sets)
     name = Path(recipe).stem if recipe.endswith(".toml") else recipe
     out_p = ws.resolve(out or f"runs/{name}", "run directory")
-    argv = ["run", recipe, "--out", str(out_p)]
-    for line in (overrides or "").splitlines():
-        if line.strip():
-            argv += ["--set", line.strip()]
+    argv = ["run", recipe if recipe in names else str(ws.root / recipe), "--out", str(out_p)]
+    for line in sets:
+        argv += ["--set", line]
     return argv, ws.rel(out_p)
+
+
+def recipe_names(ws: Workspace) -> list[str]:
+    """Bundled recipes by name, then the recipe files in the workspace (the tabs write recipes/)."""
+    return [n for n, _ in recipes()] + ws.recipes()
+
+
+def start_recipe(act, recipe: str, out: str, overrides: str, job_id: str = "") -> tuple[str, str]:
+    """Start `edgesmith run` on a recipe as a job of `act` (gui.actions.Actions); returns (job id, status)."""
+    try:
+        argv, rel = recipe_command(act.ws, recipe, out, overrides)
+    except EdgesmithError as e:
+        return "", views.refused(e)  # no job: the poll leaves this line shown
+    job = act.jobs.start("run", [argv], title=f"recipe {recipe} → {rel}", outputs={"out": rel},
+                         result_file=f"{rel}/run.json")
+    return job.id, views.job_markdown(job)

@@ -59,9 +59,10 @@ def serve(workspace: str | Path = ".", host: str = "127.0.0.1", port: int = 7860
     if host not in LOOPBACK and credentials is None:
         print(f"edgesmith gui: warning: listening on {host} without --auth: anyone who reaches this port can "
               "train, export and read the workspace", file=sys.stderr)
+    # Gradio (and gui.app, which imports it) only after confine(): Gradio reads GRADIO_TEMP_DIR at import
     import gradio as gr
 
-    from gui.app import build_app
+    from gui.app import CSS, build_app
 
     demo = build_app(ws)
     print(f"edgesmith gui: workspace {ws}" + (f", login required (user {credentials[0]})" if credentials else ""),
@@ -70,6 +71,6 @@ def serve(workspace: str | Path = ".", host: str = "127.0.0.1", port: int = 7860
         server_name=host, server_port=int(port), share=False, auth=credentials, max_file_size=max_file_size,
         allowed_paths=[str(ws)], show_error=True, ssr_mode=False, pwa=False, mcp_server=False,
         enable_monitoring=False, inbrowser=False, footer_links=["api"], state_session_capacity=sessions,
-        app_kwargs={"lifespan": bounds.lifespan},
+        app_kwargs={"lifespan": bounds.lifespan}, css=CSS,
         theme=gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                                 font_mono=["ui-monospace", "monospace"]))

@@ -39,19 +39,39 @@ def job_markdown(job: Job | None, log: str = "") -> str:
 
 
 def progress_html(job: Job | None) -> str:
+    """A progress bar and one line: for a recipe run, its stage (`compress 2/4 · 01-quantize-rtn 1/1`),
+    the counter inside it when the stage prints one, and the time left; else the command's counter."""
     if job is None:
         return ""
     if job.status == "done":
         value, text = 1.0, "done"
     elif job.progress:
         p = job.progress
-        value, text = p["fraction"], f"{p['label'] or 'progress'} {p['n']}/{p['total']} ({100 * p['fraction']:.0f} %)"
+        value, text = p["fraction"], progress_text(p)
     elif job.status == "running":
-        value, text = 0.0, "starting"
+        value, text = 0.0, "starting (loading the toolchain)"
     else:
         value, text = 0.0, job.status
     return (f'<div class="es-progress"><progress max="1" value="{value:.4f}" style="width:100%"></progress>'
             f'<span>{html.escape(text)}</span></div>')
+
+
+def progress_text(p: dict) -> str:
+    stage = p.get("stage")
+    if not stage:
+        return f"{p['label'] or 'progress'} {p['n']}/{p['total']} ({100 * p['fraction']:.0f} %)"
+    parts = [f"stage {stage['index']}/{stage['count']} {stage['name']}", f"{stage['step']} ({stage['steps']})"]
+    if p["label"] != stage["name"] or f"{p['n']}/{p['total']}" != stage["steps"]:
+        parts.append(f"{p['label']} {p['n']}/{p['total']}")
+    eta = stage["eta_s"]
+    parts.append(f"{100 * p['fraction']:.0f} % of the run")
+    parts.append(f"ETA {clock(eta)}" if eta > 0 else "ETA: any moment (past the estimate)")
+    return " · ".join(parts)
+
+
+def clock(seconds: float) -> str:
+    s = max(0, int(round(seconds)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def read_metrics(path: Path) -> pd.DataFrame:
@@ -91,7 +111,7 @@ def compress_table(report: dict | None) -> pd.DataFrame:
     if q:
         first = report["passes"][0]["before"] if report.get("passes") else {}
         last = report["passes"][-1]["after"] if report.get("passes") else {}
-        rows.append(["total vs reference", "", f"{first.get('size_mb', 0):.3f} → {last.get('size_mb', 0):.3f}",
+        rows.append([report.get("quality_of", "total vs reference"), "", f"{first.get('size_mb', 0):.3f} → {last.get('size_mb', 0):.3f}",
                      f"{q.get('reference_perplexity', float('nan')):.3f} → {q.get('perplexity', float('nan')):.3f}",
                      f"{q.get('kl', float('nan')):.4g}", f"{q.get('top1', float('nan')):.4f}"])
     return pd.DataFrame(rows, columns=cols)

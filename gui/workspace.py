@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 
+from models.checkpoint import resolve_lineage
 from models.errors import EdgesmithError
 
 SKIP_DIRS = {"jobs", ".gradio", "__pycache__", ".git"}
@@ -85,6 +86,11 @@ class Workspace:
         """Exported artifact directories (`manifest.json`), relative to the workspace."""
         return self._walk("manifest.json")
 
+    def recipes(self) -> list[str]:
+        """Recipe files the GUI wrote (recipes/*.toml), relative to the workspace."""
+        folder = self.root / "recipes"
+        return [self.rel(p) for p in sorted(folder.glob("*.toml")) if p.is_file()] if folder.is_dir() else []
+
     def runs(self) -> list[str]:
         """The directories directly under `runs/`, newest first."""
         runs = self.root / "runs"
@@ -117,10 +123,10 @@ class Workspace:
                 nxt = lin.get("parent")
             else:
                 break
-            current = None
+            current_dir, current = current, None
             if nxt:
                 try:
-                    current = self.resolve(nxt, "lineage parent", must_exist=True)
+                    current = self.resolve(resolve_lineage(current_dir, nxt), "lineage parent", must_exist=True)
                 except EdgesmithError:
                     chain.append({"path": str(nxt), "kind": "outside", "what": "outside the workspace (not read)",
                                   "passes": []})

@@ -13,8 +13,10 @@ outlives the process that started it. Everything about a job lives under `<root>
     cancel      marker written by `cancel`
 
 so a page reload, a second GUI, or a restarted one finds every job again with `JobManager.get` /
-`JobManager.list`. Progress is read back from the log (the last tqdm counter `n/total`). This module
-knows nothing about Gradio; it does not parse what the commands print beyond the progress counter.
+`JobManager.list`. Progress is read back from the log: the last stage line of a recipe run
+(toolchain/pipeline.py prints `[stage i/n name] j/m step: what  (elapsed m:ss, ETA m:ss)`) and the
+last tqdm counter `n/total` after it. This module knows nothing about Gradio; it does not parse what
+the commands print beyond those two lines.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.atomic import write_text_atomic
 from models.errors import EdgesmithError
 
 STATUSES = ("running", "done", "failed", "cancelled", "lost")
@@ -39,15 +42,12 @@ ID_RE = re.compile(r"^\d{8}-\d{6}-[a-z0-9][a-z0-9-]*-[0-9a-f]{4}$")
 KIND_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 # tqdm's counter: "12/600 [" (unit-scaled byte counters such as "1.2k/35.9k" are not steps)
 TQDM_RE = re.compile(r"(?:([^\r\n:|]{1,60}):\s*)?(?:\d+%\|[^|]*\|\s*)?(\d+)/(\d+)\s*\[")
+# toolchain.pipeline.Progress.start: "[2/4 compress] 1/1 01-quantize-rtn: quantize ...  (elapsed 0:12, ETA 1:40)"
+STAGE_TAIL = 1 << 18  # bytes of log searched for the stage line (a training stage's counters follow it)
+STAGE_RE = re.compile(r"(?:^|\r)\[(\d+)/(\d+) ([a-z]+)\] (\d+)/(\d+) ([^:\n]+): (.*?)\s+\(elapsed (\d+):(\d\d), "
+                      r"ETA (\d+):(\d\d)\)\s*$", re.M)
 # Environment variables a job never inherits (the GUI's credentials).
 SECRET_ENV = ("EDGESMITH_GUI_AUTH",)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and rename (the runner imports no torch: it starts in milliseconds)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def project_root() -> Path:
@@ -92,6 +92,13 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
 def _proc_start_time(pid: int) -> tuple[str, int] | None:
     """(state letter, start time in clock ticks) of a live pid from /proc, None if it is gone."""
     try:
@@ -122,21 +129,47 @@ def _alive(pid: int, start_time: int | None) -> bool:
     return start_time is None or started == start_time
 
 
-def read_progress(log: Path, tail_bytes: int = 8192) -> dict:
-    """The last tqdm counter in the end of `log`: {"label", "n", "total", "fraction"} or {}."""
+def read_progress(log: Path, tail_bytes: int = 8192, started: float | None = None) -> dict:
+    """Progress from the end of `log`: {"label", "n", "total", "fraction"} of the last tqdm counter, or {}.
+
+    A recipe run's log also gives its stage: then "stage" is {"index", "count", "name", "step",
+    "steps", "what", "eta_s"} of the last stage line, the counter is only one printed after that line
+    (the stage's own work), and "fraction" is of the whole run. `started` (when the command began,
+    epoch seconds) turns the ETA printed at the stage's start into the time left now."""
     try:
-        with open(log, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
-            text = f.read().decode("utf-8", "replace")
+        stage_text = _read_tail(log, max(tail_bytes, STAGE_TAIL))
     except FileNotFoundError:
         return {}
+    text = stage_text[-tail_bytes:]
+    stages = list(STAGE_RE.finditer(stage_text))
+    stage = stages[-1] if stages else None
+    if stage is not None:  # only what the stage printed after its line counts as its counter
+        text = stage_text[stage.end():][-tail_bytes:]
     matches = list(TQDM_RE.finditer(text))
-    if not matches:
-        return {}
-    m = matches[-1]
-    n, total = int(m.group(2)), int(m.group(3))
-    return {"label": (m.group(1) or "").strip(), "n": n, "total": total,
-            "fraction": min(1.0, n / total) if total else 0.0}
+    counter = {}
+    if matches:
+        m = matches[-1]
+        n, total = int(m.group(2)), int(m.group(3))
+        counter = {"label": (m.group(1) or "").strip(), "n": n, "total": total,
+                   "fraction": min(1.0, n / total) if total else 0.0}
+    if stage is None:
+        return counter
+    i, count, j, steps = (int(stage.group(k)) for k in (1, 2, 4, 5))
+    elapsed = int(stage.group(8)) * 60 + int(stage.group(9))
+    eta = int(stage.group(10)) * 60 + int(stage.group(11))
+    if started is not None:  # the line was printed `elapsed` after the run began (imports not counted)
+        eta -= max(0.0, time.time() - started - elapsed)
+    within = ((j - 1) + counter.get("fraction", 0.0)) / max(steps, 1)
+    return {"label": counter.get("label") or stage.group(3), "n": counter.get("n", j),
+            "total": counter.get("total", steps), "fraction": min(1.0, ((i - 1) + within) / max(count, 1)),
+            "stage": {"index": i, "count": count, "name": stage.group(3), "step": stage.group(6).strip(),
+                      "steps": f"{j}/{steps}", "what": stage.group(7).strip(), "eta_s": round(eta)}}
+
+
+def _read_tail(log: Path, tail_bytes: int) -> str:
+    with open(log, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+        return f.read().decode("utf-8", "replace")
 
 
 def log_tail(log: Path, max_lines: int = 40, tail_bytes: int = 65536) -> str:
@@ -219,7 +252,8 @@ class JobManager:
         return Job(id=spec["id"], kind=spec["kind"], title=spec.get("title", spec["kind"]), status=status,
                    commands=spec["commands"], cwd=spec.get("cwd", ""), created=spec.get("created", 0.0),
                    finished=finished, returncode=rc, step=step,
-                   progress=read_progress(d / "log.txt") if status == "running" else {},
+                   progress=read_progress(d / "log.txt", started=_mtime(d / "step.json"))
+                   if status == "running" else {},
                    outputs=spec.get("outputs", {}), result_file=spec.get("result_file"), dir=str(d))
 
     def list(self, kind: str | None = None, limit: int | None = None) -> list[Job]:
@@ -229,6 +263,15 @@ class JobManager:
         ids = sorted((p.name for p in self.root.iterdir() if ID_RE.match(p.name) and (p / "job.json").is_file()
                       and (kind is None or p.name[16:-5] == kind)), reverse=True)
         return [self.get(i) for i in ids[:limit]]
+
+    def state_key(self) -> str:
+        """Changes whenever a job starts or finishes: `jobs:finished:newest finished`. Cheap (one directory
+        listing), for a page that refreshes its lists when a job starts or ends."""
+        if not self.root.is_dir():
+            return "0:0:"
+        ids = [p for p in self.root.iterdir() if ID_RE.match(p.name)]
+        ended = sorted(p.name for p in ids if (p / "exit.json").is_file())
+        return f"{len(ids)}:{len(ended)}:{ended[-1] if ended else ''}"
 
     def latest(self, kind: str) -> Job | None:
         jobs = self.list(kind, limit=1)

@@ -2,8 +2,9 @@
 
 Shared by tests/gui (one GUI for the session) and tests/reliability (one GUI per module, under load
 and with bad files): a subprocess on a free port, polled until it answers; stopping it cancels the
-jobs it left running. `fill_workspace` puts a small corpus, the trained tiny checkpoint and its GGUF
-artifact (the runtime tests' session fixtures, copied in) and a symlink out of the workspace in it.
+jobs it left running. `fill_workspace` puts a small corpus, the trained tiny checkpoint, a copy of it
+with a long KV cache (a stream long enough to stop half-way), its GGUF artifact (the runtime tests'
+session fixtures, copied in) and a symlink out of the workspace in it.
 """
 
 import json
@@ -19,6 +20,7 @@ from pathlib import Path
 from toolchain.jobs import JobManager
 
 REPO = Path(__file__).resolve().parents[2]
+LONG_SEQ = 16384  # models/tiny-long's KV cache: streams of thousands of tokens, each reading every position
 
 
 def free_port() -> int:
@@ -63,15 +65,31 @@ def stop_gui(proc, workspace: Path) -> None:
         proc.wait()
 
 
+def long_context(src: Path, out: Path, max_seq_len: int) -> None:
+    """The checkpoint at `src` with a longer KV cache: a stream of thousands of tokens (~10 ms each here,
+    the static cache's attention reads every position), long enough to stop or cancel half-way."""
+    import dataclasses
+
+    from models.checkpoint import load_checkpoint, save_checkpoint
+    from models.llama import Transformer
+
+    ckpt = load_checkpoint(src)
+    model = Transformer(dataclasses.replace(ckpt.model.config, max_seq_len=max_seq_len))
+    model.load_state_dict(ckpt.model.state_dict())
+    save_checkpoint(model, ckpt.tokenizer, out, lineage={"parent": None, "passes": []})
+
+
 def fill_workspace(ws: Path, checkpoints: dict, artifact) -> Path:
-    """`ws` with corpus/ (a few files of real Python), models/tiny (the float checkpoint),
-    models/tiny-gguf (its GGUF artifact) and escape -> ../outside (a copy of the checkpoint)."""
+    """`ws` with corpus/ (a few files of real Python), models/tiny (the float checkpoint), models/tiny-long
+    (the same weights with a LONG_SEQ-token KV cache), models/tiny-gguf (its GGUF artifact) and
+    escape -> ../outside (a copy of the checkpoint)."""
     (ws / "models").mkdir(parents=True)
     corpus = ws / "corpus"
     corpus.mkdir()
     for p in sorted(Path(json.__file__).parent.glob("*.py")):
         (corpus / p.name).write_text(p.read_text())
     shutil.copytree(checkpoints["float"], ws / "models" / "tiny")
+    long_context(ws / "models" / "tiny", ws / "models" / "tiny-long", LONG_SEQ)
     shutil.copytree(artifact("gguf"), ws / "models" / "tiny-gguf")
     outside = ws.parent / "outside"
     outside.mkdir()

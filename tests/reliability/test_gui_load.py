@@ -2,7 +2,8 @@
 
 - Eight clients, each its own Gradio session, stream from the Playground at once (tiny checkpoint,
   its GGUF, side by side, one model on both sides): each gets exactly what the same request gets
-  alone (greedy), so no two streams ever share a KV cache, and each sees the text grow token by token.
+  alone (greedy), so no two streams ever share a KV cache, and each sees the text grow token by token
+  (this GUI sends every token: EDGESMITH_GUI_UPDATE_S=0).
 - A stream cancelled half-way gives its sessions back: the same models then answer in full.
 - A cancelled recipe run (two training ranks) leaves no process, no lock and nothing at its final
   paths: a new run into the same directory starts and completes.
@@ -39,26 +40,13 @@ eval_tokens = 512
 """
 
 
-def long_context(src: Path, out: Path, max_seq_len: int) -> None:
-    """The checkpoint at `src` with a longer KV cache: a stream of thousands of tokens (~10 ms each here,
-    the static cache's attention reads every position), long enough to cancel half-way."""
-    import dataclasses
-
-    from models.checkpoint import load_checkpoint, save_checkpoint
-    from models.llama import Transformer
-
-    ckpt = load_checkpoint(src)
-    model = Transformer(dataclasses.replace(ckpt.model.config, max_seq_len=max_seq_len))
-    model.load_state_dict(ckpt.model.state_dict())
-    save_checkpoint(model, ckpt.tokenizer, out, lineage={"parent": None, "passes": []})
-
-
 @pytest.fixture(scope="module")
 def gui(tmp_path_factory, checkpoints, artifact):  # noqa: F811
     ws = fill_workspace(tmp_path_factory.mktemp("gui-load") / "workspace", checkpoints, artifact)
-    long_context(ws / TINY, ws / LONG, 4096)
     (ws / "mini.toml").write_text(RECIPE)
-    proc, url, log = start_gui(ws, "--max-upload", "1mb", env={"EDGESMITH_GUI_SESSIONS": str(SESSIONS)})
+    # every token its own update (EDGESMITH_GUI_UPDATE_S=0): the streams interleave token by token
+    proc, url, log = start_gui(ws, "--max-upload", "1mb", env={"EDGESMITH_GUI_SESSIONS": str(SESSIONS),
+                                                               "EDGESMITH_GUI_UPDATE_S": "0"})
     yield SimpleNamespace(proc=proc, url=url, ws=ws, log=log)
     stop_gui(proc, ws)
 
@@ -69,11 +57,12 @@ def client(url):
     return Client(url, verbose=False)
 
 
-def texts(output) -> tuple[str, str]:
-    """The assistant's text on each side of a /generate output."""
-    def last(chat):
-        return "".join(p["text"] for p in chat[-1]["content"]) if chat else ""
-    return last(output[0]), last(output[1])
+def texts(output, prompt: str) -> tuple[str, str]:
+    """The completion on each side of a /generate output (each pane shows the prompt, then the completion)."""
+    def completion(text):
+        assert not text or text.startswith(prompt), (prompt, text)
+        return text[len(prompt):]
+    return completion(output[0]), completion(output[1])
 
 
 # (prompt, model A, model B)
@@ -84,7 +73,7 @@ NEW_TOKENS = 24
 
 
 def generate(c, prompt, a, b, new=NEW_TOKENS):
-    return c.submit(prompt, a, b, new, 0, 0, [], [], api_name="/generate")
+    return c.submit(prompt, a, b, new, 0, "", "", 1.0, 0, api_name="/generate")
 
 
 # ----------------------------------------------------------------------------- concurrent sessions
@@ -92,7 +81,7 @@ def generate(c, prompt, a, b, new=NEW_TOKENS):
 
 def test_eight_concurrent_sessions_each_stream_what_they_get_alone(gui):
     # setup: every request alone, one after the other
-    alone = [texts(generate(client(gui.url), *r).result(timeout=60)) for r in REQUESTS]
+    alone = [texts(generate(client(gui.url), *r).result(timeout=60), r[0]) for r in REQUESTS]
     assert all(len(a) > 10 and (b == "none" or len(bb) > 10) for (a, bb), (_, _, b) in zip(alone, REQUESTS))
     # one model on both sides: two streams of one request, each with its own KV cache, write the same text
     same = [(r, a, bb) for (a, bb), r in zip(alone, REQUESTS) if r[1] == r[2]]
@@ -109,7 +98,7 @@ def test_eight_concurrent_sessions_each_stream_what_they_get_alone(gui):
             for update in job:  # the client patches chats in place: the stats line counts the tokens
                 if "tokens" in update[2]:
                     counts.append(int(update[2].split(" · ")[1].split()[0]))
-            results[i] = (texts(job.outputs()[-1]), counts)
+            results[i] = (texts(job.outputs()[-1], REQUESTS[i][0]), counts)
         except Exception as e:  # noqa: BLE001  (reported below, with the request)
             errors.append(f"{REQUESTS[i]}: {type(e).__name__}: {e}")
 
@@ -130,8 +119,8 @@ def test_a_cancelled_stream_gives_its_sessions_back(gui):
     # setup: what a request needing both copies of one model (one model on both sides) gives alone
     c = client(gui.url)
     follow_up = ("class", LONG, LONG, 8)
-    expected = texts(generate(c, *follow_up).result(timeout=60))
-    # execute: a stream of 2047 tokens holding both copies of the model, cancelled after a few tokens
+    expected = texts(generate(c, *follow_up).result(timeout=60), "class")
+    # execute: a stream of 4096 tokens holding both copies of the model, cancelled after a few tokens
     job = generate(client(gui.url), "def add(a, b):", LONG, LONG, new=4096)
     deadline = time.monotonic() + 60
     while len(job.outputs()) < 3:
@@ -139,10 +128,10 @@ def test_a_cancelled_stream_gives_its_sessions_back(gui):
         time.sleep(0.01)
     job.cancel()
     t0 = time.monotonic()
-    got = texts(generate(client(gui.url), *follow_up).result(timeout=120))
+    got = texts(generate(client(gui.url), *follow_up).result(timeout=120), "class")
     waited = time.monotonic() - t0
     # assert: the follow-up got both copies at once (an uncancelled stream would hold them for its
-    # ~2 x 2047 tokens: 20 s or more here) and the full, correct answer
+    # ~2 x 4096 tokens: a minute or more here) and the full, correct answer
     assert waited < 3.0, f"the follow-up waited {waited:.1f} s for the cancelled stream's sessions"
     assert got == expected
     assert job.status().code.name == "CANCELLED"
@@ -181,7 +170,7 @@ def test_a_cancelled_job_releases_its_processes_lock_and_outputs(gui):
     # setup: a recipe run training in two ranks (torchrun puts each rank in a session of its own)
     c = client(gui.url)
     run_dir = gui.ws / "runs" / "mini"
-    job, status = c.predict("mini.toml", "runs/mini", "", "", api_name="/run_recipe")
+    job, status, _ = c.predict("mini.toml", "runs/mini", "", "", api_name="/run_recipe")
     assert "running" in status, status
     wait_job(c, job, "loss=")
     job_dir = gui.ws / "jobs" / job
@@ -197,7 +186,7 @@ def test_a_cancelled_job_releases_its_processes_lock_and_outputs(gui):
     assert not (run_dir / "checkpoints" / "00-train").exists() and not (run_dir / "run.json").exists()
     assert not (run_dir / "report.html").exists()
     # execute: a new run into the same directory (shorter, one process): the lock is free
-    job2, _ = c.predict("mini.toml", "runs/mini", "source.train.steps=2\nsource.train.nproc=1", "",
+    job2, _, _ = c.predict("mini.toml", "runs/mini", "source.train.steps=2\nsource.train.nproc=1", "",
                         api_name="/run_recipe")
     status, log = wait_job(c, job2, "**done**")
     # assert: complete, and the cancelled run's temporary paths are gone
@@ -272,15 +261,13 @@ MAX_GROWTH_MB = 3.0
 
 
 def test_memory_stays_flat_over_200_requests(gui):
-    # setup: a chat history sent with every request (~2 KB, as a conversation does), both models, and a
-    # warm-up past the session capacity so that the server holds all it ever will
+    # setup: a ~2 KB prompt with every request (as pasted code is), both models, and a warm-up past the
+    # session capacity so that the server holds all it ever will
     raw = RawClient(gui.url)
-    text = "def add(a, b):\n    return a + b\n" * 8
-    history = [{"role": r, "content": [{"type": "text", "text": f"message {i}: {text}"}]}
-               for i, r in enumerate(["user", "assistant"] * 3)]
+    text = "def add(a, b):\n    return a + b\n" * 64
 
     def request(i):
-        out = raw.generate(f"def f{i}(x):", (TINY, GGUF)[i % 2], "none", 4, 0, 0, history, [])
+        out = raw.generate(f"{text}def f{i}(x):", (TINY, GGUF)[i % 2], "none", 4, 0, "", "", 1.0, 0)
         assert out["success"] and "tokens" in out["output"]["data"][2], out
 
     for i in range(100):
