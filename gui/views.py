@@ -56,13 +56,22 @@ def progress_html(job: Job | None) -> str:
             f'<span>{html.escape(text)}</span></div>')
 
 
+def count(n: int) -> str:
+    """A counter as people read it: 600, 12.5k, 3.55M (tokenization counts bytes)."""
+    for above, scale, unit in ((1e9, 1e9, "G"), (1e6, 1e6, "M"), (1e4, 1e3, "k")):  # 9999 stays as it is
+        if n >= above:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
 def progress_text(p: dict) -> str:
     stage = p.get("stage")
+    counter = f"{count(p['n'])}/{count(p['total'])}"
     if not stage:
-        return f"{p['label'] or 'progress'} {p['n']}/{p['total']} ({100 * p['fraction']:.0f} %)"
+        return f"{p['label'] or 'progress'} {counter} ({100 * p['fraction']:.0f} %)"
     parts = [f"stage {stage['index']}/{stage['count']} {stage['name']}", f"{stage['step']} ({stage['steps']})"]
     if p["label"] != stage["name"] or f"{p['n']}/{p['total']}" != stage["steps"]:
-        parts.append(f"{p['label']} {p['n']}/{p['total']}")
+        parts.append(f"{p['label']} {counter}")
     eta = stage["eta_s"]
     parts.append(f"{100 * p['fraction']:.0f} % of the run")
     parts.append(f"ETA {clock(eta)}" if eta > 0 else "ETA: any moment (past the estimate)")

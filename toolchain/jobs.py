@@ -40,8 +40,15 @@ STATUSES = ("running", "done", "failed", "cancelled", "lost")
 FINISHED = ("done", "failed", "cancelled", "lost")
 ID_RE = re.compile(r"^\d{8}-\d{6}-[a-z0-9][a-z0-9-]*-[0-9a-f]{4}$")
 KIND_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
-# tqdm's counter: "12/600 [" (unit-scaled byte counters such as "1.2k/35.9k" are not steps)
-TQDM_RE = re.compile(r"(?:([^\r\n:|]{1,60}):\s*)?(?:\d+%\|[^|]*\|\s*)?(\d+)/(\d+)\s*\[")
+# tqdm's counter: "12/600 [", or a unit-scaled one such as tokenization's "1.20MB/3.55MB [" (bytes read)
+TQDM_RE = re.compile(r"(?:([^\r\n:|]{1,60}):\s*)?(?:\d+%\|[^|]*\|\s*)?([\d.]+[kMGT]?)[A-Za-z]{0,2}/([\d.]+[kMGT]?)"
+                     r"[A-Za-z]{0,2}\s*\[")
+_SCALE = {"k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def _count(text: str) -> int:
+    """A tqdm counter as an integer: "35" -> 35, "1.2k" -> 1200 (unit_scale=True)."""
+    return round(float(text[:-1]) * _SCALE[text[-1]]) if text[-1] in _SCALE else round(float(text))
 # toolchain.pipeline.Progress.start: "[2/4 compress] 1/1 01-quantize-rtn: quantize ...  (elapsed 0:12, ETA 1:40)"
 STAGE_TAIL = 1 << 18  # bytes of log searched for the stage line (a training stage's counters follow it)
 STAGE_RE = re.compile(r"(?:^|\r)\[(\d+)/(\d+) ([a-z]+)\] (\d+)/(\d+) ([^:\n]+): (.*?)\s+\(elapsed (\d+):(\d\d), "
@@ -149,7 +156,7 @@ def read_progress(log: Path, tail_bytes: int = 8192, started: float | None = Non
     counter = {}
     if matches:
         m = matches[-1]
-        n, total = int(m.group(2)), int(m.group(3))
+        n, total = _count(m.group(2)), _count(m.group(3))
         counter = {"label": (m.group(1) or "").strip(), "n": n, "total": total,
                    "fraction": min(1.0, n / total) if total else 0.0}
     if stage is None:

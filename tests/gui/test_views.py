@@ -28,7 +28,10 @@ LOG = ("edgesmith run t -> runs/t: 3 steps, 3 to run\n"
     (LOG + "    00-train: done in 3.0 s\n[2/3 compress] 1/1 01-quantize-rtn: quantize {\"bits\": 4}  "
      "(elapsed 0:05, ETA 0:30)\n", "compress", None, 1 / 3),
     ("train:  50%|#### | 6/12 [00:02<00:02, 2.1step/s]\r", None, "train 6/12", 0.5),
-], ids=["counter-in-stage", "stage-without-counter", "plain-command"])
+    (LOG + "    00-train: done in 3.0 s\n[2/3 compress] 1/1 01-quantize-rtn: quantize {\"bits\": 4}  "
+     "(elapsed 0:05, ETA 0:30)\ntokenize train:  25%|##   | 1.00MB/4.00MB [00:01<00:03, 1.0MB/s]\r", "compress",
+     "tokenize train 1M/4M", (1 + 0.25) / 3),
+], ids=["counter-in-stage", "stage-without-counter", "plain-command", "tokenization-bytes-in-stage"])
 def test_progress_reads_the_stage_and_the_counter_after_it(tmp_path, log, stage, counter, fraction):
     # setup
     (tmp_path / "log.txt").write_text(log)
