@@ -11,6 +11,7 @@ from kernels import MODES, check_mode
 from models.errors import EdgesmithError
 from runtimes.artifact import MANIFEST
 from runtimes.loader import artifact_formats, load
+from runtimes.options import add_runtime_options, check_flags, runtime_options
 from runtimes.sampling import GenerationConfig
 from runtimes.text import session_tokenizer, stream_text
 
@@ -20,7 +21,9 @@ def generate(args: argparse.Namespace) -> None:
                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.draft_tokens is not None and args.draft is None:
         raise EdgesmithError("--draft-tokens: needs --draft PATH (the draft model that proposes them)")
-    session = load(args.checkpoint, **_kernel_options(args))
+    options = runtime_options(args)
+    check_flags(args.checkpoint, options)
+    session = load(args.checkpoint, **options, **_kernel_options(args))
     tok = session_tokenizer(session, args.checkpoint)
     draft = load(args.draft) if args.draft is not None else None
     cfg = dataclasses.replace(cfg, stop_tokens=(tok.eos_id,))
@@ -61,6 +64,8 @@ def register(sub) -> None:
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     g.add_argument("--kernels", default=None, metavar="MODE", help=f"{'|'.join(MODES)}: the torch backend's ops "
                    "(fused RMSNorm/RoPE/SwiGLU/attention/int4-int8 matmul, or the model's PyTorch; default reference)")
+    # Runtime (default: the configuration the artifact's export verified, recorded in its manifest)
+    add_runtime_options(g)
     # Speculative decoding
     g.add_argument("--draft", default=None, metavar="PATH", help="draft model (checkpoint or artifact, same "
                    "tokenizer) that proposes tokens the model verifies in one forward")

@@ -6,7 +6,9 @@ the torch backend. Backends live one per module in `runtimes/backends/`, registe
 their format runtimes (llama_cpp, onnxruntime, executorch) are imported only inside the backend that
 runs them, so loading a GGUF never imports ExecuTorch. The tokenizer is the directory's
 `tokenizer.json` when it has one our Tokenizer reads. Options are the backend's keyword
-arguments; an unknown one is refused in one line that lists the allowed ones.
+arguments; an unknown one is refused in one line that lists the allowed ones. An artifact's manifest
+records `runtime_options`, the configuration its export checked parity in (ONNX MatMulNBits
+`accuracy_level=4`, llama.cpp `flash_attn`): they apply unless the caller passes the same option.
 """
 
 from __future__ import annotations
@@ -57,12 +59,27 @@ def artifact_tokenizer(directory: Path, manifest: dict):
     return tokenizer
 
 
-def check_options(cls: type, factory, options: dict, name: str) -> None:
+def option_names(factory) -> list[str]:
+    """The keyword arguments a backend takes from a user (its `runtimes.load` options)."""
     params = inspect.signature(factory).parameters
-    allowed = [p for p in params if p not in ("self", "directory", "path", "model", "tokenizer", "fmt")]
+    return [p for p in params if p not in ("self", "directory", "path", "model", "tokenizer", "fmt")]
+
+
+def check_options(cls: type, factory, options: dict, name: str) -> None:
+    allowed = option_names(factory)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise EdgesmithError(f"{name} backend: unknown option {unknown[0]!r}; allowed: {', '.join(allowed) or 'none'}")
+
+
+def manifest_options(path: Path, manifest: dict, factory) -> dict:
+    """The manifest's `runtime_options` (the configuration the export checked parity in) that this backend takes:
+    a TensorRT artifact run by ONNX Runtime gets none of TensorRT's."""
+    recorded = manifest.get("runtime_options") or {}
+    if not isinstance(recorded, dict):
+        raise EdgesmithError(f"{path / MANIFEST}: runtime_options must be a table of backend options")
+    allowed = option_names(factory)
+    return {k: v for k, v in recorded.items() if k in allowed}
 
 
 def load(path: str | Path, backend: str | None = None, **options) -> Session:
@@ -83,6 +100,7 @@ def load(path: str | Path, backend: str | None = None, **options) -> Session:
             raise EdgesmithError(f"backend {name!r} cannot run a {fmt} artifact; allowed: {', '.join(allowed)}")
         cls = backend_class(name)
         check_options(cls, cls.__init__, options, name)
+        options = {**manifest_options(path, manifest, cls.__init__), **options}  # the caller's override the manifest's
         if name == "onnxruntime" and fmt != "onnx":
             options["fmt"] = fmt
         return cls(path, tokenizer=artifact_tokenizer(path, manifest), **options)

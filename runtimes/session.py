@@ -59,6 +59,7 @@ class Session:
         self.tokenizer, self.manifest, self.path = tokenizer, manifest, path
         self.pos = 0  # positions the cache holds
         self.stats = GenerationStats()
+        self.run_options: dict = {}  # what this session runs with (threads, accuracy level, ...); set by backends
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path or ''} max_seq_len={self.max_seq_len} pos={self.pos}>"

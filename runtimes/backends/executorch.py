@@ -53,6 +53,7 @@ class ExecuTorchSession(Session):
                                  f"({' '.join(str(e).split())[:200]}){native}") from None
         super().__init__(int(manifest["options"]["max_seq_len"]), int(manifest["model"]["vocab_size"]), tokenizer,
                          manifest, directory)
+        self.run_options = {"n_threads": n_threads} if n_threads is not None else {}  # else ExecuTorch's own pool
 
     def _forward(self, ids: list[int], start: int, all_logits: bool) -> np.ndarray:
         tokens = torch.tensor([ids], dtype=torch.long)

@@ -81,6 +81,7 @@ class LlamaCppSession(Session):
         self._batch = lc.llama_batch_init(S, 0, 1)
         vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model))
         super().__init__(S, vocab, tokenizer, manifest, directory)
+        self.run_options = {"n_threads": self.n_threads, "flash_attn": self.flash_attn, "kv_cache": kv_cache}
 
     def _forward(self, ids: list[int], start: int, all_logits: bool) -> np.ndarray:
         lc, b, T = self.lc, self._batch, len(ids)

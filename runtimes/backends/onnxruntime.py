@@ -98,6 +98,7 @@ class OnnxRuntimeSession(Session):
         del graph
         vocab = next(o.shape[-1] for o in self.session.get_outputs() if o.name == "logits")
         super().__init__(int(opts["max_seq_len"]), vocab, tokenizer, manifest, directory)
+        self.run_options = {"n_threads": self.n_threads, "accuracy_level": accuracy_level or 0}
         inputs = {i.name: i for i in self.session.get_inputs()}
         # Graphs from other exporters (optimum) also take an attention mask and explicit positions.
         self.extra_inputs = {"attention_mask", "position_ids"} & set(inputs)

@@ -77,6 +77,7 @@ class TorchSession(Session):
         if not 1 <= S <= model.config.max_seq_len:
             raise EdgesmithError(f"max_seq_len {S}: must be in 1..{model.config.max_seq_len} (the model's)")
         super().__init__(S, model.config.vocab_size, tokenizer, path=path)
+        self.run_options = {"n_threads": torch.get_num_threads(), "kernels": self.kernels}
         self.model = (model if dtype is None else model.to(DTYPES[dtype])).eval()  # None: as it is
         fuse_(self.model, self.kernels)  # this model's modules only; "reference" unfuses one that came fused
         model.setup_cache(1, S)  # zeros, in the model's dtype

@@ -42,12 +42,13 @@ def test_the_fused_cache_never_moves_through_extend_and_rewind(artifact, prompt)
 
 
 def test_accuracy_level_4_runs_int8_activations_within_the_int4_threshold(artifact, checkpoints, tokenizer):
-    # setup: the 4-bit artifact is stored with accuracy_level=0 and checked against float thresholds
+    # setup: the 4-bit graph is stored with accuracy_level=0; its manifest says to run it at 4 (verified at export)
     path = artifact("onnx-q4")
     stored = {a.i for n in onnx.load(str(path / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
               for a in n.attribute if a.name == "accuracy_level"}
     reference = load_checkpoint(checkpoints["q4"]).model
-    exact, fast = runtimes.load(path), runtimes.load(path, accuracy_level=4)
+    exact, fast = runtimes.load(path, accuracy_level=0), runtimes.load(path)
+    assert (exact.run_options["accuracy_level"], fast.run_options["accuracy_level"]) == (0, 4)
     # execute
     with torch_threads(1):
         p_exact = check_parity(reference, exact, tokenizer, "fp32")
@@ -82,8 +83,8 @@ def test_accuracy_level_override_finds_external_data(checkpoints, tmp_path, monk
         manifest = export(checkpoints["q4"], tmp_path / "onnx", ExportConfig(format="onnx"), log=lambda line: None)
     assert "model.onnx.data" in manifest["files"]
     # execute: the graph is rewritten in memory; ORT must still read the weights beside the file
-    fast = runtimes.load(tmp_path / "onnx", accuracy_level=4)
-    exact = runtimes.load(tmp_path / "onnx")
+    fast = runtimes.load(tmp_path / "onnx")  # accuracy_level=4, from the manifest
+    exact = runtimes.load(tmp_path / "onnx", accuracy_level=0)
     # assert: it runs, with int8-activation numerics (close to, not equal to, the stored level's)
     a, b = fast.prefill(prompt), exact.prefill(prompt)
     assert 0 < np.abs(a - b).max() < 0.1 * np.abs(b).max()

@@ -10,6 +10,7 @@ import argparse
 
 import runtimes
 from models.errors import EdgesmithError
+from runtimes.options import add_runtime_options, check_flags, describe, runtime_options
 from runtimes.text import session_tokenizer
 from toolchain.compress.driver import evaluate
 from toolchain.compress.quality import format_table
@@ -18,8 +19,13 @@ from toolchain.data import load_corpus, tokenize_corpus
 
 def run(args: argparse.Namespace) -> None:
     if args.reference is not None:
+        if runtime_options(args):
+            raise EdgesmithError("--reference: compares two checkpoints in torch; the runtime flags (--threads, "
+                                 "--accuracy-level, --kv-cache, --flash-attn) apply to an artifact without it")
         return _eval_reference(args)
-    session = runtimes.load(args.checkpoint)  # a checkpoint (torch) or any exported artifact
+    options = runtime_options(args)
+    check_flags(args.checkpoint, options)
+    session = runtimes.load(args.checkpoint, **options)  # a checkpoint (torch) or any exported artifact
     seq_len = min(args.seq_len, session.max_seq_len - 1)
     tokens = tokenize_corpus(load_corpus(args.data), session_tokenizer(session, args.checkpoint))
     n = min(len(tokens.val) - 1, args.max_tokens) // seq_len * seq_len
@@ -29,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
     # windows of seq_len + 1 tokens sharing their boundary token: seq_len predictions each
     ppl = session.perplexity(tokens.val[: n + 1], window=seq_len + 1, progress=True)
     print(f"validation perplexity {ppl:.3f}  ({n:,} tokens of {args.data}, windows of {seq_len}, "
-          f"through {session.backend})")
+          f"through {session.backend}, {describe(session.run_options)})")
 
 
 def _eval_reference(args: argparse.Namespace) -> None:
@@ -50,4 +56,5 @@ def register(sub) -> None:
     e.add_argument("--max-tokens", type=int, default=64 * 1024, help="validation tokens scored (default 65536)")
     e.add_argument("--reference", default=None, metavar="CKPT", help="unquantized checkpoint: adds KL, top-1 "
                    "agreement and per-layer SQNR")
+    add_runtime_options(e)  # default: the configuration the artifact's export verified (its manifest)
     e.set_defaults(func=run)

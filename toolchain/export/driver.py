@@ -23,7 +23,7 @@ from models.registry import FORMATS
 from toolchain.export.hf_optimum import export_hf, is_hf_directory
 from toolchain.export.manifest import build_manifest, write_manifest
 from toolchain.export.parity import check_parity
-from toolchain.export.spec import PRECISIONS, get_format
+from toolchain.export.spec import PRECISIONS, get_format, is_quant_exact
 
 
 @dataclass(frozen=True)
@@ -97,14 +97,17 @@ def export(checkpoint: str | Path, out: str | Path, cfg: ExportConfig, log=print
         manifest = build_manifest(ckpt, out, cfg.format, cfg.precision, written, spec.runtime_package, cfg.target)
         manifest["options"] = {"max_seq_len": cfg_seq, **manifest["options"]}
         manifest["export_s"] = round(export_s, 3)
+        options = spec.runtime_options(ckpt, cfg)
+        manifest["runtime_options"] = options
         write_manifest(tmp, manifest)
         reason = spec.can_check()
-        if reason is None:
-            backend = spec.backend(tmp)
-            kind = parity_kind(ckpt, cfg.precision, spec.quant_exact)
+        if reason is None:  # parity in the configuration every user path will run by default
+            backend = spec.backend(tmp, **options)
+            kind = parity_kind(ckpt, cfg.precision, is_quant_exact(spec, options))
             manifest["parity"] = check_parity(ckpt.model, backend, ckpt.tokenizer, kind, cfg.parity_positions,
                                               cfg.greedy_steps)
             manifest["parity"]["runtime"] = spec.runtime_package
+            manifest["parity"]["runtime_options"] = backend.run_options
             manifest["parity"]["checked_file"] = manifest["options"].get("onnx_file", manifest["entry"])
             del backend  # release the runtime's hold on the files before the rename
         else:

@@ -9,9 +9,11 @@ llama.cpp) are never imported by formats that don't need them. This module holds
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.checkpoint import Checkpoint
 from models.errors import EdgesmithError
 from models.quant import Int8KVAttention
 from models.registry import FORMATS
@@ -30,9 +32,17 @@ class FormatSpec:
     can_check: Callable[[], str | None] = lambda: None  # None, or why this machine cannot run it
     # True when the runtime computes quantized weights exactly as the fake-quant reference does
     # (dequantize, float matmul): such artifacts are held to the float thresholds.
-    quant_exact: bool = False
+    quant_exact: bool | Callable[[dict], bool] = False  # may depend on the runtime options (see below)
+    # The fastest configuration of the format's runtime verified for this checkpoint: `runtime_options(ckpt, cfg)` ->
+    # `runtimes.load` keyword arguments. The export checks parity in it and records it in the manifest, and every
+    # path that loads the artifact (generate, eval, bench, the GUI) runs it unless the user overrides an option.
+    runtime_options: Callable[[Checkpoint, Any], dict] = lambda ckpt, cfg: {}  # cfg: the ExportConfig
     toolkit: str = ""  # the module that must import for this format to be exported here (recipe `optional`)
     estimate_s: float = 10.0  # rough seconds for a nano export on 2 cores, only for the pipeline's ETA
+
+
+def is_quant_exact(spec: FormatSpec, options: dict) -> bool:
+    return spec.quant_exact(options) if callable(spec.quant_exact) else spec.quant_exact
 
 
 def register_format(spec: FormatSpec) -> FormatSpec:

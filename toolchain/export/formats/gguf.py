@@ -212,6 +212,15 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
             "quantization": quantization_scheme(ckpt, {4: "Q4_0", 8: "Q8_0"}), "notice": notice}
 
 
+def runtime_options(ckpt: Checkpoint, cfg) -> dict:
+    """llama.cpp's flash attention (its CLI's default; llama-cpp-python leaves it off), where it meets the artifact's
+    parity threshold: quantized or fp16 weights. Its CPU kernel rounds Q and the softmax to fp16, about 5e-4 of
+    the logits, over the fp32 threshold (1e-4): an fp32 float artifact keeps the exact path."""
+    quantized = bool((ckpt.meta.get("quantization") or {}).get("weights"))
+    return {"flash_attn": True} if quantized or cfg.precision != "fp32" else {}
+
+
 register_format(FormatSpec(name="gguf", precisions=("fp32", "fp16"), write=write, backend=LlamaCppBackend,
                            runtime_package="llama-cpp-python",
-                           toolkit="llama_cpp", estimate_s=5.0))
+                           toolkit="llama_cpp", estimate_s=5.0,
+                           runtime_options=runtime_options))

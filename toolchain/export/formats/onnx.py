@@ -20,7 +20,7 @@ import onnx
 from models.checkpoint import Checkpoint
 from runtimes.backends.onnxruntime import OnnxRuntimeBackend
 from toolchain.export.onnx_graph import fused_graph, plain_graph
-from toolchain.export.spec import FormatSpec, quantization_scheme, refuse_int8_kv_cache, register_format
+from toolchain.export.spec import EMBEDDING, FormatSpec, quantization_scheme, refuse_int8_kv_cache, register_format
 
 FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -59,6 +59,14 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
             "quantization": quantization_scheme(ckpt, stored, embedding)}
 
 
+def runtime_options(ckpt: Checkpoint, cfg) -> dict:
+    """Quantized Linears run as MatMulNBits at accuracy level 4 (int8 activations, integer dot products: ONNX
+    Runtime's fast CPU path, the numerics family of llama.cpp's Q4_0 x Q8_0); the parity check holds the artifact
+    to the quantized thresholds then, as GGUF's are. Float graphs need no option."""
+    weights = (ckpt.meta.get("quantization") or {}).get("weights") or {}
+    return {"accuracy_level": 4} if any(name != EMBEDDING for name in weights) else {}
+
+
 register_format(FormatSpec(name="onnx", precisions=("fp32", "fp16"), write=write, backend=OnnxRuntimeBackend,
-                           runtime_package="onnxruntime", quant_exact=True,
-                           toolkit="onnxruntime", estimate_s=6.0))
+                           runtime_package="onnxruntime", quant_exact=lambda options: not options.get("accuracy_level"),
+                           runtime_options=runtime_options, toolkit="onnxruntime", estimate_s=6.0))

@@ -52,8 +52,8 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
             "quantization": quant, "notice": f"tensorrt: {reason}; wrote the TensorRT-ready {ONNX_FILE}"}
 
 
-def _backend(directory: Path):
-    return OnnxRuntimeBackend(directory, fmt="tensorrt")
+def _backend(directory: Path, **options):
+    return OnnxRuntimeBackend(directory, fmt="tensorrt", **options)
 
 
 register_format(FormatSpec(name="tensorrt", precisions=("fp32", "fp16"), write=write, backend=_backend,
