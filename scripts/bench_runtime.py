@@ -52,6 +52,7 @@ from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint  #
 from models.errors import EdgesmithError  # noqa: E402
 from models.llama import ModelConfig, Transformer  # noqa: E402
 from models.tokenizer import train_tokenizer  # noqa: E402
+from runtimes.options import describe  # noqa: E402
 from runtimes.session import cpu_cores  # noqa: E402
 from toolchain.compress import Context, apply, parse_pass  # noqa: E402
 from toolchain.export import ExportConfig, export  # noqa: E402
@@ -66,12 +67,13 @@ ROWS = {
     "torch": ("torch fp32 (eager)", "session", "ckpt", {}, 4),
     "torch-compile": ("torch fp32 (compiled decode)", "session", "ckpt", {"compile": True}, 4),
     "ort-fp32": ("onnxruntime fp32 fused", "session", "onnx", {}, 4),
-    "ort-int4": ("onnxruntime int4 fused acc=4", "session", "onnx-q4", {"accuracy_level": 4}, NBITS_Q4),
-    "ort-int4-acc0": ("onnxruntime int4 fused acc=0", "session", "onnx-q4", {}, NBITS_Q4),
+    # the artifacts' own defaults ({}: the manifest's runtime_options, as `edgesmith bench`/generate run them)
+    "ort-int4": ("onnxruntime int4 (default: acc=4)", "session", "onnx-q4", {}, NBITS_Q4),
+    "ort-int4-acc0": ("onnxruntime int4 acc=0 (exact)", "session", "onnx-q4", {"accuracy_level": 0}, NBITS_Q4),
     "et-fp32": ("executorch fp32 (xnnpack)", "session", "executorch", {}, 4),
     "et-int4": ("executorch 8da4w (xnnpack)", "session", "executorch-q4", {}, XNNPACK_Q4),
-    "llama-f16": ("llamacpp session F16", "session", "gguf-f16", {"flash_attn": True, "kv_cache": "f16"}, 2),
-    "llama-q4": ("llamacpp session Q4_0", "session", "gguf-q4", {"flash_attn": True, "kv_cache": "f16"}, Q4_0),
+    "llama-f16": ("llamacpp session F16 (default)", "session", "gguf-f16", {}, 2),
+    "llama-q4": ("llamacpp session Q4_0 (default)", "session", "gguf-q4", {}, Q4_0),
     "llama-f16-anchor": ("anchor: llama.cpp F16", "llama", "gguf-f16", {}, 2),
     "llama-q4-anchor": ("anchor: llama.cpp Q4_0", "llama", "gguf-q4", {}, Q4_0),
     "optimum-fp32-anchor": ("anchor: optimum ORT fp32", "optimum", "optimum", {}, 4),
@@ -167,7 +169,7 @@ def print_tables(results: dict, c: dict, bandwidth: float, bandwidth_1: float, s
           f"({bandwidth_1:.1f} GB/s with 1); load average {os.getloadavg()[0]:.2f}")
     head = (f"{'row':<30} {'W MB/tok':>8} {'load s':>6} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode tok/s':>12} "
             f"{'@' + str(c['long_context']):>8} {'long/short':>10} {'RSS MB':>7} {'+loaded':>7} {'GB/s':>6} "
-            f"{'of bw':>6}")
+            f"{'of bw':>6}  ran with")
     print(head)
     print("-" * len(head))
     for key, r in results.items():
@@ -180,14 +182,15 @@ def print_tables(results: dict, c: dict, bandwidth: float, bandwidth_1: float, s
         print(f"{label:<30} {mb:>8.1f} {r['load_s']:>6.1f} {r['prefill_tok_s']:>13.1f} {r['ttft_ms']:>8.1f} "
               f"{r['decode_tok_s']:>12.1f} {r['decode_long_tok_s']:>8.1f} "
               f"{r['decode_long_tok_s'] / r['decode_tok_s']:>10.2f} {r['peak_rss_mb']:>7.0f} "
-              f"{r['peak_rss_mb'] - r['baseline_rss_mb']:>7.0f} {gbs:>6.1f} {gbs / bandwidth:>6.0%}")
+              f"{r['peak_rss_mb'] - r['baseline_rss_mb']:>7.0f} {gbs:>6.1f} {gbs / bandwidth:>6.0%}  "
+              f"{describe(r.get('run_options') or {})}")
 
     def rate(key, field="decode_tok_s"):
         r = results.get(key) or {}
         return r.get(field)
 
     print("\nratios (decode tok/s unless said; target from the issue in brackets)")
-    checks = [("onnxruntime int4 acc=4 / llama.cpp Q4_0", rate("ort-int4"), rate("llama-q4-anchor"), ">= 1.0", 1.0),
+    checks = [("onnxruntime int4 (default) / llama.cpp Q4_0", rate("ort-int4"), rate("llama-q4-anchor"), ">= 1.0", 1.0),
               ("optimum int4 / llama.cpp Q4_0", rate("optimum-int4-anchor"), rate("llama-q4-anchor"), "about 0.7",
                None),
               ("torch fp32 / llama.cpp Q4_0", rate("torch"), rate("llama-q4-anchor"), ">= 0.5", 0.5),

@@ -115,12 +115,13 @@ def worker(spec: dict) -> dict:
     return {"load_s": load_s, "prefill_tok_s": p / statistics.median(prefill_s),
             "ttft_ms": statistics.median(ttft_s) * 1e3,
             "decode_tok_s": statistics.median(short), "decode_long_tok_s": statistics.median(long),
-            "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline}
+            "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline,
+            "run_options": getattr(r, "run_options", {})}  # what a session ran with (anchors: their own runner)
 
 
 def speculative_worker(spec: dict) -> dict:
     target = runtimes.load(spec["path"], n_threads=spec["threads"])
-    draft = runtimes.load(spec["draft"], n_threads=spec["threads"], accuracy_level=4)
+    draft = runtimes.load(spec["draft"], n_threads=spec["threads"])  # its manifest's default: accuracy_level 4
     prompt = prompt_ids(spec["vocab"], 128)
     list(target.generate(prompt[:16], GenerationConfig(max_new_tokens=4)))
     r = compare_speculative(target, draft, prompt, GenerationConfig(max_new_tokens=spec["decode_tokens"]), 4)
