@@ -1,13 +1,17 @@
 """The bench agent: times one artifact through `runtimes.load(path)` in this process and prints JSON.
 
-    python -m devices.agent ARTIFACT [--prompt-len 128] [--gen-len 128] [--repeat 5] [--json OUT|-]
+    python -m devices.agent ARTIFACT [--prompt-len 128] [--gen-len 128] [--repeat 5] [--options JSON] [--json OUT|-]
     python edgesmith-agent.pyz ARTIFACT ...          # the same, shipped to a device as a zipapp
 
 Each repeat: reset, prefill a `--prompt-len` prompt (token ids drawn with a fixed seed, so every
 run and device sees the same prompt), greedy argmax (time to first token = prefill + argmax),
 then `--gen-len - 1` greedy decode steps. One warm-up run precedes the timed ones. Per repeat it
 records prefill tok/s, decode tok/s, TTFT and the process's peak RSS (VmHWM). `--bandwidth` also
-measures the device's memory bandwidth (for devices without a profile). Imports only `runtimes`,
+measures the device's memory bandwidth (for devices without a profile). `--options` is a JSON object of
+`runtimes.load` keyword arguments (`{"n_threads": 2, "accuracy_level": 0}`), applied over the artifact's
+manifest `runtime_options`; the result records the session's `run_options`, what the run really used.
+A refused option or value (the backends raise EdgesmithError) is one `edgesmith: error:` line, exit 2,
+which the caller quotes. Imports only `runtimes`,
 `models` and `devices.measure`: a device has no toolchain.
 """
 
@@ -58,10 +62,10 @@ def one_run(session, prompt: list[int], gen_len: int) -> tuple[float, float, flo
     return prefill_s, ttft_s, decode_s
 
 
-def bench_artifact(path: str, prompt_len: int, gen_len: int, repeat: int) -> dict:
+def bench_artifact(path: str, prompt_len: int, gen_len: int, repeat: int, options: dict | None = None) -> dict:
     baseline = peak_rss_mb()
     t0 = time.perf_counter()
-    session = runtimes.load(path)
+    session = runtimes.load(path, **(options or {}))
     load_s = time.perf_counter() - t0
     if prompt_len + gen_len > session.max_seq_len:
         raise EdgesmithError(f"{path}: --prompt-len {prompt_len} + --gen-len {gen_len} exceeds the artifact's "
@@ -77,6 +81,7 @@ def bench_artifact(path: str, prompt_len: int, gen_len: int, repeat: int) -> dic
         runs["ttft_ms"].append(ttft_s * 1e3)
         runs["peak_rss_mb"].append(peak_rss_mb())
     return {"runs": runs, "backend": session.backend, "threads": getattr(session, "n_threads", None),
+            "run_options": dict(session.run_options),
             "load_s": load_s, "baseline_rss_mb": baseline, "host": platform.node(), "machine": platform.machine(),
             "python": sys.version.split()[0]}
 
@@ -88,14 +93,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-len", type=int, default=128)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--bandwidth", action="store_true", help="also measure memory bandwidth")
+    p.add_argument("--options", default="{}", metavar="JSON", help="runtimes.load options as a JSON object "
+                   "(default: the artifact's manifest runtime_options)")
     p.add_argument("--json", default="-", help="output file, or - for stdout (the default)")
     args = p.parse_args(argv)
     for name in ("prompt_len", "gen_len", "repeat"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as e:
+        p.error(f"--options: not JSON ({e})")
+    if not isinstance(options, dict):
+        p.error(f"--options: {args.options!r} is not a JSON object")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spin-waiting threads on a shared device
     try:
-        result = bench_artifact(args.artifact, args.prompt_len, args.gen_len, args.repeat)
+        result = bench_artifact(args.artifact, args.prompt_len, args.gen_len, args.repeat, options)
     except EdgesmithError as e:  # bad input: one line (the caller quotes it), no traceback
         if os.environ.get("EDGESMITH_DEBUG", "").lower() in ("1", "true", "yes", "on"):
             raise

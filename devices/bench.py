@@ -12,9 +12,17 @@ sha256; after the push, `sha256sum` on the device checks the copies again, so a 
 corrupted a byte stops the bench with one line instead of timing (or crashing on) a broken file.
 Locally the agent checks the manifest when it loads the artifact.
 
+Runtime options (`options`: `runtimes.load` keyword arguments, e.g. {"n_threads": 2, "accuracy_level": 0})
+go to each artifact whose runner takes them: the agent passes them to `runtimes.load` over the artifact's
+manifest `runtime_options` (the configuration its export verified); llama-bench gets the flags it has
+(`devices.native`), the manifest's options under the caller's. An option that no artifact of the run takes
+is refused in one line before anything runs; a bad value is refused by the backend, one line through the
+agent. Each result records `options` (what was asked) and `run_options` (what the run really used, as the
+session or llama-bench reported it); `format_table` shows the latter per row.
+
 Each result holds the median, min and max over `repeat` runs of prefill tok/s, decode tok/s, TTFT
-and peak RSS, the decode bound (bandwidth / bytes read per token, `devices.roofline`) and the
-achieved fraction of it. Any failure (unreachable device, timeout, runner error) raises
+and peak RSS, the decode bound (bandwidth / bytes read per token, `devices.roofline`, with the KV cache
+type the run used) and the achieved fraction of it. Any failure (unreachable device, timeout, runner error) raises
 `EdgesmithError`; results are returned only whole, and `write_results` writes atomically.
 """
 
@@ -30,7 +38,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from devices import roofline
-from devices.native import llama_bench_argv, parse_llama_bench
+from devices.native import (LLAMA_BENCH_OPTIONS, llama_bench_argv, llama_bench_options, llama_bench_run_options,
+                            parse_llama_bench)
 from devices.pack import build_agent
 from devices.profiles import DeviceProfile, list_profiles, load_profile
 from devices.transports import AdbTransport, LocalTransport, SshTransport, Transport, run_streaming, transport_for
@@ -38,6 +47,8 @@ from models.atomic import write_bytes_atomic, write_text_atomic
 from models.checkpoint import sha256_file
 from models.errors import EdgesmithError
 from runtimes.artifact import artifact_bytes, read_manifest
+from runtimes.loader import backend_class, backends_for, option_names
+from runtimes.options import FLAGS, describe
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
@@ -63,10 +74,11 @@ def stats(values: Sequence[float]) -> dict | None:
 def bench(artifacts: Sequence[str | Path], device: str = "local", *, prompt_len: int = 128, gen_len: int = 128,
           repeat: int = 5, timeout_s: float = 600.0, progress: Callable[[int, int, str], None] | None = None,
           ssh_options: Sequence[str] = (), python: str | None = None,
-          on_line: Callable[[str], None] | None = None) -> list[dict]:
+          on_line: Callable[[str], None] | None = None, options: dict | None = None) -> list[dict]:
     """One result dict per artifact (see the module docstring). `ssh_options`: extra ssh
     arguments; `python`: the device's Python (default: the profile's, else python3; locally this
-    interpreter); `on_line`: receives the runner's output lines as they come."""
+    interpreter); `on_line`: receives the runner's output lines as they come; `options`: runtime
+    options (`runtimes.load` keyword arguments) for the artifacts whose runner takes them."""
     for name, value in (("prompt_len", prompt_len), ("gen_len", gen_len), ("repeat", repeat)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise EdgesmithError(f"--{name.replace('_', '-')} {value!r} must be a positive integer")
@@ -83,30 +95,68 @@ def bench(artifacts: Sequence[str | Path], device: str = "local", *, prompt_len:
                                  f"max_seq_len {room}")
         manifests.append(m)
     runner = _runner(transport)
+    row_options = per_artifact_options(artifacts, manifests, dict(options or {}), runner is AdbRunner)
     label = profile.name if profile else uri
     results = []
     with tempfile.TemporaryDirectory(prefix="edgesmith-bench-") as tmp:
         with runner(transport, profile, Path(tmp), python, timeout_s, on_line) as run:
-            for i, (a, m) in enumerate(zip(artifacts, manifests)):
+            for i, (a, m, opts) in enumerate(zip(artifacts, manifests, row_options)):
                 if progress:
                     progress(i, len(artifacts), Path(a).name)
-                raw = run(Path(a), m, prompt_len, gen_len, repeat)
-                results.append(_result(Path(a), m, raw, label, profile, prompt_len, gen_len, repeat))
+                raw = run(Path(a), m, prompt_len, gen_len, repeat, opts)
+                results.append(_result(Path(a), m, raw, label, profile, prompt_len, gen_len, repeat, opts))
     if progress:
         progress(len(artifacts), len(artifacts), "done")
     return results
 
 
+def check_options(artifacts: Sequence[str | Path], device: str, options: dict) -> list[dict]:
+    """What `bench(artifacts, device, options=options)` gives each artifact, or its one-line refusal, from the
+    manifests alone (nothing runs): for a form to refuse before it starts a job."""
+    _, uri = resolve_device(device)
+    manifests = [read_manifest(a, verify=False) for a in artifacts]
+    return per_artifact_options(artifacts, manifests, dict(options), uri.startswith("adb://"))
+
+
+def per_artifact_options(artifacts: Sequence, manifests: list[dict], options: dict, native: bool) -> list[dict]:
+    """The options each artifact's runner takes (its backend's `runtimes.load` options; llama-bench's flags
+    for a native run). One that no artifact takes is refused in one line naming the flag, before any run."""
+    rows, taken = [], set()
+    takes_by = []
+    for a, m in zip(artifacts, manifests):
+        fmt = m.get("format")
+        if native:
+            takes, who = LLAMA_BENCH_OPTIONS, f"{fmt} (llama-bench)"
+        else:
+            names = backends_for(fmt) if isinstance(fmt, str) else []
+            if not names:
+                raise EdgesmithError(f"{Path(a) / 'manifest.json'}: format {fmt!r} has no runtime backend")
+            takes, who = option_names(backend_class(names[0]).__init__), f"{fmt} ({names[0]})"
+        takes_by.append(who + " takes " + (", ".join(FLAGS.get(o, o) for o in takes if o in FLAGS) or "none"))
+        mine = {k: v for k, v in options.items() if k in takes}
+        if native:  # checked here, before any push (the agent's backends check theirs on the device)
+            llama_bench_options(m, mine, str(a))
+        taken |= set(mine)
+        rows.append(mine)
+    for key in options:
+        if key not in taken:
+            raise EdgesmithError(f"{FLAGS.get(key, key)}: no artifact of this bench takes it "
+                                 f"({'; '.join(dict.fromkeys(takes_by))})")
+    return rows
+
+
 def _result(path: Path, m: dict, raw: dict, device: str, profile: DeviceProfile | None, prompt_len: int,
-            gen_len: int, repeat: int) -> dict:
+            gen_len: int, repeat: int, options: dict) -> dict:
     bandwidth = profile.bandwidth_bytes_s if profile else raw.get("bandwidth_bytes_s")
     r = {"artifact": str(path), "name": path.name, "format": m.get("format"), "precision": _precision(m),
          "device": device, "bytes": artifact_bytes(m), "prompt_len": prompt_len, "gen_len": gen_len,
          "repeat": repeat, **{k: stats(raw["runs"].get(k, [])) for k in METRICS}, "runner": raw.get("runner"),
-         "backend": raw.get("backend"), "threads": raw.get("threads"), "bandwidth_bytes_s": bandwidth,
+         "backend": raw.get("backend"), "threads": raw.get("threads"), "options": options,
+         "run_options": raw.get("run_options"), "bandwidth_bytes_s": bandwidth,
          "bytes_per_token": None, "decode_bound_tok_s": None, "roofline_fraction": None}
     if bandwidth:
-        bound, read = roofline.decode_bound(m, bandwidth, prompt_len, gen_len, raw.get("runner", "agent"))
+        bound, read = roofline.decode_bound(m, bandwidth, prompt_len, gen_len, raw.get("runner", "agent"),
+                                            (raw.get("run_options") or {}).get("kv_cache"))
         r.update(bytes_per_token=read, decode_bound_tok_s=bound,
                  roofline_fraction=r["decode_tok_s"]["median"] / bound)
     return r
@@ -153,8 +203,15 @@ def _manifest_hashes(m: dict) -> dict[str, str]:
     return {name: rec["sha256"] for name, rec in m["files"].items()}
 
 
-def _agent_args(prompt_len: int, gen_len: int, repeat: int) -> list[str]:
-    return ["--prompt-len", str(prompt_len), "--gen-len", str(gen_len), "--repeat", str(repeat)]
+def _agent_args(prompt_len: int, gen_len: int, repeat: int, options: dict) -> list[str]:
+    return ["--prompt-len", str(prompt_len), "--gen-len", str(gen_len), "--repeat", str(repeat),
+            "--options", json.dumps(options, sort_keys=True)]
+
+
+def refusal(output: str) -> str | None:
+    """The worker's one-line refusal (`edgesmith: error: ...`, printed last), without its prefix; None if none."""
+    ours = [line for line in output.splitlines() if line.startswith("edgesmith: error: ")]
+    return ours[-1][len("edgesmith: error: "):] if ours else None
 
 
 def last_json(text: str, what: str) -> dict:
@@ -175,9 +232,9 @@ def run_json(argv: Sequence[str], timeout_s: float, what: str, on_line: Callable
     prints last. A worker that refused its input in one `edgesmith: error: ...` line fails with that line."""
     r = run_streaming(argv, timeout_s, on_line, what=what, env=env)
     if r.returncode != 0:
-        ours = [line for line in r.output.splitlines() if line.startswith("edgesmith: error: ")]
-        if ours:  # the worker refused its input in one line: that line is the error
-            raise EdgesmithError(ours[-1][len("edgesmith: error: "):])
+        line = refusal(r.output)
+        if line:  # the worker refused its input in one line: that line is the error
+            raise EdgesmithError(line)
         tail = " | ".join(r.output.strip().splitlines()[-2:])[:400]
         raise EdgesmithError(f"{what} failed (exit {r.returncode}): {tail}")
     return last_json(r.output, what)
@@ -196,8 +253,9 @@ class LocalRunner:
     def __exit__(self, *exc):
         return False
 
-    def run(self, path: Path, m: dict, prompt_len: int, gen_len: int, repeat: int) -> dict:
-        argv = [self.python, "-m", "devices.agent", str(path), *_agent_args(prompt_len, gen_len, repeat), "--json", "-"]
+    def run(self, path: Path, m: dict, prompt_len: int, gen_len: int, repeat: int, options: dict) -> dict:
+        argv = [self.python, "-m", "devices.agent", str(path), *_agent_args(prompt_len, gen_len, repeat, options),
+                "--json", "-"]
         result = run_json(argv, self.timeout_s, f"bench of {path} on local", self.on_line, self.env)
         return {**result, "runner": "agent"}
 
@@ -228,14 +286,18 @@ class SshRunner:
                 pass  # best effort: the scratch directory is under /tmp on the device
         return False
 
-    def run(self, path: Path, m: dict, prompt_len: int, gen_len: int, repeat: int) -> dict:
+    def run(self, path: Path, m: dict, prompt_len: int, gen_len: int, repeat: int, options: dict) -> dict:
         remote = self.t.push(path, self.workdir, timeout=self.timeout_s)
         verify_pushed(self.t, path, remote, _manifest_hashes(m), self.timeout_s)
         out = f"{self.workdir}/result-{path.name}.json"
-        argv = [self.python, self.agent, remote, *_agent_args(prompt_len, gen_len, repeat), "--json", out]
+        argv = [self.python, self.agent, remote, *_agent_args(prompt_len, gen_len, repeat, options), "--json", out]
         if self.measure_bandwidth:
             argv.append("--bandwidth")
-        self.t.check(self.t.run(argv, self.timeout_s, self.on_line), f"bench agent on {path.name}")
+        result = self.t.run(argv, self.timeout_s, self.on_line)
+        line = refusal(result.output) if result.returncode != 0 else None
+        if line:  # the agent refused an option or the artifact in one line: that line, naming the device
+            raise EdgesmithError(f"{self.t.uri}: {line}")
+        self.t.check(result, f"bench agent on {path.name}")
         local = self.t.pull(out, self.tmp, timeout=self.timeout_s)
         return {**last_json(local.read_text(), f"bench of {path} on {self.t.uri}"), "runner": "agent"}
 
@@ -254,18 +316,21 @@ class AdbRunner:
     def __exit__(self, *exc):
         return False
 
-    def run(self, path: Path, m: dict, prompt_len: int, gen_len: int, repeat: int) -> dict:
+    def run(self, path: Path, m: dict, prompt_len: int, gen_len: int, repeat: int, options: dict) -> dict:
         if m.get("format") != "gguf":
             raise EdgesmithError(f"{path}: adb bench runs GGUF artifacts through llama-bench; this one is "
                                  f"{m.get('format')!r} (allowed: gguf)")
         remote = self.t.push(path, self.workdir, timeout=self.timeout_s)
         verify_pushed(self.t, path, remote, _manifest_hashes(m), self.timeout_s)
         out = f"{self.workdir}/llama-bench-{path.name}.json"
-        argv = llama_bench_argv(self.runner, f"{remote}/{m['entry']}", prompt_len, gen_len, repeat)
+        given = llama_bench_options(m, options, str(path))  # no runtimes.load there: the manifest's options too
+        argv = llama_bench_argv(self.runner, f"{remote}/{m['entry']}", prompt_len, gen_len, repeat, given)
         self.t.check(self.t.run_to_file(argv, out, self.timeout_s), f"{self.runner} on {path.name}")
-        local = self.t.pull(out, self.tmp, timeout=self.timeout_s)
-        return {"runs": parse_llama_bench(local.read_text(), prompt_len, gen_len), "runner": "llama-bench",
-                "backend": "llama.cpp (llama-bench)"}
+        text = self.t.pull(out, self.tmp, timeout=self.timeout_s).read_text()
+        ran = llama_bench_run_options(text)  # what llama-bench says it ran; its markdown says less: the flags given
+        return {"runs": parse_llama_bench(text, prompt_len, gen_len), "runner": "llama-bench",
+                "backend": "llama.cpp (llama-bench)", "run_options": given if ran is None else ran,
+                "threads": (given if ran is None else ran).get("n_threads")}
 
 
 # ----------------------------------------------------------------------------- output
@@ -296,16 +361,18 @@ def _cell(s: dict | None, fmt: str = "{:.1f}") -> str:
 
 
 def format_table(results: list[dict]) -> str:
-    """A comparison table: medians with (min-max) over the repeats, the bound and its fraction."""
-    head = ["artifact", "format", "prec", "MB", "prefill tok/s", "decode tok/s", "TTFT ms", "peak RSS MB",
+    """A comparison table: the options each row ran with, medians with (min-max) over the repeats, the bound
+    and its fraction. A row from before runtime options were recorded shows `?` for them."""
+    head = ["artifact", "format", "prec", "options", "MB", "prefill tok/s", "decode tok/s", "TTFT ms", "peak RSS MB",
             "bound tok/s", "roofline"]
-    rows = [[r.get("name") or Path(r["artifact"]).name, r["format"], r["precision"], f"{r['bytes'] / 1e6:.2f}",
+    rows = [[r.get("name") or Path(r["artifact"]).name, r["format"], r["precision"],
+             describe(r["run_options"]) if r.get("run_options") is not None else "?", f"{r['bytes'] / 1e6:.2f}",
              _cell(r["prefill_tok_s"], "{:.0f}"), _cell(r["decode_tok_s"]), _cell(r["ttft_ms"], "{:.2f}"),
              _cell(r["peak_rss_mb"], "{:.0f}"),
              f"{r['decode_bound_tok_s']:.0f}" if r.get("decode_bound_tok_s") else "-",
              f"{r['roofline_fraction']:.1%}" if r.get("roofline_fraction") is not None else "-"] for r in results]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w)  # noqa: E731
+    line = lambda cells: "  ".join(str(c).ljust(w) if i < 4 else str(c).rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     out = [f"device: {results[0]['device'] if results else '-'}; prompt {results[0]['prompt_len'] if results else 0}"
            f", generate {results[0]['gen_len'] if results else 0}, median (min-max) of "

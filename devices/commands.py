@@ -10,6 +10,7 @@ from devices.bench import bench, format_table, plot_results, write_results
 from devices import planner
 from devices.profiles import list_profiles, load_profile
 from devices.shapes import PUBLIC
+from runtimes.options import add_runtime_options, runtime_options
 
 
 def devices(args: argparse.Namespace) -> None:
@@ -27,18 +28,21 @@ def devices(args: argparse.Namespace) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    bar = tqdm(total=len(args.artifacts), desc=f"bench on {args.device}", unit="artifact")
+    bars = []  # the bar starts with the first run: input refused before it is one line, with no bar above it
 
     def progress(done: int, total: int, label: str) -> None:
-        bar.n = done
-        bar.set_postfix_str(label)
-        bar.refresh()
+        if not bars:
+            bars.append(tqdm(total=total, desc=f"bench on {args.device}", unit="artifact"))
+        bars[0].n = done
+        bars[0].set_postfix_str(label)
+        bars[0].refresh()
 
     try:
         results = bench(args.artifacts, args.device, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                        repeat=args.repeat, timeout_s=args.timeout, progress=progress)
+                        repeat=args.repeat, timeout_s=args.timeout, progress=progress, options=runtime_options(args))
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     print(format_table(results))
     if args.json:
         out = write_results(results, args.json)
@@ -71,4 +75,8 @@ def register(sub) -> None:
     b.add_argument("--repeat", type=int, default=5, help="runs per artifact; the median is reported (default 5)")
     b.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds per device command")
     b.add_argument("--json", default=None, metavar="OUT", help="write the results here (and a plot next to it)")
+    # Runtime (default: each artifact's manifest runtime_options, the configuration its export verified). A flag
+    # applies to the artifacts whose backend has it (the table's options column shows what each row ran with);
+    # one that no artifact has is refused.
+    add_runtime_options(b)
     b.set_defaults(func=run_bench)

@@ -7,6 +7,10 @@ tools/llama-bench/README.md) and, as a fallback, its default markdown table (`| 
 `pp128` / `tg128` rows and `mean ± stddev`). A prompt-processing test gives prefill tok/s (and,
 from it, the time to first token: llama-bench times no sampling); a text-generation test gives
 decode tok/s. llama-bench does not report memory: peak RSS stays unknown (None).
+
+Runtime options map onto llama-bench's flags where it has one: `n_threads` `-t N`, `flash_attn` `-fa 0|1`,
+`kv_cache` `-ctk T -ctv T`; any other option is refused in one line (llama-bench has no such knob).
+What a run used is read back from llama-bench's own JSON (`n_threads`, `flash_attn`, `type_k`), not assumed.
 """
 
 from __future__ import annotations
@@ -15,26 +19,81 @@ import json
 import re
 
 from models.errors import EdgesmithError
+from runtimes.backends.llamacpp import KV_TYPES  # the same KV cache types as the llamacpp backend (no llama_cpp import)
+
+
+LLAMA_BENCH_OPTIONS = ("n_threads", "flash_attn", "kv_cache")
+
+
+def check_llama_bench_options(options: dict, what: str) -> None:
+    """One line naming the option when llama-bench has no such flag or the value is not one it takes."""
+    for key, value in options.items():
+        if key not in LLAMA_BENCH_OPTIONS:
+            raise EdgesmithError(f"{what}: llama-bench has no option {key!r}; allowed: {', '.join(LLAMA_BENCH_OPTIONS)}")
+        if key == "n_threads" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise EdgesmithError(f"{what}: n_threads {value!r} must be a positive integer")
+        if key == "flash_attn" and not isinstance(value, bool):
+            raise EdgesmithError(f"{what}: flash_attn {value!r}; allowed: true, false")
+        if key == "kv_cache" and value not in KV_TYPES:
+            raise EdgesmithError(f"{what}: kv_cache {value!r}; allowed: {', '.join(KV_TYPES)}")
+
+
+def llama_bench_options(manifest: dict, options: dict, what: str) -> dict:
+    """The options a llama-bench run of this artifact gets: its manifest's `runtime_options` (the configuration
+    its export verified) that llama-bench has, the caller's `options` over them; checked."""
+    recorded = manifest.get("runtime_options") or {}
+    merged = {**{k: v for k, v in recorded.items() if k in LLAMA_BENCH_OPTIONS}, **options}
+    check_llama_bench_options(merged, what)
+    return merged
 
 
 def llama_bench_argv(runner: str, model: str, prompt_len: int, gen_len: int, repeat: int,
-                     threads: int | None = None) -> list[str]:
+                     options: dict | None = None) -> list[str]:
+    """The llama-bench command line; `options` (checked by check_llama_bench_options) become its flags."""
+    options = options or {}
     argv = [runner, "-m", model, "-p", str(prompt_len), "-n", str(gen_len), "-r", str(repeat), "-o", "json"]
-    if threads:
-        argv += ["-t", str(threads)]
+    if options.get("n_threads"):
+        argv += ["-t", str(options["n_threads"])]
+    if options.get("flash_attn") is not None:
+        argv += ["-fa", "1" if options["flash_attn"] else "0"]
+    if options.get("kv_cache"):
+        argv += ["-ctk", options["kv_cache"], "-ctv", options["kv_cache"]]
     return argv
+
+
+def llama_bench_run_options(text: str) -> dict | None:
+    """What llama-bench reports it ran with (its JSON rows' n_threads, flash_attn, type_k), as runtime
+    options; None when its output is not JSON (the markdown table)."""
+    rows = _json_rows(text)
+    if not rows:
+        return None
+    row = rows[0]
+    found = {}
+    if row.get("n_threads") is not None:
+        found["n_threads"] = int(row["n_threads"])
+    fa = row.get("flash_attn")
+    if fa is not None:  # a bool in llama-bench's JSON (older builds: 0/1; newer: "on"/"off"/"auto" possible)
+        found["flash_attn"] = bool(fa) if isinstance(fa, (bool, int)) else {"on": True, "off": False}.get(fa, fa)
+    if row.get("type_k"):
+        found["kv_cache"] = row["type_k"]
+    return found
+
+
+def _json_rows(text: str) -> list | None:
+    start = text.find("[")
+    if start < 0:
+        return None
+    try:
+        rows = json.loads(text[start:text.rfind("]") + 1])
+    except json.JSONDecodeError:
+        return None
+    return rows if isinstance(rows, list) else None
 
 
 def parse_llama_bench(text: str, prompt_len: int, gen_len: int) -> dict:
     """{"prefill_tok_s": [...], "decode_tok_s": [...], "ttft_ms": [...], "peak_rss_mb": []} per repetition
     (markdown output gives only the mean, reported once)."""
-    start = text.find("[")
-    rows = None
-    if start >= 0:
-        try:
-            rows = json.loads(text[start:text.rfind("]") + 1])
-        except json.JSONDecodeError:
-            rows = None
+    rows = _json_rows(text)
     if rows is not None:
         pp = next((r for r in rows if r.get("n_prompt") == prompt_len and not r.get("n_gen")), None)
         tg = next((r for r in rows if r.get("n_gen") == gen_len and not r.get("n_prompt")), None)

@@ -16,7 +16,7 @@ import os
 
 import gradio as gr
 
-from gui import bench_tab, devices_tab, runs
+from gui import bench_tab, devices_tab, run_options, runs
 from gui.actions import SKIP, Actions
 from gui.playground import Playground
 from models.llama import SIZES
@@ -246,6 +246,7 @@ def _playground_tab(act: Actions):
         top_p = gr.Textbox("", label="Top-p (blank: off)", max_lines=1, elem_id="play-top-p")
         penalty = gr.Textbox("1.0", label="Repetition penalty (1: off)", max_lines=1, elem_id="play-penalty")
         seed = gr.Textbox("0", label="Seed (-1: random)", max_lines=1, elem_id="play-seed")
+    runtime = run_options.controls("play")  # "default": the configuration each artifact's export verified
     prompt = gr.Textbox(label="Prompt (the text the model continues)", lines=4, placeholder="def fibonacci(n):",
                         elem_id="play-prompt")
     with gr.Row():
@@ -260,15 +261,16 @@ def _playground_tab(act: Actions):
         with gr.Column():
             out_b = _code_pane("B: prompt + completion", "play-out-b")
             stats_b = gr.Markdown(elem_id="play-stats-b")
-    def generate(prompt, model_a, model_b, max_new_tokens, temperature, top_k, top_p, penalty, seed,
-                 request: gr.Request):
+    def generate(prompt, model_a, model_b, max_new_tokens, temperature, top_k, top_p, penalty, seed, threads,
+                 accuracy_level, kv_cache, flash_attn, request: gr.Request):
         yield from play.generate(prompt, model_a, model_b, max_new_tokens, temperature, top_k, top_p, penalty, seed,
-                                 stop_key=request.session_hash if request else None)
+                                 stop_key=request.session_hash if request else None,
+                                 runtime=(threads, accuracy_level, kv_cache, flash_attn))
 
     def stop_streams(request: gr.Request):
         play.stop(request.session_hash if request else None)  # the stream itself then says "Stopped."
 
-    send.click(generate, [prompt, a, b, max_new, temperature, top_k, top_p, penalty, seed],
+    send.click(generate, [prompt, a, b, max_new, temperature, top_k, top_p, penalty, seed, *runtime],
                [out_a, out_b, stats_a, stats_b, status], api_name="generate", concurrency_limit=PLAY_CONCURRENCY,
                show_progress="minimal")
     # the streams end themselves (between two tokens) rather than being cancelled: their text stays, no error

@@ -1,6 +1,8 @@
 """The Benchmark tab: `edgesmith bench ARTIFACT... --device D --json bench/<id>.json` as a background
 job; when it finishes, the results file (devices.bench.write_results) is shown as a table with the
-roofline fraction, next to the plot the command wrote beside it (devices.bench.plot_results).
+roofline fraction and the runtime options each row ran with, next to the plot the command wrote beside it
+(devices.bench.plot_results). The runtime option controls (gui/run_options.py; "default": each artifact's
+manifest) become the command's flags, checked against the artifacts before the job starts.
 
 It runs the bench command, not a recipe: a recipe's source is a checkpoint, and this tab measures
 artifacts that already exist (any number of them, from any run). A recipe run benches its own
@@ -14,25 +16,31 @@ import time
 
 import gradio as gr
 
+from devices.bench import check_options
 from gui import views
 from gui.actions import Actions
 from gui.devices_tab import bench_table, profiles
 from gui.recipes import number as _int
+from gui.run_options import bench_flags, controls, form_options
 from models.errors import EdgesmithError
 
 
-def bench_start(act: Actions, artifacts: list[str], device: str, prompt_len, gen_len, repeat, job_id: str = ""):
+def bench_start(act: Actions, artifacts: list[str], device: str, prompt_len, gen_len, repeat, job_id: str = "",
+                threads="", accuracy_level="default", kv_cache="default", flash_attn="default"):
     """Start the benchmark job; returns (job id, status)."""
     try:
         if not artifacts:
             raise EdgesmithError("artifacts: choose at least one")
         paths = [str(act.ws.resolve(a, "artifact", must_exist=True)) for a in artifacts]
         device = (device or "local").strip()
+        options = form_options(threads, accuracy_level, kv_cache, flash_attn)
+        if options:
+            check_options(paths, device, options)  # an option no artifact has: refused here, not by the job
         out = act.ws.resolve(f"bench/{time.strftime('%Y%m%d-%H%M%S')}-{device.replace('/', '_').replace(':', '_')}"
                              ".json", "results file")
         argv = ["bench", *paths, "--device", device, "--prompt-len", str(_int(prompt_len, "prompt length")),
                 "--gen-len", str(_int(gen_len, "generated tokens")), "--repeat", str(_int(repeat, "repeats")),
-                "--json", str(out)]
+                "--json", str(out), *bench_flags(options)]
     except EdgesmithError as e:
         return "", views.refused(e)  # no job: the poll leaves this line shown
     rel = act.ws.rel(out)
@@ -76,6 +84,7 @@ def build(act: Actions, timer, demo):
         prompt_len = gr.Number(128, label="Prompt tokens", precision=0, minimum=1, elem_id="bench-prompt-len")
         gen_len = gr.Number(128, label="Generated tokens", precision=0, minimum=1, elem_id="bench-gen-len")
         repeat = gr.Number(5, label="Repeats", precision=0, minimum=1, elem_id="bench-repeat")
+    runtime = controls("bench")  # "default": the configuration each artifact's export verified
     with gr.Row():
         start = gr.Button("Start", variant="primary", elem_id="bench-start")
         stop = gr.Button("Stop", variant="stop", elem_id="bench-stop")
@@ -83,20 +92,21 @@ def build(act: Actions, timer, demo):
     job = gr.Textbox(label="Job", interactive=False, elem_id="bench-job")
     status = gr.Markdown(elem_id="bench-status")
     bar = gr.HTML(elem_id="bench-progress")
-    table = gr.Dataframe(label="Results (medians; roofline fraction = decode / bandwidth bound)", interactive=False,
-                         elem_id="bench-table")
+    table = gr.Dataframe(label="Results (medians; options = what each row ran with; roofline fraction = decode / "
+                         "bandwidth bound)", interactive=False, elem_id="bench-table")
     plot = gr.Image(label="Plots", type="filepath", interactive=False, elem_id="bench-plot")
     log = gr.Textbox(label="Log", lines=6, max_lines=10, interactive=False, autoscroll=True)
     shown = gr.State("")
 
-    def start_fn(artifacts, device, prompt_len, gen_len, repeat, job_id):
-        job_id, status = bench_start(act, artifacts, device, prompt_len, gen_len, repeat, job_id)
+    def start_fn(artifacts, device, prompt_len, gen_len, repeat, job_id, *runtime_values):
+        job_id, status = bench_start(act, artifacts, device, prompt_len, gen_len, repeat, job_id, *runtime_values)
         return job_id, status, "" if job_id else status
 
     def poll(job_id, key):
         return bench_poll(act, job_id, key)
 
-    start.click(start_fn, [artifacts, device, prompt_len, gen_len, repeat, job], [job, status, note],
+    # the option controls come after the job box: scripts that pass the first six keep working
+    start.click(start_fn, [artifacts, device, prompt_len, gen_len, repeat, job, *runtime], [job, status, note],
                 api_name="bench")
     stop.click(act.cancel, [job], [status], api_name="cancel_bench")
     timer.tick(poll, [job, shown], [status, bar, table, plot, log, shown], api_name="bench_status",

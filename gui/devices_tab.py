@@ -20,6 +20,7 @@ from devices.shapes import model_names
 from gui import views
 from gui.workspace import Workspace
 from models.errors import EdgesmithError
+from runtimes.options import describe
 
 PLAN_COLUMNS = ["quantity", "value"]
 
@@ -96,12 +97,13 @@ def profile_table(name: str) -> pd.DataFrame:
 
 
 def bench_table(results: list[dict] | None) -> pd.DataFrame:
-    cols = ["artifact", "format", "precision", "device", "MB", "prefill tok/s", "decode tok/s", "TTFT ms",
+    cols = ["artifact", "format", "precision", "options", "device", "MB", "prefill tok/s", "decode tok/s", "TTFT ms",
             "peak RSS MB", "decode bound tok/s", "roofline fraction"]
     rows = []
     for r in results or []:
         med = lambda k: r.get(k, {}).get("median") if isinstance(r.get(k), dict) else r.get(k)  # noqa: E731
-        rows.append([Path(str(r.get("artifact", ""))).name, r.get("format"), r.get("precision"), r.get("device"),
+        ran = describe(r["run_options"]) if r.get("run_options") is not None else "not recorded"
+        rows.append([Path(str(r.get("artifact", ""))).name, r.get("format"), r.get("precision"), ran, r.get("device"),
                      f"{(r.get('bytes') or 0) / 1e6:.2f}", _num(med("prefill_tok_s")), _num(med("decode_tok_s")),
                      _num(med("ttft_ms")), _num(med("peak_rss_mb")), _num(r.get("decode_bound_tok_s")),
                      _num(r.get("roofline_fraction"), ".3f")])

@@ -14,6 +14,9 @@ a browser renders, and a page behind its updates answers no click (Stop included
 A base model has no chat template: the prompt is the text it continues (cut from the left to fit
 the KV cache), and each pane shows the prompt followed by the completion, as plain text (code keeps
 its indentation). The form's numbers are checked here: a bad one is one line in the status.
+Runtime options (threads, accuracy level, KV cache, flash attention; gui/run_options.py) go to
+`runtimes.load` for each model whose backend has them, the manifest's verified ones otherwise, and each
+stats line says what its session ran with (`Session.run_options`).
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from collections import Counter
 from pathlib import Path
 
 import runtimes
+from gui.run_options import form_options, per_model
 from gui.sessions import SessionPool
 from gui.workspace import Workspace
 from models.errors import EdgesmithError
+from runtimes.options import describe
 from runtimes.sampling import GenerationConfig
 from runtimes.text import stream_text
 
@@ -109,17 +114,18 @@ class Playground:
         with self._lock:
             return key in self._stopping
 
-    def _load(self, real: Path):
-        s = runtimes.load(real)
+    def _load(self, real: Path, **options):
+        s = runtimes.load(real, **options)
         if s.tokenizer is None:
             s.close()
             raise EdgesmithError(f"{real}: no tokenizer.json with the <|bos|>/<|endoftext|> tokens")
         return s
 
     def generate(self, prompt: str, model_a: str, model_b: str, max_new_tokens, temperature, top_k=None, top_p=None,
-                 repetition_penalty=1.0, seed=0, stop_key=None):
+                 repetition_penalty=1.0, seed=0, stop_key=None, runtime=()):
         """Yield (text A, text B, stats A, stats B, status) as tokens of either model arrive; `stop(stop_key)`
-        ends it after the current token."""
+        ends it after the current token. `runtime`: the option controls' values (threads, accuracy level,
+        KV cache, flash attention; gui/run_options.py form_options)."""
         sides = [model_a] + ([model_b] if model_b and model_b != "none" else [])
         texts, stats = ["", ""], ["", ""]
         lent, streams = [], []
@@ -131,8 +137,9 @@ class Playground:
                 if not (prompt or "").strip():
                     raise EdgesmithError("prompt: empty")
                 cfg = sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+                options = form_options(*runtime)
                 paths = [self.ws.resolve(path, f"model {'AB'[i]}", must_exist=True) for i, path in enumerate(sides)]
-                lent = self.pool.borrow(paths, self._load)
+                lent = self.pool.borrow(paths, self._load, per_model(paths, options))
                 streams = [_start(session, prompt, cfg) for _, session in lent]
             except (EdgesmithError, OSError) as e:  # bad input or a bad file: one line naming it
                 yield "", "", "", "", f"**Refused:** {e}"
@@ -177,5 +184,5 @@ def _start(session, prompt: str, cfg: GenerationConfig):
 
 def _stats_line(session) -> str:
     s = session.stats
-    return (f"`{session.backend}` · {s.new_tokens} tokens · **{s.decode_tokens_per_s:,.1f} tok/s** decode · "
-            f"time to first token {s.ttft_s * 1e3:.1f} ms")
+    return (f"`{session.backend}` · `{describe(session.run_options)}` · {s.new_tokens} tokens · "
+            f"**{s.decode_tokens_per_s:,.1f} tok/s** decode · time to first token {s.ttft_s * 1e3:.1f} ms")

@@ -6,8 +6,9 @@ cancelled). `borrow` takes every session a request needs at once, or waits until
 now and one later: two side-by-side requests then cannot each hold half of what the other needs).
 A model has at most `copies` sessions (two streams of one model at a time, e.g. the same model on
 both sides); idle sessions are kept, most recently used last, and closed beyond `keep` in all.
-Sessions are keyed by the model's real path and the modification time of its manifest.json /
-edgesmith.json, so a model re-exported in place is loaded again rather than served stale.
+Sessions are keyed by the model's real path, the modification time of its manifest.json /
+edgesmith.json, so a model re-exported in place is loaded again rather than served stale, and the
+runtime options it was loaded with (a session at accuracy level 0 is not one at level 4).
 Nothing here generates text (gui/playground.py).
 """
 
@@ -46,10 +47,11 @@ class SessionPool:
         with self._cond:
             return sum(self._total.values())
 
-    def borrow(self, paths: list[Path], load) -> list:
-        """One session per entry of `paths` (a path twice: two sessions), loaded with `load(path)`
-        where none is idle. Waits while other streams hold the copies it needs."""
-        keys = [model_key(p) for p in paths]
+    def borrow(self, paths: list[Path], load, options: list[dict] | None = None) -> list:
+        """One session per entry of `paths` (a path twice: two sessions), loaded with `load(path, **options[i])`
+        where none with the same options is idle. Waits while other streams hold the copies it needs."""
+        options = options or [{} for _ in paths]
+        keys = [(*model_key(p), tuple(sorted(o.items()))) for p, o in zip(paths, options)]
         need = Counter(keys)
         with self._cond:
             ok = self._cond.wait_for(lambda: all(len(self._idle.get(k, ())) + self.copies - self._total[k] >= n
@@ -70,7 +72,7 @@ class SessionPool:
         try:
             for i in to_load:
                 with self._loading:
-                    taken[i] = load(paths[i])
+                    taken[i] = load(paths[i], **options[i])
         except BaseException:
             with self._cond:
                 for i in to_load:

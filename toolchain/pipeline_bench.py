@@ -1,7 +1,9 @@
 """The bench stage of a recipe run: measure the artifacts on the target, or say why not and predict.
 
-`local` (and a device given a transport URI in `target.uri`) is measured through devices.bench; the
-results file is the one devices.bench.write_results writes. A device profile with no way to reach it
+`local` (and a device given a transport URI in `target.uri`) is measured through devices.bench, each
+artifact in the runtime options its manifest records (the configuration its export verified, as every
+user path runs it); the results file is the one devices.bench.write_results writes, and each row keeps
+the `run_options` it really ran with. A device profile with no way to reach it
 (no `target.uri`) is not measured: the stage writes `<device>.plan.json` with the planner's
 prediction (devices.planner.plan) for the final checkpoint and the reason, and the report shows it
 as a prediction. No figure here is ever presented as measured that was not.
@@ -54,7 +56,7 @@ def _measure(target, artifacts: list[Path], tmp: Path) -> dict:
         {"format": r.get("format"), "precision": r.get("precision"),
          "decode_tok_s": (r.get("decode_tok_s") or {}).get("median"),
          "prefill_tok_s": (r.get("prefill_tok_s") or {}).get("median"),
-         "roofline_fraction": r.get("roofline_fraction")} for r in results]}
+         "roofline_fraction": r.get("roofline_fraction"), "run_options": r.get("run_options")} for r in results]}
 
 
 def _progress_line(done: int, total: int, label: str) -> None:

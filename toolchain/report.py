@@ -21,6 +21,7 @@ from models.atomic import write_bytes_atomic, write_text_atomic
 from models.checkpoint import read_json
 from models.errors import EdgesmithError
 from models.registry import METHODS, PASSES
+from runtimes.options import describe
 from toolchain.compress import QUANTIZE
 
 
@@ -128,13 +129,15 @@ def tables(data: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
             parity.append([e["format"], e["precision"], weights, _f(e["bytes"] / 1e6), _f(e["export_s"], "{:.1f}"),
                            _f(p.get("max_abs_logit_diff"), "{:.3g}"), _f(p.get("argmax_agreement")),
                            f"{p.get('greedy_matched')}/{p.get('greedy_steps')}",
-                           f"{'passed' if p.get('passed') else 'FAILED'} ({p.get('runtime')})"])
+                           f"{'passed' if p.get('passed') else 'FAILED'} ({p.get('runtime')}"
+                           + (f", {describe(p['runtime_options'])})" if p.get("runtime_options") else ")")])
     skipped = "; ".join(f"{s['format']}: {s['reason']}" for s in run.get("skipped", []))
     out.append(_sqnr_table(data["sqnr"]))
     out.append(("Export parity", ["format", "floats", "quantized weights", "MB", "export s", "max |Δlogit|",
                                   "argmax agree", "greedy",
                                   "parity"], parity,
-                "each artifact run in its own runtime against the torch model of the same checkpoint"
+                "each artifact run in its own runtime, in the runtime options it records for every user path, against "
+                "the torch model of the same checkpoint"
                 + (f". Not exported: {skipped}" if skipped else "")))
     out.append(_bench_table(data["bench"], run))
     return out
@@ -175,15 +178,23 @@ def _bench_table(bench: dict | None, run: dict):
         rows = [[k, _f(v, "{:,.4g}") if isinstance(v, float) else _f(v)] for k, v in p.items()]
         return (f"Bench on {device}: NOT MEASURED — planner prediction", ["quantity", "predicted"], rows,
                 f"not measured: {bench['reason']}")
-    rows = [[r.get("format"), r.get("precision"), _f((r.get("bytes") or 0) / 1e6), _stat(r, "prefill_tok_s", "{:,.0f}"),
+    rows = [[r.get("format"), r.get("precision"), _options(r), _f((r.get("bytes") or 0) / 1e6),
+             _stat(r, "prefill_tok_s", "{:,.0f}"),
              _stat(r, "decode_tok_s", "{:,.1f}"), _stat(r, "ttft_ms", "{:.1f}"), _stat(r, "peak_rss_mb", "{:.0f}"),
              _f(r.get("decode_bound_tok_s"), "{:,.0f}"), _f(r.get("roofline_fraction"), "{:.3f}")]
             for r in bench["results"]]
     r0 = bench["results"][0] if bench["results"] else {}
-    return (f"Bench on {device} (measured)", ["format", "precision", "MB", "prefill tok/s", "decode tok/s", "TTFT ms",
-                                              "peak RSS MB", "decode bound tok/s", "roofline fraction"], rows,
+    return (f"Bench on {device} (measured)", ["format", "precision", "runtime options", "MB", "prefill tok/s",
+                                              "decode tok/s", "TTFT ms", "peak RSS MB", "decode bound tok/s",
+                                              "roofline fraction"], rows,
             f"median [min–max] of {r0.get('repeat')} repeats, prompt {r0.get('prompt_len')} tokens, "
-            f"{r0.get('gen_len')} generated; roofline fraction = measured decode tok/s ÷ the memory-bandwidth bound")
+            f"{r0.get('gen_len')} generated; runtime options = what each row ran with (the artifact's manifest "
+            "runtime_options unless overridden); roofline fraction = measured decode tok/s ÷ the memory-bandwidth bound")
+
+
+def _options(r: dict) -> str:
+    """What a bench row ran with; results written before runtime options were recorded say so."""
+    return describe(r["run_options"]) if r.get("run_options") is not None else "not recorded"
 
 
 # ----------------------------------------------------------------------------- plots

@@ -199,3 +199,90 @@ def test_remote_bench_refuses_a_local_artifact_that_fails_its_sha256(sshd, artif
     # execute / assert
     with pytest.raises(EdgesmithError, match=r"model\.gguf.*sha256"):
         bench([bad], sshd.uri, ssh_options=sshd.options, python=sys.executable, **SMALL)
+
+
+# ----------------------------------------------------------------------------- runtime options (issue 19)
+
+
+def test_bench_cli_runs_each_artifact_in_its_manifest_options_unless_told_otherwise(artifact, tmp_path, capsys):
+    """By default a row runs what its export verified (manifest runtime_options: ONNX int4 at accuracy level 4,
+    a quantized GGUF with flash attention); the flags override it, each for the artifacts whose backend has it."""
+    # setup
+    arts = [str(artifact("onnx-q4")), str(artifact("gguf-q4"))]
+    small = ["--prompt-len", "16", "--gen-len", "16", "--repeat", "1"]
+    # execute: defaults, then overridden
+    default_code = main(["bench", *arts, *small, "--json", str(tmp_path / "default.json")])
+    default_out = capsys.readouterr().out
+    asked_code = main(["bench", *arts, *small, "--accuracy-level", "0", "--flash-attn", "off", "--threads", "1",
+                       "--json", str(tmp_path / "asked.json")])
+    asked_out = capsys.readouterr().out
+    # assert
+    assert default_code == 0 and asked_code == 0
+    onnx, gguf = read_results(tmp_path / "default.json")
+    assert onnx["run_options"]["accuracy_level"] == 4 and onnx["options"] == {}
+    assert gguf["run_options"]["flash_attn"] is True and gguf["backend"] == "llamacpp"
+    assert "accuracy_level=4" in default_out and "flash_attn=on" in default_out and "options" in default_out
+    onnx, gguf = read_results(tmp_path / "asked.json")
+    assert onnx["options"] == {"accuracy_level": 0, "n_threads": 1} and onnx["run_options"]["accuracy_level"] == 0
+    assert gguf["options"] == {"flash_attn": False, "n_threads": 1} and gguf["run_options"]["flash_attn"] is False
+    assert onnx["run_options"]["n_threads"] == gguf["run_options"]["n_threads"] == 1
+    assert "accuracy_level=0 threads=1" in asked_out and "flash_attn=off" in asked_out
+
+
+def test_an_option_no_artifact_takes_is_one_line_exit_2(artifact, tmp_path, capsys):
+    # execute: llama.cpp's KV cache type asked of an ONNX artifact
+    code = main(["bench", str(artifact("onnx-q4")), "--kv-cache", "f16", "--prompt-len", "16", "--gen-len", "16",
+                 "--json", str(tmp_path / "never.json")])
+    # assert
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("edgesmith: error: --kv-cache: no artifact of this bench takes it") and "onnxruntime" in err[0]
+    assert not (tmp_path / "never.json").exists()
+
+
+def test_a_bad_option_value_comes_back_from_the_agent_as_one_line(artifact):
+    # execute / assert: the backend refuses the value inside the agent's process; the caller gets its line
+    with pytest.raises(EdgesmithError) as e:
+        bench([artifact("gguf-q4")], options={"kv_cache": "q8"}, **SMALL)
+    assert str(e.value).startswith("kv_cache 'q8'; allowed: f32, f16") and "\n" not in str(e.value)
+
+
+def test_ssh_agent_runs_the_options_it_is_given(sshd, artifact):
+    # execute
+    results = bench([artifact("onnx-q4"), artifact("gguf-q4")], sshd.uri, ssh_options=sshd.options,
+                    python=sys.executable, options={"accuracy_level": 0, "n_threads": 1}, **SMALL)
+    defaults = bench([artifact("onnx-q4")], sshd.uri, ssh_options=sshd.options, python=sys.executable, **SMALL)
+    # assert: what the sessions on the device ran with came back with the results
+    onnx, gguf = results
+    assert onnx["run_options"] == {"n_threads": 1, "accuracy_level": 0}
+    assert gguf["run_options"]["n_threads"] == 1 and gguf["run_options"]["flash_attn"] is True  # its manifest's
+    assert defaults[0]["run_options"]["accuracy_level"] == 4
+    # a value the device's backend refuses: one line, naming the device
+    with pytest.raises(EdgesmithError) as e:
+        bench([artifact("onnx-q4")], sshd.uri, ssh_options=sshd.options, python=sys.executable,
+              options={"accuracy_level": 7}, **SMALL)
+    assert str(e.value).startswith(f"{sshd.uri}: accuracy_level 7; allowed:") and "\n" not in str(e.value)
+
+
+def test_adb_maps_options_onto_llama_bench_flags_and_records_what_it_ran(artifact, tmp_path, monkeypatch):
+    # setup
+    log, root = tmp_path / "adb.log", tmp_path / "device"
+    root.mkdir()
+    monkeypatch.setenv("PATH", f"{FAKE_ADB}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_ADB_LOG", str(log))
+    monkeypatch.setenv("FAKE_ADB_ROOT", str(root))
+    gguf = artifact("gguf-q4")
+    # execute: threads from the caller, flash attention from the manifest
+    [r] = bench([gguf], "adb://R5CW1234", prompt_len=16, gen_len=16, repeat=3, options={"n_threads": 2})
+    # assert
+    run = [json.loads(line) for line in log.read_text().splitlines() if "llama-bench " in line][0]
+    assert run[3].startswith("/data/local/tmp/llama-bench -m /data/local/tmp/edgesmith/gguf-q4/model.gguf -p 16 "
+                             "-n 16 -r 3 -o json -t 2 -fa 1 >"), run
+    assert r["run_options"] == {"n_threads": 2, "flash_attn": True, "kv_cache": "f16"}  # as llama-bench reported
+    assert r["options"] == {"n_threads": 2} and r["threads"] == 2
+    assert "flash_attn=on kv_cache=f16 threads=2" in format_table([r])
+    # llama-bench has no accuracy level: refused before anything is pushed
+    pushes = log.read_text().count('"push"')
+    with pytest.raises(EdgesmithError, match="--accuracy-level: no artifact of this bench takes it .*llama-bench"):
+        bench([gguf], "adb://R5CW1234", prompt_len=16, gen_len=16, repeat=3, options={"accuracy_level": 0})
+    assert log.read_text().count('"push"') == pushes

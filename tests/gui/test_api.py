@@ -132,3 +132,57 @@ def test_cancel_through_the_api(client):
         time.sleep(0.5)
     status = client.predict(job, api_name="/cancel")
     assert "**cancelled**" in status
+
+
+# ----------------------------------------------------------------------------- runtime options (issue 19)
+
+
+@pytest.fixture(scope="module")
+def onnx_q4(gui_workspace, artifact):
+    """The runtime tests' ONNX int4 artifact (manifest runtime_options: accuracy_level 4), in the workspace."""
+    import shutil
+
+    dest = gui_workspace / "models" / "tiny-onnx-q4"
+    if not dest.exists():
+        shutil.copytree(artifact("onnx-q4"), dest)
+    return "models/tiny-onnx-q4"
+
+
+def test_playground_runs_the_manifest_options_or_the_accuracy_level_asked(client, onnx_q4):
+    sampling = ("def add(a, b):", 8, 0, "", "", 1.0, 0)
+
+    def stats(a, b, *runtime):
+        out = client.predict(sampling[0], a, b, *sampling[1:], *runtime, api_name="/generate")
+        assert out[4] == "Done.", out[4]
+        return out[2], out[3]
+
+    # default: the artifact's verified configuration
+    default, _ = stats(onnx_q4, "none", "", "default", "default", "default")
+    asked, _ = stats(onnx_q4, "none", "1", "0", "default", "default")
+    # side by side with a GGUF: the accuracy level goes to the ONNX model, which each stats line shows
+    a, b = stats(onnx_q4, "models/tiny-gguf", "", "0", "default", "off")
+    assert "`onnxruntime`" in default and "accuracy_level=4" in default
+    assert "accuracy_level=0 threads=1" in asked
+    assert "accuracy_level=0" in a and "`llamacpp`" in b and "flash_attn=off" in b and "accuracy_level" not in b
+    # an option neither model has: one line, nothing generated
+    out = client.predict(sampling[0], onnx_q4, "none", *sampling[1:], "", "default", "fp16", "default",
+                         api_name="/generate")
+    assert out[4].startswith("**Refused:** --kv-cache: ") and "\n" not in out[4] and out[:4] == ("", "", "", "")
+
+
+def test_benchmark_tab_shows_the_options_each_row_ran_with(client, onnx_q4):
+    # execute: an ONNX int4 and a GGUF artifact, accuracy level 0 and one thread asked
+    job, status, _ = client.predict([onnx_q4, "models/tiny-gguf"], "local", 8, 8, 1, "", "1", "0", "default",
+                                    "default", api_name="/bench")
+    assert job, status
+    out = wait_done(client, "/bench_status", job, "")
+    refused_job, refused, note = client.predict([onnx_q4], "local", 8, 8, 1, "", "", "default", "fp16", "default",
+                                                api_name="/bench")
+    # assert
+    assert "**done**" in out[0], out[4]
+    table = out[2]
+    assert table["headers"][:4] == ["artifact", "format", "precision", "options"]
+    rows = {r[0]: r[3] for r in table["data"]}
+    assert rows["tiny-onnx-q4"] == "accuracy_level=0 threads=1", rows
+    assert "threads=1" in rows["tiny-gguf"] and "accuracy_level" not in rows["tiny-gguf"], rows
+    assert refused_job == "" and refused.startswith("**Refused:**") and "--kv-cache" in refused and note == refused

@@ -232,6 +232,11 @@ def test_benchmark_tab_runs_and_shows_the_roofline_fraction(page, screenshots):
     start_and_wait(page, "bench")
     expect()(page.locator("#bench-table")).to_contain_text("tiny-gguf", timeout=10_000)
     assert re.search(r"0\.\d{3}|1\.\d{3}", page.locator("#bench-table").inner_text())  # a roofline fraction
+    # the runtime options each row ran with (the artifact's manifest's: no control was touched)
+    expect()(page.locator("#bench-table")).to_contain_text("options")
+    assert re.search(r"kv_cache=f32 threads=1", page.locator("#bench-table").inner_text())
+    for control in ("threads", "accuracy-level", "kv-cache", "flash-attn"):
+        expect()(page.locator(f"#bench-{control}")).to_be_visible()
     shot(page, screenshots, "benchmark")
 
 
@@ -360,14 +365,14 @@ def test_a_running_job_survives_a_reload_and_stops(page, screenshots, gui_worksp
     fill(page, "train-seq", 32)
     fill(page, "train-out", "runs/browser-long")
     page.click("#train-start")
-    expect()(page.locator("#train-progress")).to_contain_text(re.compile(r"train \d+/100000"), timeout=JOB_S)
+    expect()(page.locator("#train-progress")).to_contain_text(re.compile(r"train [\d.]+k?/100k"), timeout=JOB_S)
     job_id = page.locator("#train-job input, #train-job textarea").first.input_value()
     # execute: reload the page; the tab finds the job again
     page.reload()
     page.wait_for_selector("#train-start")
     expect()(page.locator("#train-job input, #train-job textarea").first).to_have_value(job_id, timeout=10_000)
     expect()(page.locator("#train-status")).to_contain_text("running", timeout=10_000)
-    expect()(page.locator("#train-progress")).to_contain_text(re.compile(r"train \d+/100000"), timeout=10_000)
+    expect()(page.locator("#train-progress")).to_contain_text(re.compile(r"train [\d.]+k?/100k"), timeout=10_000)
     page.click("#train-stop")
     # assert
     expect()(page.locator("#train-status")).to_contain_text("cancelled", timeout=30_000)

@@ -9,6 +9,7 @@ import pytest
 
 from models.errors import EdgesmithError
 from tests.toolchain.conftest import edgesmith
+from runtimes.options import describe
 from toolchain.report import write_report
 
 SECTIONS = ("Lineage", "Passes: size, perplexity, KL", "Per-layer SQNR (dB)", "Export parity",
@@ -56,6 +57,7 @@ def test_figures_come_from_the_run_files(report):
         assert f"{gguf['parity']['max_abs_logit_diff']:.3g}" in text
         for r in bench:
             assert f"{r['roofline_fraction']:.3f}" in text
+            assert r["run_options"] and describe(r["run_options"]) in text  # what the row ran with
             assert f"{r['decode_tok_s']['median']:,.1f}" in text
     layers = quant["layer_sqnr_db"]
     assert len(layers) >= 10 and all(f"{v:.1f}" in html for v in layers.values() if v is not None)
