@@ -272,12 +272,12 @@ def test_adb_maps_options_onto_llama_bench_flags_and_records_what_it_ran(artifac
     monkeypatch.setenv("FAKE_ADB_LOG", str(log))
     monkeypatch.setenv("FAKE_ADB_ROOT", str(root))
     gguf = artifact("gguf-q4")
-    # execute: threads from the caller, flash attention from the manifest
+    # execute: threads from the caller, flash attention and the fp16 KV cache from the manifest
     [r] = bench([gguf], "adb://R5CW1234", prompt_len=16, gen_len=16, repeat=3, options={"n_threads": 2})
     # assert
     run = [json.loads(line) for line in log.read_text().splitlines() if "llama-bench " in line][0]
     assert run[3].startswith("/data/local/tmp/llama-bench -m /data/local/tmp/edgesmith/gguf-q4/model.gguf -p 16 "
-                             "-n 16 -r 3 -o json -t 2 -fa 1 >"), run
+                             "-n 16 -r 3 -o json -t 2 -fa 1 -ctk f16 -ctv f16 >"), run
     assert r["run_options"] == {"n_threads": 2, "flash_attn": True, "kv_cache": "f16"}  # as llama-bench reported
     assert r["options"] == {"n_threads": 2} and r["threads"] == 2
     assert "flash_attn=on kv_cache=f16 threads=2" in format_table([r])

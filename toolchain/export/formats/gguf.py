@@ -213,11 +213,12 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
 
 
 def runtime_options(ckpt: Checkpoint, cfg) -> dict:
-    """llama.cpp's flash attention (its CLI's default; llama-cpp-python leaves it off), where it meets the artifact's
-    parity threshold: quantized or fp16 weights. Its CPU kernel rounds Q and the softmax to fp16, about 5e-4 of
+    """llama.cpp's flash attention (its CLI's default; llama-cpp-python leaves it off) and an fp16 KV cache (its
+    default; half the bytes read per token at long context), where they meet the artifact's parity threshold:
+    quantized or fp16 weights. Its CPU kernel rounds Q and the softmax to fp16, about 5e-4 of
     the logits, over the fp32 threshold (1e-4): an fp32 float artifact keeps the exact path."""
     quantized = bool((ckpt.meta.get("quantization") or {}).get("weights"))
-    return {"flash_attn": True} if quantized or cfg.precision != "fp32" else {}
+    return {"flash_attn": True, "kv_cache": "f16"} if quantized or cfg.precision != "fp32" else {}
 
 
 register_format(FormatSpec(name="gguf", precisions=("fp32", "fp16"), write=write, backend=LlamaCppBackend,
