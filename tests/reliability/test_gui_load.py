@@ -12,6 +12,7 @@
 """
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -97,7 +98,7 @@ def test_eight_concurrent_sessions_each_stream_what_they_get_alone(gui):
             counts = []
             for update in job:  # the client patches chats in place: the stats line counts the tokens
                 if "tokens" in update[2]:
-                    counts.append(int(update[2].split(" · ")[1].split()[0]))
+                    counts.append(int(re.search(r"(\d+) tokens", update[2]).group(1)))
             results[i] = (texts(job.outputs()[-1], REQUESTS[i][0]), counts)
         except Exception as e:  # noqa: BLE001  (reported below, with the request)
             errors.append(f"{REQUESTS[i]}: {type(e).__name__}: {e}")
@@ -267,7 +268,8 @@ def test_memory_stays_flat_over_200_requests(gui):
     text = "def add(a, b):\n    return a + b\n" * 64
 
     def request(i):
-        out = raw.generate(f"{text}def f{i}(x):", (TINY, GGUF)[i % 2], "none", 4, 0, "", "", 1.0, 0)
+        out = raw.generate(f"{text}def f{i}(x):", (TINY, GGUF)[i % 2], "none", 4, 0, "", "", 1.0, 0,
+                           "", "default", "default", "default")  # runtime options: the artifact's own
         assert out["success"] and "tokens" in out["output"]["data"][2], out
 
     for i in range(100):
