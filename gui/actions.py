@@ -20,6 +20,8 @@ from toolchain.jobs import Job, JobManager
 SKIP = object()  # "leave this output as it is" (gr.skip() in the app)
 
 
+JOB_COLUMNS = ["id", "kind", "status", "progress", "what"]  # the Runs tab's jobs table
+
 class Actions:
     def __init__(self, workspace: str | Path):
         self.ws = Workspace(workspace)
@@ -62,7 +64,7 @@ class Actions:
         for j in self.jobs.list(limit=50):
             p = j.progress
             rows.append([j.id, j.kind, j.status, views.progress_text(p) if p else "", j.title])
-        return pd.DataFrame(rows, columns=["id", "kind", "status", "progress", "what"])
+        return pd.DataFrame(rows, columns=JOB_COLUMNS)
 
     def choices(self) -> tuple[list[str], list[str]]:
         """(checkpoints, artifacts) in the workspace."""

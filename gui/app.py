@@ -15,9 +15,10 @@ from __future__ import annotations
 import os
 
 import gradio as gr
+import pandas as pd
 
-from gui import bench_tab, devices_tab, run_options, runs
-from gui.actions import SKIP, Actions
+from gui import bench_tab, devices_tab, run_options, runs, views
+from gui.actions import JOB_COLUMNS, SKIP, Actions
 from gui.playground import Playground
 from models.llama import SIZES
 from models.registry import FORMATS, METHODS
@@ -161,7 +162,8 @@ def _compress_tab(act: Actions, timer, demo):
         tokens = gr.Number(32768, label="Validation tokens scored", precision=0, minimum=64)
     start, stop, job, status, bar, note = _job_widgets("compress")
     with gr.Row():
-        table = gr.Dataframe(label="Size, perplexity and KL", interactive=False, elem_id="compress-table", scale=2)
+        table = gr.Dataframe(views.compress_table(None), label="Size, perplexity and KL", interactive=False,
+                             elem_id="compress-table", scale=2)
         heat = gr.Plot(label="Per-layer SQNR", elem_id="compress-heatmap", scale=1)
     log, shown = _log(), gr.State("")
     start.click(noted(act.compress_start), [ckpt, method, bits, group, extra, rules, data, seq, tokens, out, job],
@@ -187,8 +189,9 @@ def _export_tab(act: Actions, timer, demo):
         seq = gr.Number(0, label="KV cache length (0: the model's)", precision=0, minimum=0)
         target = gr.Dropdown(["", *devices_tab.profiles()], value="", label="Target device", elem_id="export-target")
     start, stop, job, status, bar, note = _job_widgets("export")
-    parity = gr.Dataframe(label="Parity against the torch reference", interactive=False, elem_id="export-parity")
-    files = gr.Dataframe(label="Artifacts", interactive=False, elem_id="export-files")
+    parity = gr.Dataframe(views.parity_table({}), label="Parity against the torch reference", interactive=False,
+                          elem_id="export-parity")
+    files = gr.Dataframe(views.files_table({}, {}), label="Artifacts", interactive=False, elem_id="export-files")
     verdict = gr.Markdown(elem_id="export-verdict")
     log, shown = _log(), gr.State("")
     start.click(noted(act.export_start), [ckpt, formats, precision, seq, target, out, job], [job, status, note],
@@ -216,8 +219,10 @@ def _devices_tab(act: Actions):
     go = gr.Button("Plan", variant="primary", elem_id="devices-plan")
     verdict = gr.Markdown(elem_id="devices-verdict")
     with gr.Row():
-        table = gr.Dataframe(label="Plan", interactive=False, elem_id="devices-table")
-        spec = gr.Dataframe(label="Profile", interactive=False, elem_id="devices-spec")
+        table = gr.Dataframe(pd.DataFrame(columns=devices_tab.PLAN_COLUMNS), label="Plan", interactive=False,
+                             elem_id="devices-table")
+        spec = gr.Dataframe(pd.DataFrame(columns=["field", "value"]), label="Profile", interactive=False,
+                            elem_id="devices-spec")
 
     def do_plan(device, model, context, bits):
         v, t = devices_tab.plan(act.ws, device, model, context or None, None if bits == "auto" else bits)
@@ -296,7 +301,8 @@ def _runs_tab(act: Actions, timer, demo):
     with gr.Accordion("Run a recipe", open=False):
         recipe = _recipe_widgets(act, timer, demo)
     with gr.Accordion("Jobs", open=True):
-        jobs = gr.Dataframe(label="Background jobs (newest first)", interactive=False, elem_id="runs-jobs")
+        jobs = gr.Dataframe(pd.DataFrame(columns=JOB_COLUMNS), label="Background jobs (newest first)",
+                            interactive=False, elem_id="runs-jobs")
         with gr.Row():
             job_id = gr.Textbox(label="Job id", elem_id="runs-job-id")
             cancel = gr.Button("Cancel job", variant="stop", elem_id="runs-cancel")

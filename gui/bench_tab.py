@@ -92,8 +92,8 @@ def build(act: Actions, timer, demo):
     job = gr.Textbox(label="Job", interactive=False, elem_id="bench-job")
     status = gr.Markdown(elem_id="bench-status")
     bar = gr.HTML(elem_id="bench-progress")
-    table = gr.Dataframe(label="Results (medians; options = what each row ran with; roofline fraction = decode / "
-                         "bandwidth bound)", interactive=False, elem_id="bench-table")
+    table = gr.Dataframe(bench_table(None), label="Results (medians; options = what each row ran with; roofline "
+                         "fraction = decode / bandwidth bound)", interactive=False, elem_id="bench-table")
     plot = gr.Image(label="Plots", type="filepath", interactive=False, elem_id="bench-plot")
     log = gr.Textbox(label="Log", lines=6, max_lines=10, interactive=False, autoscroll=True)
     shown = gr.State("")
