@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import ops  # noqa: F401  (registers torch.ops.edgesmith.*)
+import kernels.ops  # noqa: F401  (registers torch.ops.edgesmith.*)
 from models.errors import EdgesmithError
 from models.llama import MLP, Attention, Block, RMSNorm
 from models.quant import Int8KVAttention, QuantizedLinear, TiedQuantizedHead, fake_quantize_per_token

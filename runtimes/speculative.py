@@ -23,8 +23,8 @@ the target's argmax after exactly the emitted prefix. Probabilities come from
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -33,8 +33,22 @@ from models.errors import EdgesmithError
 from runtimes.sampling import GenerationConfig, probabilities, sample
 from runtimes.stats import GenerationStats
 
-if TYPE_CHECKING:  # annotations only: runtimes.session imports this module for generate(draft=...)
-    from runtimes.session import Session
+class Session(Protocol):
+    """What speculative decoding uses of a `runtimes.session.Session`, named here rather than imported:
+    the session module imports this one for `generate(draft=...)`."""
+    vocab_size: int
+    max_seq_len: int
+    pos: int
+    tokenizer: object
+    stats: GenerationStats
+
+    def prefill(self, ids: Sequence[int], all_logits: bool = True) -> np.ndarray: ...
+    def extend(self, ids: Sequence[int], all_logits: bool = True) -> np.ndarray: ...
+    def decode(self, token: int) -> np.ndarray: ...
+    def rewind(self, n: int) -> None: ...
+    def check_generation(self, prompt: Sequence[int], cfg: GenerationConfig, what: str = "") -> None: ...
+    def generate(self, prompt: Sequence[int], cfg: GenerationConfig | None = None, draft=None,
+                 draft_tokens: int = 4) -> Iterator[int]: ...
 
 
 def check_compatible(target: Session, draft: Session) -> None:
