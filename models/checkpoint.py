@@ -4,13 +4,14 @@ A checkpoint directory holds `config.json` (HF Llama fields), `model.safetensors
 names), `tokenizer.json` + `tokenizer_config.json`, and `edgesmith.json`. `transformers`
 loads an unquantized one as it is. Writes go to a temporary directory renamed into place, so a
 crash never leaves half a checkpoint; reads verify the weights' sha256 and name the file at fault.
+Every file read is a regular file inside the directory (models.confine) and the safetensors header is
+checked against the file's size before a tensor is allocated (models.headers).
 Nothing is loaded with pickle. This module does not train, quantize or export.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from models.atomic import replace_dir, temp_dir_for, write_text_atomic  # noqa: F401 (re-exported)
+from models.confine import confined, read_json, regular_file, sha256_file  # noqa: F401 (re-exported)
 from models.errors import EdgesmithError
 from models.llama import ModelConfig, Transformer
 from models.lowrank import apply_lowrank_meta_, lowrank_meta
@@ -108,14 +110,6 @@ def hf_name(name: str) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def lineage_path(target: str | Path, holder: str | Path) -> str:
     """`target` as a lineage entry of the directory `holder`: a POSIX path relative to `holder`, so a run
     copied or moved as a whole keeps its lineage inside it (never an absolute path of the machine it ran on)."""
@@ -191,22 +185,9 @@ class Checkpoint:
     model: Transformer | None = None
 
 
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise EdgesmithError(f"{path}: missing")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgesmithError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise EdgesmithError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return d
-
-
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file; a truncated or corrupt file fails with one line naming it."""
-    if not path.is_file():
-        raise EdgesmithError(f"{path}: missing")
+    regular_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -241,13 +222,13 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, with_m
     path = Path(path)
     if not path.is_dir():
         raise EdgesmithError(f"{path}: not a checkpoint directory (no such directory)")
-    meta = read_json(path / "edgesmith.json")
+    meta = read_json(confined(path, "edgesmith.json", what="file"))
     if meta.get("format") != FORMAT:
         raise EdgesmithError(f"{path / 'edgesmith.json'}: not an edgesmith checkpoint (format={meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise EdgesmithError(f"{path / 'edgesmith.json'}: format_version={meta.get('format_version')!r} is not "
                              f"supported; allowed: {FORMAT_VERSION}")
-    config = from_hf_config(read_json(path / "config.json"), str(path / "config.json"))
+    config = from_hf_config(read_json(confined(path, "config.json", what="file")), str(path / "config.json"))
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size > config.vocab_size:
         raise EdgesmithError(f"{path / 'tokenizer.json'}: {tokenizer.vocab_size} tokens but config.json "
@@ -259,14 +240,16 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, with_m
 
 
 def build_model(path: Path, config: ModelConfig, meta: dict, dtype: torch.dtype) -> Transformer:
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise EdgesmithError(f"{weights}: missing")
-    recorded = meta.get("files", {}).get(WEIGHTS, {})
-    if recorded.get("bytes") is not None and weights.stat().st_size != recorded["bytes"]:
-        raise EdgesmithError(f"{weights}: {weights.stat().st_size} bytes, edgesmith.json records "
+    weights = confined(path, WEIGHTS, what="file")
+    files = meta.get("files", {})
+    recorded = files.get(WEIGHTS, {}) if isinstance(files, dict) else None
+    if not isinstance(recorded, dict):
+        raise EdgesmithError(f"{path / 'edgesmith.json'}: files must be a table of file name -> {{sha256, bytes}}")
+    size = weights.stat().st_size
+    if recorded.get("bytes") is not None and size != recorded["bytes"]:
+        raise EdgesmithError(f"{weights}: {size} bytes, edgesmith.json records "
                              f"{recorded['bytes']} (truncated or replaced)")
-    if recorded.get("sha256") and sha256_file(weights) != recorded["sha256"]:
+    if recorded.get("sha256") and sha256_file(weights, limit=size) != recorded["sha256"]:
         raise EdgesmithError(f"{weights}: sha256 does not match edgesmith.json (corrupt or replaced)")
     tensors = read_safetensors(weights)
     model = Transformer(config)

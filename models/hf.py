@@ -11,6 +11,7 @@ from pathlib import Path
 
 from models.checkpoint import (from_hf_config, load_state_dict_, read_json, read_safetensors,
                                save_checkpoint, sha256_file)
+from models.confine import confined
 from models.errors import EdgesmithError
 from models.llama import Transformer
 from models.tokenizer import Tokenizer
@@ -18,15 +19,16 @@ from models.tokenizer import Tokenizer
 
 def read_hf_weights(src: Path) -> dict:
     single, index = src / "model.safetensors", src / "model.safetensors.index.json"
-    if single.is_file():
-        return read_safetensors(single)
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
+    if single.exists() or single.is_symlink():
+        return read_safetensors(confined(src, single.name, what="weights"))
+    if index.exists() or index.is_symlink():
+        weight_map = read_json(confined(src, index.name, what="weights index")).get("weight_map")
         if not isinstance(weight_map, dict):
             raise EdgesmithError(f"{index}: no 'weight_map' object")
+        shards = [confined(src, shard, holder=index, what="shard") for shard in sorted(set(map(str, weight_map.values())))]
         tensors = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors.update(read_safetensors(src / shard))
+        for shard in shards:
+            tensors.update(read_safetensors(shard))
         return tensors
     pickles = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
     if pickles:
@@ -40,7 +42,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     src = Path(src)
     if not src.is_dir():
         raise EdgesmithError(f"{src}: no such directory")
-    config = from_hf_config(read_json(src / "config.json"), str(src / "config.json"))
+    config = from_hf_config(read_json(confined(src, "config.json", what="file")), str(src / "config.json"))
     tokenizer = Tokenizer.load(src)
     if tokenizer.vocab_size > config.vocab_size:
         raise EdgesmithError(f"{src / 'tokenizer.json'}: {tokenizer.vocab_size} tokens but config.json "

@@ -17,8 +17,10 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from models.confine import confined, read_bytes, read_json
 from models.errors import EdgesmithError
 
+TOKENIZER_LIMIT = 256 << 20  # the largest Hub tokenizer.json files are ~20 MB
 BOS, EOT, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
 SPECIALS = (BOS, EOT, PAD)
 MIN_VOCAB = 256 + len(SPECIALS)  # every byte plus the specials
@@ -77,24 +79,28 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
+        """The tokenizer of a checkpoint or artifact directory: its `tokenizer.json` (and `tokenizer_config.json`
+        when present), each a regular file inside the directory of bounded size."""
         directory = Path(directory)
         path = directory / "tokenizer.json"
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise EdgesmithError(f"{path}: missing")
+        raw = read_bytes(confined(directory, "tokenizer.json", what="tokenizer"), TOKENIZER_LIMIT)
         try:
-            tok = HFTokenizer.from_file(str(path))
+            tok = HFTokenizer.from_str(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise EdgesmithError(f"{path}: not a valid tokenizer.json (not UTF-8: {e.reason})") from None
         except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
             raise EdgesmithError(f"{path}: not a valid tokenizer.json ({_first_line(e)})") from None
         specials = {"bos": BOS, "eos": EOT, "pad": PAD}
         config_path = directory / "tokenizer_config.json"
-        if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text())
-            except json.JSONDecodeError as e:
-                raise EdgesmithError(f"{config_path}: not valid JSON ({e})") from None
+        if config_path.exists() or config_path.is_symlink():
+            config = read_json(confined(directory, "tokenizer_config.json", what="tokenizer config"))
             for key in specials:
                 value = config.get(f"{key}_token", specials[key])
                 specials[key] = value.get("content") if isinstance(value, dict) else value
+                if not isinstance(specials[key], (str, type(None))) or (key != "pad" and specials[key] is None):
+                    raise EdgesmithError(f"{config_path}: {key}_token must be a token string, got {value!r:.60}")
         if specials["pad"] is not None and tok.token_to_id(specials["pad"]) is None:
             specials["pad"] = None  # many HF tokenizers have no pad token; we never need one to run
         return cls(tok, specials["bos"], specials["eos"], specials["pad"], source=str(path))

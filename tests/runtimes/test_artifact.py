@@ -23,7 +23,8 @@ def test_a_good_artifact_reads(tmp_path):
 @pytest.mark.parametrize("damage, message", [
     (lambda d: (d / "manifest.json").unlink(), "manifest.json: missing (not an exported artifact directory)"),
     (lambda d: (d / "manifest.json").write_text("{"), "manifest.json: not valid JSON"),
-    (lambda d: (d / "manifest.json").write_text("[]"), "manifest.json: not an edgesmith artifact manifest"),
+    (lambda d: (d / "manifest.json").write_text("[]"), "manifest.json: expected a JSON object, got list"),
+    (lambda d: (d / "manifest.json").write_text("{}"), "manifest.json: not an edgesmith artifact manifest"),
     (lambda d: (d / "model.bin").unlink(), "model.bin: missing (listed in manifest.json)"),
     (lambda d: (d / "model.bin").write_bytes(b"weights"), "model.bin: 7 bytes, manifest.json records 70"),
     (lambda d: (d / "model.bin").write_bytes(b"WEIGHTS" * 10), "model.bin: sha256 does not match manifest.json"),

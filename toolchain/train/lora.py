@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models.checkpoint import read_json, read_safetensors, replace_dir, temp_dir_for
+from models.confine import confined
 from models.errors import EdgesmithError
 from models.quant import QuantizedLinear, replace_module_
 
@@ -163,10 +164,14 @@ def save_adapter(model: nn.Module, cfg: LoRA, out: Path, base: str) -> Path:
 def load_adapter_(model: nn.Module, path: Path) -> LoRA:
     """Apply the adapter saved at `path` to a base `model` (float or, for QLoRA, quantized in place)."""
     path = Path(path)
-    meta = read_json(path / ADAPTER_CONFIG)
+    meta = read_json(confined(path, ADAPTER_CONFIG, what="adapter config"))
+    missing = [k for k in ("rank", "alpha", "targets", "qlora") if k not in meta]
+    if missing:
+        raise EdgesmithError(f"{path / ADAPTER_CONFIG}: missing field {missing[0]!r}")
     cfg = LoRA(rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"], qlora=meta["qlora"])
+    adapter = confined(path, ADAPTER_FILE, what="adapter")
     names = apply_lora_(model, cfg)
-    tensors = read_safetensors(path / ADAPTER_FILE)
+    tensors = read_safetensors(adapter)
     for name in names:
         m = model.get_submodule(name)
         for key in ("lora_A", "lora_B"):
