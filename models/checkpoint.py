@@ -23,8 +23,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from models.atomic import replace_dir, temp_dir_for, write_text_atomic  # noqa: F401 (re-exported)
-from models.confine import confined, read_json, regular_file, sha256_file  # noqa: F401 (re-exported)
+from models.confine import confined, read_json, sha256_file  # noqa: F401 (re-exported)
 from models.errors import EdgesmithError
+from models.headers import check_safetensors
 from models.llama import ModelConfig, Transformer
 from models.lowrank import apply_lowrank_meta_, lowrank_meta
 from models.quant import apply_quantization_meta_, quantization_meta, quantized_numel
@@ -186,8 +187,9 @@ class Checkpoint:
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; a truncated or corrupt file fails with one line naming it."""
-    regular_file(path)
+    """All tensors of a safetensors file; a truncated or corrupt file fails with one line naming it. The header is
+    checked against the file's size first (models.headers), so no count in it can ask for more than the file holds."""
+    check_safetensors(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}

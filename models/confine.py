@@ -104,9 +104,9 @@ def read_bytes(path: str | Path, limit: int) -> bytes:
         size = os.fstat(f.fileno()).st_size
         if size > limit:
             raise EdgesmithError(f"{path}: {size} bytes, more than the {limit} this file may have")
-        data = f.read(limit + 1)
-    if len(data) > limit:  # grew while we read it
-        raise EdgesmithError(f"{path}: more than the {limit} bytes this file may have")
+        data = f.read(min(size, limit) + 1)
+    if len(data) > min(size, limit):  # grew while we read it
+        raise EdgesmithError(f"{path}: grew while it was read (more than its {size} bytes)")
     return data
 
 

@@ -1,12 +1,15 @@
 """ExecuTorch backend for a .pte artifact directory, through `executorch.runtime`.
 
-Checks the manifest's sha256 values and loads the program's `forward(tokens (1, T), input_pos (T,))`
-(T dynamic in 1..max_seq_len). The KV cache lives in the program's mutable buffers, written by
-index at `input_pos`, and persists between calls; `reset` and `rewind` only move the position,
-because the causal mask built from `input_pos` never lets attention read past what was written
-(ExecuTorch's static-cache runners do the same). `n_threads` resizes ExecuTorch's process-wide
-XNNPACK threadpool (the llama runner's `_unsafe_reset_threadpool`); by default it is left as the
-runtime sized it. No sampling (the Session does it).
+Checks the manifest's sha256 values and the program's header against the file's size
+(runtimes.headers.pte_header), loads the program with ExecuTorch's full flatbuffer verification
+(`Verification.InternalConsistency`, asked for explicitly: `executorch.runtime` defaults to it, its
+pybindings' `_load_program` to `Minimal`, which checks only the identifier) and its
+`forward(tokens (1, T), input_pos (T,))` (T dynamic in 1..max_seq_len). The KV cache lives in the
+program's mutable buffers, written by index at `input_pos`, and persists between calls; `reset` and
+`rewind` only move the position, because the causal mask built from `input_pos` never lets attention
+read past what was written (ExecuTorch's static-cache runners do the same). `n_threads` resizes
+ExecuTorch's process-wide XNNPACK threadpool (the llama runner's `_unsafe_reset_threadpool`); by
+default it is left as the runtime sized it. No sampling (the Session does it).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from models.errors import EdgesmithError
 from models.registry import BACKENDS
 from runtimes.artifact import read_manifest
+from runtimes.headers import pte_header
 from runtimes.native_stderr import captured
 from runtimes.session import Session
 
@@ -30,7 +34,7 @@ class ExecuTorchSession(Session):
     backend = "executorch"
 
     def __init__(self, directory: str | Path, n_threads: int | None = None, tokenizer=None):
-        from executorch.runtime import Runtime
+        from executorch.runtime import Runtime, Verification
 
         directory = Path(directory)
         manifest = read_manifest(directory, "executorch")
@@ -40,16 +44,18 @@ class ExecuTorchSession(Session):
             from executorch.extension.pybindings import portable_lib
 
             portable_lib._unsafe_reset_threadpool(n_threads)
+        program = directory / manifest["entry"]
+        pte_header(program)
         # a corrupt program: ExecuTorch prints its own line to stderr and raises a bare RuntimeError
         # with an error code; both go into our one line
         log = None
         try:
             with captured() as log:
-                self.program = Runtime.get().load_program(directory / manifest["entry"])
+                self.program = Runtime.get().load_program(program, verification=Verification.InternalConsistency)
                 self.method = self.program.load_method(manifest["options"].get("method", "forward"))
         except RuntimeError as e:
             native = f": {log.line()}" if log and log.text.strip() else ""
-            raise EdgesmithError(f"{directory / manifest['entry']}: ExecuTorch could not load the program "
+            raise EdgesmithError(f"{program}: ExecuTorch could not load the program "
                                  f"({' '.join(str(e).split())[:200]}){native}") from None
         super().__init__(int(manifest["options"]["max_seq_len"]), int(manifest["model"]["vocab_size"]), tokenizer,
                          manifest, directory)

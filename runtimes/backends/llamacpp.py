@@ -27,6 +27,7 @@ import numpy as np
 from models.errors import EdgesmithError
 from models.registry import BACKENDS
 from runtimes.artifact import artifact_bytes, read_manifest
+from runtimes.headers import gguf_header
 from runtimes.session import Session, default_threads
 
 RUNTIME_PACKAGE = "llama-cpp-python"
@@ -129,10 +130,12 @@ GGUF_HPARAMS = {"llama.block_count": "n_layers", "llama.embedding_length": "dim"
 
 def check_gguf(path: Path, model: dict | None = None) -> None:
     """Refuse, naming the file, the corruptions llama.cpp aborts the whole process on (GGML_ASSERT)
-    instead of failing the load: an unreadable GGUF structure, a token listed twice, hyperparameters
-    that differ from the model config the manifest records."""
+    instead of failing the load: a header whose counts, lengths or offsets do not fit the file
+    (runtimes.headers, checked before gguf-py maps anything), an unreadable GGUF structure, a token
+    listed twice, hyperparameters that differ from the model config the manifest records."""
     import gguf
 
+    gguf_header(path)
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError, IndexError, KeyError, ... on a corrupt file

@@ -1,8 +1,9 @@
 """ONNX Runtime backend for an ONNX artifact directory (fused or plain decoder graph, or optimum's).
 
-Checks the manifest's sha256 values and opens the graph on the CPU provider with its options set
-on purpose: `intra_op_num_threads` (one for tiny models, else one per core; see
-`runtimes.session.default_threads`), one inter-op thread, sequential execution and
+Checks the manifest's sha256 values and the graph's external-data references (runtimes.headers:
+confined to the directory, listed in the manifest, inside their files), and opens the graph on the
+CPU provider with its options set on purpose: `intra_op_num_threads` (one for tiny models, else one
+per core; see `runtimes.session.default_threads`), one inter-op thread, sequential execution and
 `ORT_ENABLE_ALL` graph optimizations.
 
 - **fused** graph (GroupQueryAttention): the KV cache is one preallocated `max_seq_len` OrtValue
@@ -33,6 +34,7 @@ import numpy as np
 from models.errors import EdgesmithError
 from models.registry import BACKENDS
 from runtimes.artifact import artifact_bytes, read_manifest
+from runtimes.headers import read_onnx
 from runtimes.session import Session, default_threads
 
 RUNTIME_PACKAGE = "onnxruntime"
@@ -40,13 +42,11 @@ _NP = {"fp32": np.float32, "fp16": np.float16}
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: unset (as stored), fp32, fp16, bf16, int8 activations
 
 
-def graph_with_accuracy_level(path: Path, level: int) -> bytes | None:
-    """The graph with every MatMulNBits node's `accuracy_level` set, or None when it has none.
-    External data stays on disk (not loaded)."""
-    import onnx
+def graph_with_accuracy_level(model, level: int) -> bytes | None:
+    """The graph (an onnx.ModelProto parsed without its external data, which stays on disk) with every
+    MatMulNBits node's `accuracy_level` set, or None when it has none. Edits `model`."""
     from onnx import helper
 
-    model = onnx.load(str(path), load_external_data=False)
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     if not nodes:
         return None
@@ -85,8 +85,12 @@ class OnnxRuntimeSession(Session):
         # what the graph says (dequantize, float matmul).
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level or 0))
         onnx_path = directory / opts["onnx_file"]
-        try:  # a corrupt graph or external data file: ONNX Runtime's (or onnx's) own exception types
-            graph = graph_with_accuracy_level(onnx_path, accuracy_level) if accuracy_level else None
+        # before ONNX Runtime sees the file: every external-data location inside the directory, listed in
+        # the manifest and long enough (parsed once: the accuracy level edits this parse)
+        _, model = read_onnx(onnx_path, directory, files=list(manifest.get("files", {})))
+        graph = graph_with_accuracy_level(model, accuracy_level) if accuracy_level else None
+        del model
+        try:  # a corrupt graph or external data file: ONNX Runtime's own exception types
             if graph is not None:
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
             self.session = ort.InferenceSession(graph if graph is not None else str(onnx_path), so,
