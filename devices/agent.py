@@ -3,6 +3,8 @@
     python -m devices.agent ARTIFACT [--prompt-len 128] [--gen-len 128] [--repeat 5] [--options JSON] [--json OUT|-]
     python edgesmith-agent.pyz ARTIFACT ...          # the same, shipped to a device as a zipapp
 
+Before anything is loaded, the artifact passes `edgesmith verify`'s checks here, on the device (manifest,
+confinement, sizes, sha256, format headers, tokenizer): a copy damaged or swapped after the push stops in one line.
 Each repeat: reset, prefill a `--prompt-len` prompt (token ids drawn with a fixed seed, so every
 run and device sees the same prompt), greedy argmax (time to first token = prefill + argmax),
 then `--gen-len - 1` greedy decode steps. One warm-up run precedes the timed ones. Per repeat it
@@ -29,6 +31,7 @@ from pathlib import Path
 import runtimes
 from devices.measure import measure_bandwidth
 from models.errors import EdgesmithError
+from runtimes.verify import require_verified
 
 
 def peak_rss_mb() -> float:
@@ -63,6 +66,7 @@ def one_run(session, prompt: list[int], gen_len: int) -> tuple[float, float, flo
 
 
 def bench_artifact(path: str, prompt_len: int, gen_len: int, repeat: int, options: dict | None = None) -> dict:
+    checks = require_verified(path)  # on the device, after the push, before anything is loaded
     baseline = peak_rss_mb()
     t0 = time.perf_counter()
     session = runtimes.load(path, **(options or {}))
@@ -81,7 +85,7 @@ def bench_artifact(path: str, prompt_len: int, gen_len: int, repeat: int, option
         runs["ttft_ms"].append(ttft_s * 1e3)
         runs["peak_rss_mb"].append(peak_rss_mb())
     return {"runs": runs, "backend": session.backend, "threads": getattr(session, "n_threads", None),
-            "run_options": dict(session.run_options),
+            "run_options": dict(session.run_options), "verified_checks": checks,
             "load_s": load_s, "baseline_rss_mb": baseline, "host": platform.node(), "machine": platform.machine(),
             "python": sys.version.split()[0]}
 

@@ -7,10 +7,12 @@
 - `adb://...`: the artifact is pushed to /data/local/tmp, the profile's native runner (llama.cpp's
   `llama-bench`) runs it, its JSON output is pulled back and parsed (`devices.native`).
 
-Integrity: before anything is pushed, the artifact's files are checked against its manifest's
-sha256; after the push, `sha256sum` on the device checks the copies again, so a transfer that
-corrupted a byte stops the bench with one line instead of timing (or crashing on) a broken file.
-Locally the agent checks the manifest when it loads the artifact.
+Integrity: before anything is pushed, the artifact passes `edgesmith verify`'s checks (runtimes.verify:
+manifest, confinement, sizes, sha256, format headers, tokenizer); after the push, `sha256sum` on the
+device checks the copies again, and over ssh the agent runs the same verify there before it loads
+anything, so a transfer that corrupted a byte stops the bench with one line instead of timing (or
+crashing on) a broken file. An adb device has no Python: there the device-side check is the sha256 of
+every pushed file against the manifest verified here. Locally the agent verifies before it loads.
 
 Runtime options (`options`: `runtimes.load` keyword arguments, e.g. {"n_threads": 2, "accuracy_level": 0})
 go to each artifact whose runner takes them: the agent passes them to `runtimes.load` over the artifact's
@@ -47,6 +49,7 @@ from models.atomic import write_bytes_atomic, write_text_atomic
 from models.checkpoint import sha256_file
 from models.errors import EdgesmithError
 from runtimes.artifact import artifact_bytes, read_manifest
+from runtimes.verify import require_verified
 from runtimes.loader import backend_class, backends_for, option_names
 from runtimes.options import FLAGS, describe
 
@@ -87,8 +90,10 @@ def bench(artifacts: Sequence[str | Path], device: str = "local", *, prompt_len:
     profile, uri = resolve_device(device)
     transport = transport_for(uri, ssh_options)
     manifests = []
-    for a in artifacts:  # local: the agent verifies when it loads; remote: verified here, before the push
-        m = read_manifest(a, verify=not isinstance(transport, LocalTransport))
+    for a in artifacts:  # local: the agent verifies before it loads; remote: verified here too, before the push
+        if not isinstance(transport, LocalTransport):
+            require_verified(a)
+        m = read_manifest(a, verify=False)
         room = int(m["model"].get("max_seq_len", 0)) or int(m.get("options", {}).get("max_seq_len", 0))
         if prompt_len + gen_len > room:
             raise EdgesmithError(f"{a}: --prompt-len {prompt_len} + --gen-len {gen_len} exceeds the artifact's "
@@ -152,7 +157,8 @@ def _result(path: Path, m: dict, raw: dict, device: str, profile: DeviceProfile 
          "device": device, "bytes": artifact_bytes(m), "prompt_len": prompt_len, "gen_len": gen_len,
          "repeat": repeat, **{k: stats(raw["runs"].get(k, [])) for k in METRICS}, "runner": raw.get("runner"),
          "backend": raw.get("backend"), "threads": raw.get("threads"), "options": options,
-         "run_options": raw.get("run_options"), "bandwidth_bytes_s": bandwidth,
+         "run_options": raw.get("run_options"), "verified_on_device": raw.get("verified_checks"),
+         "bandwidth_bytes_s": bandwidth,
          "bytes_per_token": None, "decode_bound_tok_s": None, "roofline_fraction": None}
     if bandwidth:
         bound, read = roofline.decode_bound(m, bandwidth, prompt_len, gen_len, raw.get("runner", "agent"),

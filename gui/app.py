@@ -19,7 +19,7 @@ import pandas as pd
 
 from gui import bench_tab, devices_tab, run_options, runs, views
 from gui.actions import JOB_COLUMNS, SKIP, Actions
-from gui.playground import Playground
+from gui.playground import VERDICT_COLUMNS, Playground, verdict_table
 from models.llama import SIZES
 from models.registry import FORMATS, METHODS
 from toolchain.compress import pass_kinds
@@ -259,6 +259,9 @@ def _playground_tab(act: Actions):
         stop = gr.Button("Stop", variant="stop", elem_id="play-stop")
         clear = gr.Button("Clear", elem_id="play-clear")
     status = gr.Markdown(elem_id="play-status")
+    with gr.Accordion("Verify (edgesmith verify: checked before a model is loaded)", open=False):
+        verdict = gr.Dataframe(pd.DataFrame(columns=VERDICT_COLUMNS), interactive=False, wrap=True,
+                               elem_id="play-verdict")
     with gr.Row():
         with gr.Column():
             out_a = _code_pane("A: prompt + completion", "play-out-a")
@@ -281,6 +284,8 @@ def _playground_tab(act: Actions):
     # the streams end themselves (between two tokens) rather than being cancelled: their text stays, no error
     stop.click(stop_streams, None, None, api_name="stop_generate", concurrency_limit=None, show_progress="hidden")
     clear.click(lambda: ("", "", "", "", ""), None, [out_a, out_b, stats_a, stats_b, status], **PRIVATE)
+    for model in (a, b):
+        model.change(lambda x, y: verdict_table(act.ws, x, y), [a, b], [verdict], **PRIVATE, **HIDDEN)
     return a, b
 
 

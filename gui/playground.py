@@ -17,6 +17,9 @@ its indentation). The form's numbers are checked here: a bad one is one line in 
 Runtime options (threads, accuracy level, KV cache, flash attention; gui/run_options.py) go to
 `runtimes.load` for each model whose backend has them, the manifest's verified ones otherwise, and each
 stats line says what its session ran with (`Session.run_options`).
+Before a model is loaded it passes `edgesmith verify`'s checks (runtimes.verify): a bad or hostile
+directory is refused in the status in one line and nothing of it is loaded; `verdict_table` shows the
+verdict per file for the models picked, as soon as they are picked.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
+
 import runtimes
 from gui.run_options import form_options, per_model
 from gui.sessions import SessionPool
@@ -37,6 +42,9 @@ from models.errors import EdgesmithError
 from runtimes.options import describe
 from runtimes.sampling import GenerationConfig
 from runtimes.text import stream_text
+from runtimes.verify import require_verified, verify
+
+VERDICT_COLUMNS = ["model", "file", "verdict", "detail"]
 
 MAX_SESSIONS = 4  # sessions kept loaded; idle ones beyond it are closed, least recently used model first
 COPIES = 2  # sessions of one model at once: two streams of it (side by side, or gui/app.py PLAY_CONCURRENCY)
@@ -115,6 +123,7 @@ class Playground:
             return key in self._stopping
 
     def _load(self, real: Path, **options):
+        require_verified(real)  # the verdict first: nothing of a directory that fails it is loaded
         s = runtimes.load(real, **options)
         if s.tokenizer is None:
             s.close()
@@ -186,3 +195,18 @@ def _stats_line(session) -> str:
     s = session.stats
     return (f"`{session.backend}` · `{describe(session.run_options)}` · {s.new_tokens} tokens · "
             f"**{s.decode_tokens_per_s:,.1f} tok/s** decode · time to first token {s.ttft_s * 1e3:.1f} ms")
+
+
+def verdict_table(ws: Workspace, *models: str) -> pd.DataFrame:
+    """`edgesmith verify`'s verdict per file of each model picked (a path outside the workspace: one row saying so)."""
+    rows = []
+    for i, model in enumerate(m for m in models if m and m != "none"):
+        label = f"{'AB'[i]}: {model}"
+        try:
+            v = verify(ws.resolve(model, f"model {'AB'[i]}", must_exist=True))
+        except EdgesmithError as e:
+            rows.append([label, "", "FAILED", str(e)])
+            continue
+        prefix = f"{v.path}/"
+        rows += [[label, c.file, "ok" if c.ok else "FAILED", c.detail.replace(prefix, "")] for c in v.checks]
+    return pd.DataFrame(rows, columns=VERDICT_COLUMNS)

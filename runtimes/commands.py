@@ -1,9 +1,11 @@
-"""`edgesmith generate`: a streamed completion from a checkpoint or any exported artifact."""
+"""`edgesmith generate` (a streamed completion from a checkpoint or any exported artifact) and `edgesmith verify`
+(check artifacts and checkpoints without running them: a verdict per file, exit 0 or 2)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from runtimes.loader import artifact_formats, load
 from runtimes.options import add_runtime_options, check_flags, runtime_options
 from runtimes.sampling import GenerationConfig
 from runtimes.text import session_tokenizer, stream_text
+from runtimes.verify import Verdict, verify
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -50,6 +53,37 @@ def _kernel_options(args: argparse.Namespace) -> dict:
     return {"kernels": args.kernels}
 
 
+def run_verify(args: argparse.Namespace) -> None:
+    verdicts = [verify(p) for p in args.paths]
+    if args.json:
+        print(json.dumps([verdict_json(v) for v in verdicts], indent=2))
+    else:
+        for i, v in enumerate(verdicts):
+            print(("\n" if i else "") + format_verdict(v))
+    bad = [str(v.path) for v in verdicts if not v.ok]
+    if bad:
+        raise EdgesmithError(f"verify: {len(bad)} of {len(verdicts)} paths failed: {', '.join(bad)}")
+
+
+def format_verdict(v: Verdict) -> str:
+    """The verdict as a user reads it: one line per file, then the directory's verdict."""
+    width = max((len(c.file) for c in v.checks), default=0)
+    prefix = f"{v.path}/"
+    lines = [f"{v.path} — {v.kind}"]
+    for c in v.checks:
+        detail = c.detail.replace(prefix, "") if not c.ok else c.detail
+        lines.append(f"  {'ok' if c.ok else 'FAILED':<7} {c.file:<{width}}  {detail}")
+    failed = v.failures()
+    lines.append(f"verdict: ok ({len(v.checks)} checks)" if v.ok else
+                 f"verdict: FAILED ({len(failed)} of {len(v.checks)}: {', '.join(c.file for c in failed)})")
+    return "\n".join(lines)
+
+
+def verdict_json(v: Verdict) -> dict:
+    return {"path": str(v.path), "kind": v.kind, "ok": v.ok,
+            "checks": [{"file": c.file, "ok": c.ok, "detail": c.detail} for c in v.checks]}
+
+
 def register(sub) -> None:
     g = sub.add_parser("generate", help="stream a completion from a checkpoint or an exported artifact")
     g.add_argument("checkpoint", metavar="PATH", help=f"checkpoint or artifact directory "
@@ -72,3 +106,9 @@ def register(sub) -> None:
     g.add_argument("--draft-tokens", type=int, default=None, metavar="K", help="tokens the draft proposes per "
                    "round (default 4)")
     g.set_defaults(func=generate)
+
+    v = sub.add_parser("verify", help="check artifacts and checkpoints without running them (manifest, "
+                       "confinement, sizes, sha256, format headers, tokenizer, config against the tensors)")
+    v.add_argument("paths", nargs="+", metavar="PATH", help="artifact or checkpoint directories")
+    v.add_argument("--json", action="store_true", help="print the verdicts as JSON instead of a table")
+    v.set_defaults(func=run_verify)

@@ -4,14 +4,17 @@ checks the exact commands and answers with recorded llama-bench output)."""
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
+from devices.agent import main as agent_main
 from devices.bench import bench, format_table, plot_results, read_results, write_results
 from models.errors import EdgesmithError
 from edgesmith.cli import main
+from toolchain.export.manifest import write_manifest
 
 FAKE_ADB = Path(__file__).parent / "fake_adb"
 SMALL = dict(prompt_len=16, gen_len=16, repeat=2)
@@ -53,6 +56,7 @@ def test_ssh_bench_gguf_and_onnx(sshd, artifact, tmp_path):
     for r, fmt in zip(results, ("gguf", "onnx")):
         check_result(r, fmt, sshd.uri)
         assert r["runner"] == "agent" and r["bandwidth_bytes_s"] > 1e8
+        assert r["verified_on_device"] == 4  # verify's checks ran there: the manifest and each of its 3 files
     table = format_table(results)
     assert "gguf" in table and "onnx" in table
     png = plot_results(results, tmp_path / "ssh.png")
@@ -286,3 +290,18 @@ def test_adb_maps_options_onto_llama_bench_flags_and_records_what_it_ran(artifac
     with pytest.raises(EdgesmithError, match="--accuracy-level: no artifact of this bench takes it .*llama-bench"):
         bench([gguf], "adb://R5CW1234", prompt_len=16, gen_len=16, repeat=3, options={"accuracy_level": 0})
     assert log.read_text().count('"push"') == pushes
+
+
+def test_the_agent_verifies_before_it_loads_and_refuses_in_one_line(artifact, tmp_path, capsys):
+    # setup: a copy whose GGUF header asks for 2^62 tensors, resealed so that only the header check can refuse it
+    d = tmp_path / "gguf"
+    shutil.copytree(artifact("gguf"), d)
+    data = bytearray((d / "model.gguf").read_bytes())
+    data[8:16] = (1 << 62).to_bytes(8, "little")
+    (d / "model.gguf").write_bytes(bytes(data))
+    write_manifest(d, json.loads((d / "manifest.json").read_text()))
+    # execute: the agent as a device runs it
+    code = agent_main([str(d), "--prompt-len", "4", "--gen-len", "2", "--repeat", "1"])
+    # assert
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("edgesmith: error:") and "model.gguf" in err[0]
