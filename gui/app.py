@@ -19,7 +19,7 @@ import pandas as pd
 
 from gui import bench_tab, devices_tab, run_options, runs, views
 from gui.actions import JOB_COLUMNS, SKIP, Actions
-from gui.playground import VERDICT_COLUMNS, Playground, verdict_table
+from gui.playground import VERDICT_COLUMNS, Playground, verdict_line, verdict_table
 from models.llama import SIZES
 from models.registry import FORMATS, METHODS
 from toolchain.compress import pass_kinds
@@ -259,9 +259,10 @@ def _playground_tab(act: Actions):
         stop = gr.Button("Stop", variant="stop", elem_id="play-stop")
         clear = gr.Button("Clear", elem_id="play-clear")
     status = gr.Markdown(elem_id="play-status")
-    with gr.Accordion("Verify (edgesmith verify: checked before a model is loaded)", open=False):
+    verdict_summary = gr.Markdown(elem_id="play-verdict-line")
+    with gr.Accordion("Verify: the verdict per file (edgesmith verify, checked before a model is loaded)", open=False):
         verdict = gr.Dataframe(pd.DataFrame(columns=VERDICT_COLUMNS), interactive=False, wrap=True,
-                               elem_id="play-verdict")
+                               column_widths=["20%", "16%", "8%", "56%"], elem_id="play-verdict")
     with gr.Row():
         with gr.Column():
             out_a = _code_pane("A: prompt + completion", "play-out-a")
@@ -284,8 +285,12 @@ def _playground_tab(act: Actions):
     # the streams end themselves (between two tokens) rather than being cancelled: their text stays, no error
     stop.click(stop_streams, None, None, api_name="stop_generate", concurrency_limit=None, show_progress="hidden")
     clear.click(lambda: ("", "", "", "", ""), None, [out_a, out_b, stats_a, stats_b, status], **PRIVATE)
+    def show_verdict(x, y):
+        table = verdict_table(act.ws, x, y)
+        return table, verdict_line(table)
+
     for model in (a, b):
-        model.change(lambda x, y: verdict_table(act.ws, x, y), [a, b], [verdict], **PRIVATE, **HIDDEN)
+        model.change(show_verdict, [a, b], [verdict, verdict_summary], **PRIVATE, **HIDDEN)
     return a, b
 
 

@@ -210,3 +210,13 @@ def verdict_table(ws: Workspace, *models: str) -> pd.DataFrame:
         prefix = f"{v.path}/"
         rows += [[label, c.file, "ok" if c.ok else "FAILED", c.detail.replace(prefix, "")] for c in v.checks]
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
+
+
+def verdict_line(table: pd.DataFrame) -> str:
+    """One line per model picked: verified, or the files that failed (the table has the details)."""
+    parts = []
+    for model, rows in table.groupby("model", sort=True):
+        failed = rows[rows["verdict"] == "FAILED"]["file"].tolist()
+        parts.append(f"**{model}** — verified ({len(rows)} checks)" if not failed else
+                     f"**{model}** — **FAILED**: {', '.join(f or 'path' for f in failed)} (refused: see the table)")
+    return "  \n".join(parts)

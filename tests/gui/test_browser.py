@@ -315,6 +315,45 @@ def test_playground_refuses_a_bad_number_in_one_status_line(page):
     fill(page, "play-temperature", 0)
 
 
+def test_playground_shows_the_verdict_and_loads_nothing_that_fails_it(page, screenshots, gui_workspace):
+    # setup: a copy of the GGUF artifact whose header asks for 2^62 tensors, resealed (only the header check sees it)
+    import json
+    import shutil
+
+    from toolchain.export.manifest import write_manifest
+
+    bad = gui_workspace / "models" / "hostile-gguf"
+    shutil.copytree(gui_workspace / "models" / "tiny-gguf", bad)
+    data = bytearray((bad / "model.gguf").read_bytes())
+    data[8:16] = (1 << 62).to_bytes(8, "little")
+    (bad / "model.gguf").write_bytes(bytes(data))
+    write_manifest(bad, json.loads((bad / "manifest.json").read_text()))
+    tab(page, "Playground")
+    page.click("#play-clear")
+    # execute: pick it, open the verdict
+    choose(page, "play-a", "models/hostile-gguf")
+    choose(page, "play-b", "models/tiny-gguf")
+    line = page.locator("#play-verdict-line")  # one line per model, the table in an accordion
+    expect()(line).to_contain_text("B: models/tiny-gguf — verified (4 checks)", timeout=20_000)
+    assert "A: models/hostile-gguf — FAILED: model.gguf" in line.inner_text()
+    page.get_by_text("Verify: the verdict per file", exact=False).click()
+    table = page.locator("#play-verdict")
+    # assert: B's four files ok, A's model.gguf failed on its header, named in the row
+    cells = [line.strip() for line in table.inner_text().splitlines() if line.strip()]
+    assert cells[:4] == ["model", "file", "verdict", "detail"], cells
+    rows = [cells[i:i + 4] for i in range(4, len(cells), 4)]
+    verdicts = {(r[0].split(":")[0], r[1]): r[2] for r in rows if len(r) >= 3}
+    assert verdicts[("A", "model.gguf")] == "FAILED" and verdicts[("A", "tokenizer.json")] == "ok", rows
+    assert [v for (m, _), v in verdicts.items() if m == "B"] == ["ok"] * 4, rows
+    page.locator("#play-prompt textarea").fill("def add(a, b):")
+    page.click("#play-send")
+    expect()(page.locator("#play-status")).to_contain_text("Refused:", timeout=20_000)
+    assert "model.gguf" in page.locator("#play-status").inner_text()
+    assert code_text(page, "play-out-a") == "" and code_text(page, "play-out-b") == ""
+    shot(page, screenshots, "playground-verdict")
+    choose(page, "play-b", "none")
+
+
 def test_playground_stop_stops_the_stream(page, screenshots):
     # setup: a model with a 16384-token KV cache asked for 8000 tokens (a minute or more here)
     tab(page, "Playground")
