@@ -106,7 +106,7 @@ def read_metrics(path: Path) -> pd.DataFrame:
 
 def compress_table(report: dict | None) -> pd.DataFrame:
     """One row per pass (before -> after) and one for the whole run against the reference."""
-    cols = ["pass", "params (M)", "size (MB)", "perplexity", "KL (nats/token)", "top-1 agreement"]
+    cols = ["pass", "params (M)", "size (MB)", "perplexity", "mean KLD", "99% KLD", "same top p"]
     if not report:
         return pd.DataFrame(columns=cols)
     rows = []
@@ -115,14 +115,15 @@ def compress_table(report: dict | None) -> pd.DataFrame:
         name = p["kind"] + (f" {p['config']['method']}" if "method" in p.get("config", {}) else "")
         rows.append([name, f"{b['params'] / 1e6:.3f} → {a['params'] / 1e6:.3f}",
                      f"{b['size_mb']:.3f} → {a['size_mb']:.3f}", f"{b['perplexity']:.3f} → {a['perplexity']:.3f}",
-                     "", ""])
+                     "", "", ""])
     q = report.get("quality", {})
     if q:
         first = report["passes"][0]["before"] if report.get("passes") else {}
         last = report["passes"][-1]["after"] if report.get("passes") else {}
         rows.append([report.get("quality_of", "total vs reference"), "", f"{first.get('size_mb', 0):.3f} → {last.get('size_mb', 0):.3f}",
                      f"{q.get('reference_perplexity', float('nan')):.3f} → {q.get('perplexity', float('nan')):.3f}",
-                     f"{q.get('kl', float('nan')):.4g}", f"{q.get('top1', float('nan')):.4f}"])
+                     f"{q.get('kl', float('nan')):.4g}", f"{q.get('kld_p99', float('nan')):.4g}",
+                     f"{100 * q.get('top1', float('nan')):.2f} %"])
     return pd.DataFrame(rows, columns=cols)
 
 

@@ -65,13 +65,14 @@ def _pass_rows(run_dir: Path, steps: list[dict]) -> list[dict]:
     rows.append({"step": train["name"] if train else "source", "what": "source",
                  "params": first and first["params"], "size_mb": first and first["size_mb"],
                  "perplexity": first["perplexity"] if first else (train or {}).get("info", {}).get("val_perplexity"),
-                 "kl": None, "top1": None, "seconds": train.get("made_s") if train else None})
+                 "kl": None, "kld_p99": None, "top1": None, "seconds": train.get("made_s") if train else None})
     for s in passes:
         i = s["info"]
         rows.append({"step": s["name"], "what": f"{i['kind']} {_changed(i['kind'], i['config'])}",
                      "params": i["after"]["params"],
                      "size_mb": i["after"]["size_mb"], "perplexity": i["after"]["perplexity"],
-                     "kl": i["quality"].get("kl"), "top1": i["quality"].get("top1"), "seconds": s.get("made_s")})
+                     "kl": i["quality"].get("kl"), "kld_p99": i["quality"].get("kld_p99"),
+                     "top1": i["quality"].get("top1"), "seconds": s.get("made_s")})
     return rows
 
 
@@ -112,12 +113,15 @@ def tables(data: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
                 + " → ".join(p.get("kind", "?") + (f" {p['config'].get('method', '')}" if p.get("config") else "")
                              for p in data["lineage"].get("passes", []))
                 + f". Work per stage: {stage_s or 'none (all cached)'}."))
-    out.append(("Passes: size, perplexity, KL", ["step", "what", "params", "size MB", "perplexity", "KL vs input",
-                                                 "top-1", "seconds"],
+    out.append(("Passes: size, perplexity, KLD", ["step", "what", "params", "size MB", "perplexity", "mean KLD",
+                                                  "99% KLD", "same top p", "seconds"],
                 [[r["step"], r["what"], _f(r["params"], "{:,}"), _f(r["size_mb"]), _f(r["perplexity"]),
-                  _f(r["kl"], "{:.3g}"), _f(r["top1"], "{:.4f}"), _f(r["seconds"], "{:.1f}")] for r in data["rows"]],
+                  _f(r["kl"], "{:.3g}"), _f(r.get("kld_p99"), "{:.3g}"),
+                  _f(None if r["top1"] is None else 100 * r["top1"], "{:.2f} %"), _f(r["seconds"], "{:.1f}")]
+                 for r in data["rows"]],
                 "size: deployed weight bytes (fp16 floats, b/8 per code + fp16 group scales); perplexity on the "
-                "validation split; KL and top-1 agreement against the pass's input model."))
+                "validation split; KLD (KL divergence per token, nats) and same top p (both pick the same top token) "
+                "against the pass's input model, as llama-perplexity --kl-divergence reports them."))
     parity = []
     for e in data["exports"]:
         p = e["parity"]

@@ -66,7 +66,7 @@ def test_run_trains_saves_and_beats_unigram(trained):
     tokens = tokenize_corpus(load_corpus(corpus), Tokenizer.load(ckpt))
     unigram = unigram_perplexity(tokens.train, tokens.val[1:], 512)
     assert summary["val_perplexity"] < 0.5 * unigram  # measured: 57 vs 190
-    assert "00-train: done in" in result.stdout and "Passes: size, perplexity, KL" in result.stdout
+    assert "00-train: done in" in result.stdout and "Passes: size, perplexity, KLD" in result.stdout
     meta = json.loads((ckpt / "edgesmith.json").read_text())
     assert meta["lineage"]["passes"][0]["kind"] == "train"
 

@@ -12,7 +12,7 @@ from tests.toolchain.conftest import edgesmith
 from runtimes.options import describe
 from toolchain.report import write_report
 
-SECTIONS = ("Lineage", "Passes: size, perplexity, KL", "Per-layer SQNR (dB)", "Export parity",
+SECTIONS = ("Lineage", "Passes: size, perplexity, KLD", "Per-layer SQNR (dB)", "Export parity",
             "Bench on local (measured)")
 
 

@@ -31,8 +31,8 @@ def run(args: argparse.Namespace) -> None:
             print(f"  note: {p['report']['note']}")
     q = r["quality"]
     print(f"compressed {args.checkpoint} -> {args.out} in {r['seconds']:.1f} s (report: {Path(args.out) / REPORT})")
-    print(f"validation perplexity {q['perplexity']:.3f} (reference {q['reference_perplexity']:.3f}), "
-          f"KL {q['kl']:.3g}, top-1 agreement {q['top1']:.4f}")
+    print(f"validation perplexity {q['perplexity']:.3f} (reference {q['reference_perplexity']:.3f}), mean KLD "
+          f"{q['kl']:.3g}, 99% KLD {q.get('kld_p99', float('nan')):.3g}, same top p {100 * q['top1']:.2f} %")
     print(format_table({k: (float("inf") if v is None else v) for k, v in r["layer_sqnr_db"].items()}))
 
 

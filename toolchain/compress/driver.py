@@ -162,7 +162,7 @@ def _run(parent, tokens, out: Path, passes: list, job: _Job, env) -> dict | None
 
 def evaluate(checkpoint: str | Path, reference: str | Path | None = None, data: str = "stdlib",
              seq_len: int = 256, max_tokens: int = 64 * 1024, n_calib: int = 8, seed: int = 0) -> dict:
-    """Validation perplexity; with a reference also KL, top-1 agreement and per-layer SQNR (the latter
+    """Validation perplexity; with a reference also the KLD statistics and per-layer SQNR (the latter
     only when both have the same blocks: a pruned model is compared with its parent by its outputs)."""
     ckpt = load_checkpoint(checkpoint)
     ref = load_checkpoint(reference) if reference is not None else None

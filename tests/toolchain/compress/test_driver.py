@@ -1,6 +1,8 @@
 """Quantized checkpoints on disk and the `compress` / `eval --reference` commands, end to end."""
 
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -74,20 +76,52 @@ def test_compress_command_writes_checkpoint_with_report(float_ckpt, trained, tmp
     assert ckpt.meta["lineage"]["passes"][-1]["config"]["method"] == "gptq"
 
 
-def test_eval_with_reference_prints_kl_agreement_and_layer_table(float_ckpt, trained, tmp_path, capsys):
+def kld_lines(printed: str) -> dict[str, float]:
+    """The llama-perplexity style lines `eval --reference` prints, as numbers."""
+    found = re.findall(r"^(Mean KLD|Median KLD|99\.0% KLD|Same top p|RMS Δp)\s*:\s*([-\d.]+)", printed, re.M)
+    return {k: float(v) for k, v in found}
+
+
+def test_eval_with_reference_prints_the_kld_statistics_and_layer_table(float_ckpt, trained, tmp_path, capsys):
     # setup
-    out = tmp_path / "rtn8"
-    assert main(["compress", str(float_ckpt), "--pass", "quantize:method=rtn,bits=8", "--out", str(out),
+    out = tmp_path / "rtn4"
+    assert main(["compress", str(float_ckpt), "--pass", "quantize:method=rtn,bits=4", "--out", str(out),
                  "--data", str(trained.corpus), "--seq-len", "64", "--max-tokens", "1024"]) == 0
     capsys.readouterr()
-    # execute
-    rc = main(["eval", str(out), "--reference", str(float_ckpt), "--data", str(trained.corpus),
-               "--seq-len", "64", "--max-tokens", "2048"])
-    printed = capsys.readouterr().out
+    # execute: the checkpoint in torch, then its GGUF through llama.cpp, on the same windows
+    args = ["--reference", str(float_ckpt), "--data", str(trained.corpus), "--seq-len", "64", "--max-tokens", "2048"]
+    rc = main(["eval", str(out), *args])
+    torch_printed = capsys.readouterr().out
+    assert main(["export", str(out), "--format", "gguf", "--out", str(tmp_path / "gguf")]) == 0
+    capsys.readouterr()
+    rc_gguf = main(["eval", str(tmp_path / "gguf"), *args])
+    gguf_printed = capsys.readouterr().out
     # assert
-    assert rc == 0
-    assert "mean KL vs reference" in printed and "top-1 agreement" in printed
-    assert "layers.3.mlp" in printed and "lm_head" in printed
+    assert rc == 0 and rc_gguf == 0
+    assert "layers.3.mlp" in torch_printed and "lm_head" in torch_printed and "through llamacpp" in gguf_printed
+    t, g = kld_lines(torch_printed), kld_lines(gguf_printed)
+    assert set(t) == set(g) == {"Mean KLD", "Median KLD", "99.0% KLD", "Same top p", "RMS Δp"}, torch_printed
+    assert 0 < t["Median KLD"] <= t["99.0% KLD"] and 0 < t["Mean KLD"] <= t["99.0% KLD"] and 50 < t["Same top p"] < 100
+    # the GGUF holds the same codes: what llama.cpp computes with them is within runtime error of torch's
+    assert g["Mean KLD"] == pytest.approx(t["Mean KLD"], rel=0.3) and abs(g["Same top p"] - t["Same top p"]) < 3
+
+
+def test_kld_statistics_match_their_definitions():
+    # setup: two hand-made next-token distributions over 3 tokens, 2 positions
+    from toolchain.compress.quality import KLDStats
+
+    ref = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.6, 0.3]]))
+    q = torch.log(torch.tensor([[0.25, 0.5, 0.25], [0.1, 0.6, 0.3]]))
+    y = torch.tensor([0, 1])
+    # execute
+    s = KLDStats()
+    s.add(q, y, ref)
+    r = s.result()
+    # assert: KL(ref||q) of the first position is 0.5 ln 2 + 0.25 ln 0.5; the second is 0
+    kl0 = 0.5 * math.log(2) + 0.25 * math.log(0.5)
+    assert r["kl"] == pytest.approx(kl0 / 2, abs=1e-6) and r["kld_max"] == pytest.approx(kl0, abs=1e-6)
+    assert r["top1"] == 0.5  # argmax 1 vs 0 at the first position, 1 and 1 at the second
+    assert r["dp_mean"] == pytest.approx(-0.125, abs=1e-6) and r["dp_rms"] == pytest.approx(math.sqrt(0.25 ** 2 / 2))
 
 
 @pytest.mark.parametrize("argv, message", [
