@@ -6,9 +6,9 @@ here is the order `edgesmith --help` lists them.
 
 from __future__ import annotations
 
-from toolchain.commands import compress, evaluate, export, import_hf, run, train
+from toolchain.commands import compress, evaluate, export, import_hf, run, train, tune
 
-COMMANDS = (run, train, compress, export, evaluate, import_hf)
+COMMANDS = (run, train, compress, export, evaluate, tune, import_hf)
 
 
 def register(sub) -> None:

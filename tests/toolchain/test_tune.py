@@ -1,0 +1,117 @@
+"""`edgesmith tune` on the tiny trained checkpoint: search, build, measure, choose, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from models.checkpoint import load_checkpoint
+from models.errors import EdgesmithError
+from tests.conftest import TEXT
+from toolchain.recipe import load_recipe
+from toolchain.tune import tune
+from toolchain.tune.search import frontier, pick
+
+FAST = dict(method="rtn", calib_windows=4, calib_seq_len=64, eval_seq_len=64, eval_tokens=512,
+            bench_args={"prompt_len": 16, "gen_len": 8, "repeat": 1}, log=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune-corpus")
+    for i in range(40):
+        (root / f"doc{i}.txt").write_text(TEXT[(13 * i) % 200:] + TEXT[: (13 * i) % 200])
+    return str(root)
+
+
+# ----------------------------------------------------------------------------- the search alone
+
+SENS = {"units": {"embed_tokens": {"4": 0.002, "8": 1e-5}, "layers.0": {"4": 0.004, "8": 2e-5},
+                  "layers.1": {"4": 0.0005, "8": 2e-6}, "lm_head": {"4": 0.003, "8": 1e-5}},
+        "bytes": {u: {"4": 100, "8": 190, "float": 360} for u in ("embed_tokens", "layers.0", "layers.1", "lm_head")}}
+
+
+def test_the_frontier_grows_in_size_and_loses_estimated_kld_step_by_step():
+    path = frontier(SENS)
+    assert [a.est_bytes for a in path] == sorted(a.est_bytes for a in path)
+    assert [a.est_kld for a in path] == sorted((a.est_kld for a in path), reverse=True)
+    assert path[0].by_unit == dict.fromkeys(SENS["units"], "4") and path[-1].by_unit == dict.fromkeys(SENS["units"],
+                                                                                                     "float")
+    # the most sensitive unit per byte (layers.0) is the first one upgraded
+    assert path[1].by_unit["layers.0"] == "8"
+
+
+def test_pick_starts_at_uniform_4_bit_and_stays_within_the_size_limit():
+    path = frontier(SENS)
+    picked = pick(path, 3, max_bytes=600)
+    assert picked[0] == path[0] and all(a.est_bytes <= 600 for a in picked)
+    assert picked[-1] == max((a for a in path if a.est_bytes <= 600), key=lambda a: a.est_bytes)
+    assert pick(path, 3, max_bytes=600) == picked  # deterministic
+    assert picked[1].rules()[1] == [r"layers\.0\..*", 8]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_tune_builds_measures_and_chooses_within_the_limits(checkpoints, corpus, tmp_path):
+    # execute
+    doc = tune(checkpoints["float"], "local", tmp_path / "tune", formats=["gguf"], candidates=3,
+               max_size_mb=0.1, data=corpus, **FAST)
+    # assert: every candidate measured through llama.cpp and on this machine; the chosen one is the best that fits
+    cands = doc["candidates"]
+    assert cands[0]["label"] == "4-bit x4" and len(cands) >= 2
+    for r in cands:
+        assert r["kld_through"] == "llamacpp" and r["speed_source"].startswith("measured on local")
+        assert r["parity"] == {"gguf": True} and r["decode_tok_s"] > 0 and 0 < r["same_top_p"] <= 1
+    (best,) = [r for r in cands if r["chosen"]]
+    fitting = [r for r in cands if r["size_mb"] <= 0.1]
+    assert best == min(fitting, key=lambda r: r["kld_mean"]) and not best["misses"]
+    out = tmp_path / "tune"
+    assert {p.name for p in out.iterdir()} >= {"pareto.json", "best", "recipe.toml", "report.html", "pareto.png"}
+    # the best checkpoint holds the chosen precisions; the recipe rebuilds it
+    ckpt = load_checkpoint(out / "best")
+    for unit, bits in best["bits"].items():
+        name = "layers.0.mlp.down_proj" if unit == "layers.0" else "layers.1.mlp.down_proj" if unit == "layers.1" \
+            else unit
+        module = ckpt.model.get_submodule(name)
+        assert (getattr(module, "bits", None) or "float") == (bits if bits == "float" else int(bits)), unit
+    recipe = load_recipe(out / "recipe.toml")
+    assert [list(r) for r in recipe.passes[0].rules] == best["rules"]
+    assert "<img src='data:image/png;base64," in (out / "report.html").read_text()
+
+
+def test_limits_no_candidate_meets_are_one_line_with_the_best_point_reached(checkpoints, corpus, tmp_path):
+    with pytest.raises(EdgesmithError) as e:
+        tune(checkpoints["float"], "local", tmp_path / "tune", formats=["gguf"], candidates=1, max_size_mb=0.01,
+             data=corpus, **FAST)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("tune: no candidate meets --max-size-mb 0.01; best reached: 4-bit x4")
+    assert json.loads((tmp_path / "tune" / "pareto.json").read_text())["chosen"] is None
+    assert not (tmp_path / "tune" / "best").exists()
+
+
+def test_a_killed_tune_resumes_from_its_cache(checkpoints, corpus, tmp_path):
+    # setup: the CLI, killed with SIGKILL as soon as its first candidate is complete
+    out = tmp_path / "tune"
+    argv = [sys.executable, "-m", "edgesmith", "tune", str(checkpoints["float"]), "--target", "local", "--out",
+            str(out), "--formats", "gguf", "--method", "rtn", "--candidates", "3", "--max-size-mb", "0.1",
+            "--calib-windows", "4", "--eval-tokens", "512", "--data", corpus]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("candidates/*/result.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (first,) = list(out.glob("candidates/*/result.json"))
+    stamp = first.stat().st_mtime_ns
+    # execute: the same command again
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    # assert: sensitivity and the first candidate come from the cache; the run completes and chooses
+    assert r.returncode == 0, r.stderr
+    assert "(cached, rtn" in r.stdout and "measured before (cached)" in r.stdout
+    assert first.stat().st_mtime_ns == stamp
+    assert "chosen:" in r.stdout and (out / "best" / "model.safetensors").is_file()
