@@ -84,6 +84,14 @@ def test_tune_builds_measures_and_chooses_within_the_limits(checkpoints, corpus,
     assert "<img src='data:image/png;base64," in (out / "report.html").read_text()
 
 
+def test_an_unreachable_device_gets_the_planner_bound_and_says_so(checkpoints, corpus, tmp_path):
+    # the pixel-8 profile's transport is adb://pixel-8: no adb here, so no measurement
+    doc = tune(checkpoints["float"], "pixel-8", tmp_path / "tune", formats=["gguf"], candidates=1, data=corpus, **FAST)
+    (r,) = doc["candidates"]
+    assert r["speed_source"].startswith("planner bound (pixel-8 not reachable: ") and r["decode_tok_s"] > 0
+    assert r["chosen"] and r["kld_through"] == "llamacpp"
+
+
 def test_limits_no_candidate_meets_are_one_line_with_the_best_point_reached(checkpoints, corpus, tmp_path):
     with pytest.raises(EdgesmithError) as e:
         tune(checkpoints["float"], "local", tmp_path / "tune", formats=["gguf"], candidates=1, max_size_mb=0.01,

@@ -172,15 +172,21 @@ class _Job:
 
     def _speed(self, artifact: Path, manifest: dict) -> dict:
         args = {"prompt_len": 64, "gen_len": 64, "repeat": 3, **self.bench_args}
+        p = self.profile
+        if p.name != "local" and p.transport == "local":  # a placeholder transport: this machine is not that device
+            return self._bound(manifest, args, f"{p.name} has no transport to measure on")
         try:
-            (r,) = bench([artifact], self.profile.name, **args)
+            (r,) = bench([artifact], p.name, **args)
         except EdgesmithError as e:  # an unreachable device: the planner's bound, and the result says so
-            bound, _ = decode_bound(manifest, self.profile.bandwidth_bytes_s, args["prompt_len"], args["gen_len"])
-            return {"decode_tok_s": bound, "prefill_tok_s": None, "peak_rss_mb": None,
-                    "speed_source": f"planner bound ({self.profile.name} not reachable: {str(e)[:120]})"}
+            return self._bound(manifest, args, f"{p.name} not reachable: {str(e)[:120]}")
         return {"decode_tok_s": r["decode_tok_s"]["median"], "prefill_tok_s": r["prefill_tok_s"]["median"],
                 "peak_rss_mb": (r.get("peak_rss_mb") or {}).get("median"),
-                "speed_source": f"measured on {self.profile.name} ({r['backend']}, median of {args['repeat']})"}
+                "speed_source": f"measured on {p.name} ({r['backend']}, median of {args['repeat']})"}
+
+    def _bound(self, manifest: dict, args: dict, why: str) -> dict:
+        bound, _ = decode_bound(manifest, self.profile.bandwidth_bytes_s, args["prompt_len"], args["gen_len"])
+        return {"decode_tok_s": bound, "prefill_tok_s": None, "peak_rss_mb": None,
+                "speed_source": f"planner bound ({why})"}
 
 
 def _meets(r: dict, max_size_mb, min_decode, max_kld) -> list[str]:
