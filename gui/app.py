@@ -1,7 +1,7 @@
-"""The Gradio Blocks layout: seven tabs wired to `Actions`, `Playground` and the devices/runs helpers.
+"""The Gradio Blocks layout: eight tabs wired to `Actions`, `Playground` and the devices/runs helpers.
 
 Layout only: every event handler is a method or function of gui/actions.py, gui/playground.py,
-gui/devices_tab.py, gui/bench_tab.py or gui/runs.py, each with an `api_name` so `gradio_client`
+gui/devices_tab.py, gui/bench_tab.py, gui/tune_tab.py or gui/runs.py, each with an `api_name` so `gradio_client`
 reaches the same actions the browser does. Choices come from the registries (formats, quantize
 methods, pass kinds, precisions) and from the workspace. One `gr.Timer` polls the jobs' state on
 disk; each tab picks up the newest job of its kind on page load, so a reload (or a restarted GUI)
@@ -17,7 +17,7 @@ import os
 import gradio as gr
 import pandas as pd
 
-from gui import bench_tab, devices_tab, run_options, runs, views
+from gui import bench_tab, devices_tab, run_options, runs, tune_tab, views
 from gui.actions import JOB_COLUMNS, SKIP, Actions
 from gui.playground import VERDICT_COLUMNS, Playground, verdict_line, verdict_table
 from models.llama import SIZES
@@ -54,6 +54,8 @@ def build_app(workspace) -> gr.Blocks:
                 lists["export"] = _export_tab(act, timer, demo)
             with gr.Tab("Benchmark", id="benchmark"):
                 lists["bench"] = bench_tab.build(act, timer, demo)
+            with gr.Tab("Tune", id="tune"):
+                lists["tune"] = tune_tab.build(act, timer, demo)
             with gr.Tab("Devices", id="devices"):
                 lists["devices"] = _devices_tab(act)
             with gr.Tab("Playground", id="playground"):
@@ -74,7 +76,7 @@ def _refresh_lists(act: Actions, timer, demo, lists: dict, jobs) -> None:
     def choices() -> dict:
         ckpts, arts = act.choices()
         models = ckpts + arts
-        return {"compress": ckpts, "export": ckpts, "bench": arts, "devices": devices_tab.shapes() + models,
+        return {"compress": ckpts, "export": ckpts, "tune": ckpts, "bench": arts, "devices": devices_tab.shapes() + models,
                 "play_a": models, "play_b": ["none", *models], "runs": act.ws.runs(),
                 "recipe": runs.recipe_names(act.ws)}
 

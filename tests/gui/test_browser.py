@@ -254,6 +254,21 @@ def test_benchmark_tab_runs_and_shows_the_roofline_fraction(page, screenshots):
     shot(page, screenshots, "benchmark")
 
 
+def test_tune_tab_measures_candidates_and_shows_the_pareto_plot(page, screenshots):
+    tab(page, "Tune")
+    choose(page, "tune-checkpoint", "models/tiny")
+    fill(page, "tune-max-size", 0.1)
+    choose(page, "tune-method", "rtn")
+    fill(page, "tune-candidates", 2)
+    fill(page, "tune-data", "corpus")
+    start_and_wait(page, "tune")
+    table = page.locator("#tune-table")
+    expect()(table).to_contain_text("chosen", timeout=20_000)
+    assert "4-bit x4" in table.inner_text() and "measured on local" in table.inner_text()
+    expect()(page.locator("#tune-plot img")).to_be_visible(timeout=20_000)
+    shot(page, screenshots, "tune")
+
+
 OBSERVE = """([sel, key]) => {
   window[key] = [];
   const box = document.querySelector(sel + ' textarea');
