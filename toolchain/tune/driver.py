@@ -1,15 +1,16 @@
 """`tune`: choose per-unit precisions for a device by building and measuring the candidates.
 
-1. sensitivities (toolchain.tune.sensitivity, cached) -> the greedy frontier and the candidates to build
-   (toolchain.tune.search);
-2. each candidate, uniform 4-bit first: `compress` with the candidate's rules, `export` to each format (parity
+1. sensitivities (toolchain.tune.sensitivity, cached) -> the greedy frontier (toolchain.tune.search);
+2. uniform 4-bit is built and measured first; its measured file size and speed correct the estimates (the
+   size by the overhead the estimate leaves out, the speed by how it scales with the weight bytes), and the
+   other candidates are spread over the frontier points the corrected estimates say meet the limits. Each: `compress` with the candidate's rules, `export` to each format (parity
    checked there), mean / median / 99% KLD and same top p through the first format's own runtime against the
    float checkpoint on the validation split, and speed from `bench` on the target (the `local` profile here,
    ssh/adb devices when named) — or, where the device cannot be reached, the planner's bandwidth bound, and
    the result says which. Each candidate's result is written under `DIR/candidates/<key>/` when it is
    complete, so a killed tune resumes where it stopped and a second run measures nothing again;
-3. one measured refinement: the size estimate is corrected by what the built candidates measured and the
-   largest unbuilt frontier point that should fit the size limit is built too;
+3. one measured refinement: the estimates corrected by every candidate measured, the largest unbuilt
+   frontier point they say meets the limits is built too, when it is larger than the best one that did;
 4. the choice: the lowest measured mean KLD among candidates meeting every limit; `DIR/pareto.json`,
    `DIR/best/` (its checkpoint), `DIR/recipe.toml` (rebuilds it with `edgesmith run`) and
    `DIR/report.html` (toolchain.tune.report). Limits no candidate meets are one line naming the limit and
@@ -85,37 +86,52 @@ def tune(checkpoint: str | Path, target: str, out: str | Path, *, max_size_mb: f
                 "group_size": GROUP_SIZE, "formats": formats, "target": profile.name, "seed": seed, "data": data,
                 "calibration": list(calib.shape), "eval_seq_len": eval_seq_len, "eval_tokens": eval_tokens}
     job = _Job(Path(checkpoint), out, settings, formats, profile, tokens, ckpt, bench_args or {}, log)
-    todo = pick(path, candidates, max_bytes, max_kld)
-    results: list[dict] = []
-    for i, a in enumerate(todo):
-        if i > 0 and budget_minutes is not None and time.monotonic() - t0 > 60 * budget_minutes:
-            log(f"budget of {budget_minutes:g} min reached: {len(results)} of {len(todo)} candidates built")
+    n_todo = candidates
+    results = [job.candidate(path[0], f"1/{n_todo} (uniform 4-bit, the baseline)")]
+    for i, a in enumerate(_plan(path, results, candidates, max_bytes, min_decode_tok_s, max_kld), start=2):
+        if budget_minutes is not None and time.monotonic() - t0 > 60 * budget_minutes:
+            log(f"budget of {budget_minutes:g} min reached: {len(results)} of {n_todo} candidates built")
             break
-        if i > 0 and min_decode_tok_s is not None and _est_speed(a, results[0]) < min_decode_tok_s:
-            log(f"skip {a.label()}: estimated {_est_speed(a, results[0]):.1f} tok/s < --min-decode-tok-s")
-            continue
-        results.append(job.candidate(a, f"{i + 1}/{len(todo)}"))
+        results.append(job.candidate(a, f"{i}/{n_todo}"))
     extra = _refinement(path, results, max_bytes, min_decode_tok_s)
     if extra is not None and (budget_minutes is None or time.monotonic() - t0 <= 60 * budget_minutes):
         results.append(job.candidate(extra, "refinement"))
     return _finish(job, results, sens, max_size_mb, min_decode_tok_s, max_kld, time.monotonic() - t0)
 
 
-def _est_speed(a: Assignment, baseline: dict) -> float:
-    """Decode reads every weight once per token: speed scales with the inverse of the weight bytes."""
-    return baseline["decode_tok_s"] * baseline["est_bytes"] / a.est_bytes
+def _corrected(a: Assignment, results: list[dict]) -> tuple[float, float]:
+    """(size bytes, decode tok/s) of `a` as the built candidates say the estimates err: the size off by the
+    largest measured overhead (metadata, tokenizer, float norms), decode by the most pessimistic measured ratio
+    (decode reads every weight once per token, so it scales with the inverse of the weight bytes)."""
+    overhead = max(r["size_bytes"] - r["est_bytes"] for r in results)
+    base = results[0]
+    ratio = min((r["decode_tok_s"] * r["est_bytes"]) / (base["decode_tok_s"] * base["est_bytes"]) for r in results)
+    return a.est_bytes + overhead, base["decode_tok_s"] * base["est_bytes"] / a.est_bytes * ratio
+
+
+def _fits(a: Assignment, results: list[dict], max_bytes, min_decode) -> bool:
+    size, speed = _corrected(a, results)
+    return (max_bytes is None or size <= max_bytes) and (min_decode is None or speed >= min_decode)
+
+
+def _plan(path, results, candidates, max_bytes, min_decode, max_kld) -> list[Assignment]:
+    """The candidates after the baseline: spread over the frontier points the corrected estimates say fit."""
+    feasible = [a for a in path if _fits(a, results, max_bytes, min_decode)]
+    built = {tuple(r["bits"].items()) for r in results}
+    return [a for a in pick(feasible or path[:1], candidates, None, max_kld) if a.bits not in built]
 
 
 def _refinement(path: list[Assignment], results: list[dict], max_bytes, min_decode) -> Assignment | None:
-    """The largest frontier point not yet built whose size, corrected by the measured/estimated ratio, fits."""
-    if max_bytes is None or not results:
+    """With a limit given: the largest frontier point not yet built that the estimates, corrected by everything
+    measured so far, say fits, when it is larger than the best fitting candidate built."""
+    if max_bytes is None and min_decode is None:
         return None
-    ratio = max(r["size_bytes"] / r["est_bytes"] for r in results)
-    built = {tuple(map(tuple, r["bits"].items())) for r in results}
-    fits = [a for a in path if a.est_bytes * ratio <= max_bytes and a.bits not in built
-            and (min_decode is None or _est_speed(a, results[0]) >= min_decode)]
-    return max(fits, key=lambda a: a.est_bytes, default=None) if fits and fits[-1].est_bytes > max(
-        r["est_bytes"] for r in results) else None
+    built = {tuple(r["bits"].items()) for r in results}
+    fitting = [r["est_bytes"] for r in results if (max_bytes is None or r["size_bytes"] <= max_bytes)
+               and (min_decode is None or r["decode_tok_s"] >= min_decode)]
+    fits = [a for a in path if a.bits not in built and _fits(a, results, max_bytes, min_decode)]
+    best = max(fits, key=lambda a: a.est_bytes, default=None)
+    return best if best is not None and best.est_bytes > max(fitting, default=0) else None
 
 
 class _Job:
