@@ -11,6 +11,7 @@ bandwidth and fp32 matmul rate once (`devices.measure`), cached under `$EDGESMIT
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import socket
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devices import measure
+from models.confine import read_bytes
 from models.errors import EdgesmithError
 from runtimes.loader import artifact_formats
 from runtimes.session import cpu_cores
@@ -99,6 +101,9 @@ class DeviceProfile:
 # ----------------------------------------------------------------------------- TOML files
 
 
+PROFILE_LIMIT = 1 << 20  # a profile is a page of TOML
+
+
 def list_profiles() -> list[str]:
     """Names of the bundled profiles, plus `local`."""
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml")) + ["local"]
@@ -109,10 +114,14 @@ def load_profile(name: str) -> DeviceProfile:
     if name == "local":
         return local_profile()
     path = Path(name)
-    if path.suffix == ".toml" and path.is_file():
-        return profile_from_toml(path)
     candidate = PROFILE_DIR / f"{name}.toml"
-    if not candidate.is_file():
+    try:
+        given, known = path.suffix == ".toml" and path.is_file(), candidate.is_file()
+    except (OSError, ValueError):  # a name too long for a path, or with a NUL
+        given = known = False
+    if given:
+        return profile_from_toml(path)
+    if not known:
         raise EdgesmithError(f"unknown device profile {name!r}; known: {', '.join(list_profiles())} "
                              "(or a path to a profile .toml)")
     return profile_from_toml(candidate)
@@ -120,7 +129,9 @@ def load_profile(name: str) -> DeviceProfile:
 
 def profile_from_toml(path: Path) -> DeviceProfile:
     try:
-        d = tomllib.loads(path.read_text())
+        d = tomllib.loads(read_bytes(path, PROFILE_LIMIT).decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise EdgesmithError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise EdgesmithError(f"{path}: not valid TOML ({e})") from None
     missing = [k for k in _REQUIRED if k not in d]
@@ -136,9 +147,13 @@ def profile_from_toml(path: Path) -> DeviceProfile:
             raise EdgesmithError(f"{path}: {key} must be a list of strings")
     if not d["sources"]:
         raise EdgesmithError(f"{path}: sources is empty (cite where every spec comes from)")
-    for key in ("ram_gib", "bandwidth_gb_s"):
-        if isinstance(d[key], bool) or not isinstance(d[key], (int, float)):
-            raise EdgesmithError(f"{path}: {key} {d[key]!r} must be a number")
+    for key in ("ram_gib", "bandwidth_gb_s", "ram_budget_fraction"):
+        value = d.get(key, 0.8)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise EdgesmithError(f"{path}: {key} {value!r} must be a positive finite number")
+    for key in ("name", "kind", "os", "arch", "transport"):
+        if not isinstance(d[key], str):
+            raise EdgesmithError(f"{path}: {key} {d[key]!r} must be a string")
     tflops = {k: (v * 1e12 if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
               for k, v in d["peak_tflops"].items()}
     try:

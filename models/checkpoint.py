@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -71,6 +72,13 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> 
     }
 
 
+# The largest value each size field may take: far beyond any model this tool deploys (a 405B Llama has
+# dim 16384, 126 layers, vocab 128256, 131072 positions), small enough that a hostile config cannot ask for
+# terabytes before its tensors are checked against it.
+_MAX_SIZE = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
+             "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 10, "head_dim": 1 << 12, "num_key_value_heads": 1 << 10,
+             "max_position_embeddings": 1 << 21}
+
 # Fields of a HF Llama config our model cannot represent, with the one value it can.
 _FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_scaling": None}
 
@@ -87,6 +95,15 @@ def from_hf_config(d: dict, source: str) -> ModelConfig:
     for key in required:
         if key not in d:
             raise EdgesmithError(f"{source}: missing field {key!r}")
+    for key in (*required, "head_dim", "num_key_value_heads", "max_position_embeddings"):
+        value = d.get(key)
+        if (value is not None or key in required) and (type(value) is not int or not 1 <= value <= _MAX_SIZE[key]):
+            raise EdgesmithError(f"{source}: {key}={value!r:.40} must be an integer in 1..{_MAX_SIZE[key]}")
+    for key in ("rope_theta", "rms_norm_eps"):
+        value = d.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise EdgesmithError(f"{source}: {key}={value!r:.40} must be a positive finite number")
     heads = d["num_attention_heads"]
     head_dim = d.get("head_dim") or d["hidden_size"] // heads
     # A head width other than hidden_size / heads (a head-pruned model) is kept explicitly.
@@ -253,9 +270,52 @@ def build_model(path: Path, config: ModelConfig, meta: dict, dtype: torch.dtype)
                              f"{recorded['bytes']} (truncated or replaced)")
     if recorded.get("sha256") and sha256_file(weights, limit=size) != recorded["sha256"]:
         raise EdgesmithError(f"{weights}: sha256 does not match edgesmith.json (corrupt or replaced)")
+    # the header's names, dtypes and shapes against the model config.json describes, before either is allocated
+    compare_tensors(weights, check_safetensors(weights), expected_tensors(config, meta, str(path / "edgesmith.json")))
     tensors = read_safetensors(weights)
-    model = Transformer(config)
+    try:
+        model = Transformer(config)
+    except (RuntimeError, MemoryError) as e:  # a KV cache of max_position_embeddings positions that does not fit
+        raise EdgesmithError(f"{path / 'config.json'}: the model it describes cannot be allocated here "
+                             f"({str(e).splitlines()[0][:120]})") from None
     apply_lowrank_meta_(model, meta.get("lowrank"), str(path / "edgesmith.json"))  # factors first: they may be quantized
     apply_quantization_meta_(model, meta.get("quantization"), str(path / "edgesmith.json"))
     load_state_dict_(model, tensors, weights)
     return model.to(dtype).eval()
+
+
+# ----------------------------------------------------------------------------- the header against the config
+
+_FLOAT_DTYPES = {"F32", "F16", "BF16"}
+
+
+def expected_tensors(config: ModelConfig, meta: dict, source: str) -> dict[str, tuple[torch.dtype, tuple]]:
+    """HF name -> (dtype, shape) of every tensor the checkpoint must hold, from a model built on the meta device."""
+    with torch.device("meta"):
+        model = Transformer(config)
+        apply_lowrank_meta_(model, meta.get("lowrank"), source)
+        apply_quantization_meta_(model, meta.get("quantization"), source)
+    state = model.state_dict()
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return {hf_name(k): (v.dtype, tuple(v.shape)) for k, v in state.items()}
+
+
+_TORCH = {torch.int8: "I8", torch.float16: "F16"}
+
+
+def compare_tensors(path: Path, found: dict[str, tuple[str, tuple]], expected: dict[str, tuple]) -> None:
+    for name in found:
+        if name not in expected and not name.endswith("rotary_emb.inv_freq") and name != "lm_head.weight":
+            raise EdgesmithError(f"{path}: unexpected tensor {name!r}")
+    for name, (dtype, shape) in expected.items():
+        if name not in found:
+            raise EdgesmithError(f"{path}: missing tensor {name!r}")
+        got_dtype, got_shape = found[name]
+        if tuple(got_shape) != shape:
+            raise EdgesmithError(f"{path}: tensor {name!r} has shape {tuple(got_shape)}, expected {shape}")
+        want = _TORCH.get(dtype) if dtype in (torch.int8,) or name.endswith(".scales") else None
+        if want is not None and got_dtype != want:
+            raise EdgesmithError(f"{path}: tensor {name!r} is {got_dtype}, expected {want}")
+        if want is None and got_dtype not in _FLOAT_DTYPES:
+            raise EdgesmithError(f"{path}: tensor {name!r} is {got_dtype}, expected a float type (F32, F16, BF16)")

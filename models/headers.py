@@ -92,7 +92,7 @@ def _tensor(path: Path, name: str, info: object, data_size: int) -> tuple[str, t
     if not isinstance(info, dict):
         raise EdgesmithError(f"{where}: expected an object with dtype, shape and data_offsets")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         allowed = ", ".join(DTYPE_BITS)
         raise EdgesmithError(f"{where}: dtype {_short(repr(dtype), 40)} is not a safetensors dtype; allowed: {allowed}")
     if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_int(d) and d >= 0 for d in shape):

@@ -34,11 +34,45 @@ def read_manifest(directory: str | Path, fmt: str | None = None, verify: bool = 
         raise EdgesmithError(f"{path}: not an edgesmith artifact manifest")
     if fmt is not None and manifest.get("format") != fmt:
         raise EdgesmithError(f"{path}: format is {manifest.get('format')!r}, this backend reads {fmt!r}")
+    check_fields(path, manifest)
     files = check_files(directory, manifest)
     if verify:
         for name, rec in files.items():
             verify_file(directory / name, rec)
     return manifest
+
+
+GRAPHS = ("fused", "plain", "optimum")
+MAX_SEQ = 1 << 21
+
+
+def check_fields(path: Path, manifest: dict) -> None:
+    """The fields the runtimes read, each of the type they read it as; one line naming the field otherwise."""
+    def bad(field: str, what: str):
+        return EdgesmithError(f"{path}: {field} must be {what}")
+
+    if not isinstance(manifest.get("options"), dict):
+        raise bad("options", "a table")
+    if not isinstance(manifest.get("model", {}), dict):
+        raise bad("model", "a table")
+    if not isinstance(manifest.get("precision", "fp32"), str):
+        raise bad("precision", "a string")
+    if not isinstance(manifest.get("tokenizer"), (dict, type(None))):
+        raise bad("tokenizer", "a table or null")
+    options, model, fmt = manifest["options"], manifest.get("model", {}), manifest.get("format")
+    seq = options.get("max_seq_len")
+    if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
+        raise bad("options.max_seq_len", f"an integer in 1..{MAX_SEQ}")
+    vocab = model.get("vocab_size")
+    if (vocab is not None or fmt in ("executorch", "tensorrt")) and (type(vocab) is not int or vocab < 1):
+        raise bad("model.vocab_size", "an integer >= 1")
+    if fmt in ("onnx", "tensorrt") and options.get("graph") not in GRAPHS:
+        raise bad("options.graph", f"one of {', '.join(GRAPHS)}")
+    if fmt == "onnx" and not isinstance(options.get("onnx_file"), str):
+        raise bad("options.onnx_file", "a file name")
+    for key in ("method", "engine", "engine_skipped"):
+        if not isinstance(options.get(key), (str, type(None))):
+            raise bad(f"options.{key}", "a string")
 
 
 def check_files(directory: Path, manifest: dict) -> dict:

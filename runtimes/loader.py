@@ -49,10 +49,10 @@ def artifact_tokenizer(directory: Path, manifest: dict):
     try:
         tokenizer = Tokenizer.load(directory)
     except EdgesmithError:
-        if (manifest.get("tokenizer") or {}).get("bos_id") is None:  # not one of ours (optimum): run without
+        if not isinstance(manifest.get("tokenizer"), dict) or manifest["tokenizer"].get("bos_id") is None:  # not one of ours (optimum): run without
             return None
         raise  # ours, but corrupt
-    vocab = (manifest.get("model") or {}).get("vocab_size")
+    vocab = (manifest.get("model") if isinstance(manifest.get("model"), dict) else {}).get("vocab_size")
     if vocab is not None and tokenizer.vocab_size > int(vocab):
         raise EdgesmithError(f"{path}: {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab} "
                              "(the tokenizer of another model)")

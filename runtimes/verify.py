@@ -17,22 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from models.checkpoint import FORMAT, FORMAT_VERSION, WEIGHTS, from_hf_config, hf_name
+from models.checkpoint import (FORMAT, FORMAT_VERSION, WEIGHTS, compare_tensors, expected_tensors,
+                               from_hf_config)
 from models.confine import confined, read_json, sha256_file
 from models.errors import EdgesmithError
 from models.headers import check_safetensors
-from models.llama import ModelConfig, Transformer
-from models.lowrank import apply_lowrank_meta_
-from models.quant import apply_quantization_meta_
+from models.llama import ModelConfig
 from models.tokenizer import Tokenizer
 from runtimes.artifact import MANIFEST, read_manifest, verify_file
 from runtimes.backends.llamacpp import check_gguf
 from runtimes.headers import onnx_header, pte_header
-
-FLOAT_DTYPES = {"F32", "F16", "BF16"}
-
 
 @dataclass
 class Check:
@@ -210,35 +204,3 @@ def _weights(directory: Path, meta: dict, config: ModelConfig | None) -> str:
         said.append("names, dtypes and shapes match config.json" + (" and the quantization" if
                                                                    meta.get("quantization") else ""))
     return ", ".join(said)
-
-
-def expected_tensors(config: ModelConfig, meta: dict, source: str) -> dict[str, tuple[torch.dtype, tuple]]:
-    """HF name -> (dtype, shape) of every tensor the checkpoint must hold, from a model built on the meta device."""
-    with torch.device("meta"):
-        model = Transformer(config)
-        apply_lowrank_meta_(model, meta.get("lowrank"), source)
-        apply_quantization_meta_(model, meta.get("quantization"), source)
-    state = model.state_dict()
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return {hf_name(k): (v.dtype, tuple(v.shape)) for k, v in state.items()}
-
-
-_TORCH = {torch.int8: "I8", torch.float16: "F16"}
-
-
-def compare_tensors(path: Path, found: dict[str, tuple[str, tuple]], expected: dict[str, tuple]) -> None:
-    for name in found:
-        if name not in expected and not name.endswith("rotary_emb.inv_freq") and name != "lm_head.weight":
-            raise EdgesmithError(f"{path}: unexpected tensor {name!r}")
-    for name, (dtype, shape) in expected.items():
-        if name not in found:
-            raise EdgesmithError(f"{path}: missing tensor {name!r}")
-        got_dtype, got_shape = found[name]
-        if tuple(got_shape) != shape:
-            raise EdgesmithError(f"{path}: tensor {name!r} has shape {tuple(got_shape)}, expected {shape}")
-        want = _TORCH.get(dtype) if dtype in (torch.int8,) or name.endswith(".scales") else None
-        if want is not None and got_dtype != want:
-            raise EdgesmithError(f"{path}: tensor {name!r} is {got_dtype}, expected {want}")
-        if want is None and got_dtype not in FLOAT_DTYPES:
-            raise EdgesmithError(f"{path}: tensor {name!r} is {got_dtype}, expected a float type (F32, F16, BF16)")

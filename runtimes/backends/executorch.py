@@ -53,10 +53,11 @@ class ExecuTorchSession(Session):
             with captured() as log:
                 self.program = Runtime.get().load_program(program, verification=Verification.InternalConsistency)
                 self.method = self.program.load_method(manifest["options"].get("method", "forward"))
-        except RuntimeError as e:
+        except (RuntimeError, KeyError, MemoryError) as e:  # KeyError: no such method in the program
             native = f": {log.line()}" if log and log.text.strip() else ""
             raise EdgesmithError(f"{program}: ExecuTorch could not load the program "
-                                 f"({' '.join(str(e).split())[:200]}){native}") from None
+                                 f"({type(e).__name__}: {' '.join(str(e).split())[:200]}){native}") from None
+        self.program_path = program
         super().__init__(int(manifest["options"]["max_seq_len"]), int(manifest["model"]["vocab_size"]), tokenizer,
                          manifest, directory)
         self.run_options = {"n_threads": n_threads} if n_threads is not None else {}  # else ExecuTorch's own pool
@@ -64,7 +65,11 @@ class ExecuTorchSession(Session):
     def _forward(self, ids: list[int], start: int, all_logits: bool) -> np.ndarray:
         tokens = torch.tensor([ids], dtype=torch.long)
         input_pos = torch.arange(start, start + len(ids), dtype=torch.long)
-        (logits,) = self.method.execute((tokens, input_pos))
+        try:
+            (logits,) = self.method.execute((tokens, input_pos))
+        except (RuntimeError, ValueError, TypeError) as e:  # a program that loaded but cannot run these inputs
+            raise EdgesmithError(f"{self.program_path}: ExecuTorch could not run the program "
+                                 f"({' '.join(str(e).split())[:200]})") from None
         logits = logits[0] if all_logits else logits[0, -1:]
         return logits.float().numpy()
 

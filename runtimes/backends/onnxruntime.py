@@ -100,18 +100,31 @@ class OnnxRuntimeSession(Session):
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise EdgesmithError(f"{onnx_path}{data}: ONNX Runtime could not load the graph ({reason})") from None
         del graph
-        vocab = next(o.shape[-1] for o in self.session.get_outputs() if o.name == "logits")
-        super().__init__(int(opts["max_seq_len"]), vocab, tokenizer, manifest, directory)
+        try:  # the graph's declared inputs and outputs size what this backend allocates: checked, not trusted
+            vocab = next(o.shape[-1] for o in self.session.get_outputs() if o.name == "logits")
+            super().__init__(int(opts["max_seq_len"]), int(vocab), tokenizer, manifest, directory)
+            inputs = {i.name: i for i in self.session.get_inputs()}
+            self.empty_past = {}  # (1, n_kv, 0, head_dim) per cache input, as the graph declares it
+            for name, info in inputs.items():
+                if name.startswith("past_key_values."):
+                    n_kv, head_dim = int(info.shape[1]), int(info.shape[3])
+                    if not (1 <= n_kv <= 1024 and 1 <= head_dim <= 4096):
+                        raise ValueError(f"{name} declares {n_kv} heads of {head_dim}")
+                    dtype = np.float16 if "float16" in info.type else np.float32
+                    self.empty_past[name.removeprefix("past_key_values.")] = np.zeros((1, n_kv, 0, head_dim), dtype)
+            if not 1 <= self.vocab_size <= 1 << 22:
+                raise ValueError(f"logits of {self.vocab_size} tokens")
+        except (StopIteration, TypeError, ValueError, IndexError) as e:
+            raise EdgesmithError(f"{onnx_path}: not a decoder graph this backend runs (its inputs and outputs: "
+                                 f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
         self.run_options = {"n_threads": self.n_threads, "accuracy_level": accuracy_level or 0}
-        inputs = {i.name: i for i in self.session.get_inputs()}
         # Graphs from other exporters (optimum) also take an attention mask and explicit positions.
         self.extra_inputs = {"attention_mask", "position_ids"} & set(inputs)
-        self.empty_past = {}  # (1, n_kv, 0, head_dim) per cache input, as the graph declares it
-        for name, info in inputs.items():
-            if name.startswith("past_key_values."):
-                dtype = np.float16 if "float16" in info.type else np.float32
-                self.empty_past[name.removeprefix("past_key_values.")] = np.zeros((1, info.shape[1], 0, info.shape[3]),
-                                                                                  dtype)
+        self.onnx_path = onnx_path
+        state = ort.capi.onnxruntime_pybind11_state
+        self.ort_errors = (RuntimeError, ValueError, *(getattr(state, n) for n in (
+            "Fail", "InvalidArgument", "RuntimeException", "InvalidGraph", "NotImplemented", "EPFail")
+            if hasattr(state, n)))
         self.names = list(self.empty_past)
         if self.graph == "fused":
             self._bind_fused_cache()
@@ -134,7 +147,14 @@ class OnnxRuntimeSession(Session):
 
     def _forward(self, ids: list[int], start: int, all_logits: bool) -> np.ndarray:
         input_ids = np.array([ids], dtype=np.int64)
-        logits = self._run_fused(input_ids, start) if self.graph == "fused" else self._run_plain(input_ids, start)
+        try:
+            logits = self._run_fused(input_ids, start) if self.graph == "fused" else self._run_plain(input_ids, start)
+        except KeyError as e:  # an output the graph lacks
+            raise EdgesmithError(f"{self.onnx_path}: the graph has no output {e} (not a decoder this backend runs)") \
+                from None
+        except self.ort_errors as e:  # a graph that loaded but cannot run: ONNX Runtime's reason, in one line
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise EdgesmithError(f"{self.onnx_path}: ONNX Runtime could not run the graph ({reason})") from None
         return logits[0] if all_logits else logits[0, -1:]
 
     def _run_fused(self, input_ids: np.ndarray, start: int) -> np.ndarray:

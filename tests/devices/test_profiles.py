@@ -40,7 +40,7 @@ GOOD = (PROFILE_DIR / "raspberry-pi-5.toml").read_text()
 @pytest.mark.parametrize("edit, match", [
     (('kind = "sbc"', 'kind = "toaster"'), r"kind 'toaster'; allowed: phone, jetson, sbc, desktop"),
     (('formats = ["gguf"', 'formats = ["tflite"'), r"formats entry 'tflite'; allowed: executorch, gguf, onnx, tensorrt"),
-    (("bandwidth_gb_s = 17.07", "bandwidth_gb_s = -1"), r"bandwidth_bytes_s -1000000000.0 must be a positive"),
+    (("bandwidth_gb_s = 17.07", "bandwidth_gb_s = -1"), r"bandwidth_gb_s -1 must be a positive finite number"),
     (("bandwidth_gb_s = 17.07", "bandwidht_gb_s = 17.07"), r"missing field 'bandwidth_gb_s'"),
     (("cores = 4", "cores = 4\ncolor = 'red'"), r"unknown field 'color'; allowed: name, kind"),
     (('transport = "ssh://pi@raspberrypi.local"', 'transport = "telnet://pi"'), r"transport 'telnet://pi'; allowed"),
