@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-ABI_VERSION = 4
+ABI_VERSION = 5
 X86_64_V3 = ("avx2", "fma", "f16c", "bmi2")
 
 MIN_PARALLEL_WORK = 1 << 17  # elements below which a call runs on one thread (a parallel region costs more)
@@ -217,13 +217,14 @@ def decode_attention(q, k_cache, v_cache, length: int, scale: float, split: int)
 
 
 def pack_int4(qweight: torch.Tensor) -> torch.Tensor:
-    """int8 codes `(N, K)` in [-8, 7] -> uint8 `(N, K/2)`: `code + 8`, even column in the low nibble."""
+    """int8 codes `(N, K)` in [-8, 7] -> uint8 `(N, K/2)`: `code + 8`, even column in the low nibble
+    (MatMulNBits' layout, which the Triton kernel reads; the CPU kernel reads `pack_lanes`)."""
     q = (qweight.to(torch.int16) + 8).to(torch.uint8)
     return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
 
 def packed_weight(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's form of the canonical (codes, scales): packed nibbles (4 bits) or the codes (8 bits),
+    """The Triton kernel's form of the canonical (codes, scales): packed nibbles (4 bits) or the codes (8 bits),
     and fp32 scales. Derived once and kept on the codes tensor (rebuilt when either tensor changes)."""
     key = (_version(qweight), _version(scales), scales.data_ptr(), bits)
     cached = getattr(qweight, "_edgesmith_packed", None)
@@ -239,14 +240,64 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
+def pack_lanes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The CPU kernel's layout of int8 codes `(N, K)`: each chunk of 64 (4 bits) or 32 (8 bits) weights is
+    one 32-byte block of eight 32-bit lanes, lane l holding weights l, l + 8, l + 16, ...: 4 bits as
+    nibble j = `code + 8` (bits 4j..4j+3; a last half chunk padded), 8 bits as byte j. `(N, blocks * 32)`
+    uint8 (kernels/csrc/cpu_kernels.cpp reads one block per chunk with shifts only)."""
+    N, K = qweight.shape
+    if bits == 8:
+        return qweight.view(N, K // 32, 4, 8).transpose(2, 3).reshape(N, K).contiguous().view(torch.uint8)
+    chunks = -(-K // 64)
+    u = (qweight.to(torch.int16) + 8).to(torch.uint8)
+    u = torch.nn.functional.pad(u, (0, chunks * 64 - K)).view(N, chunks, 8, 8)  # [n, chunk, j, lane]
+    blocks = u[:, :, 0::2] | (u[:, :, 1::2] << 4)  # [n, chunk, j // 2, lane]: byte j // 2 of the lane
+    return blocks.transpose(2, 3).reshape(N, chunks * 32).contiguous()
+
+
+def cpu_packed_weight(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pack_lanes codes, fp32 scales), derived once and kept on the codes tensor like packed_weight."""
+    key = (_version(qweight), _version(scales), scales.data_ptr(), bits)
+    cached = getattr(qweight, "_edgesmith_cpu_packed", None)
+    if cached is None or cached[0] != key:
+        cached = (key, pack_lanes(qweight, bits), scales.float().contiguous())
+        qweight._edgesmith_cpu_packed = cached
+    return cached[1], cached[2]
+
+
 def weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
     """x `(..., K)` @ (scales * codes)^T -> `(..., N)` in x's dtype."""
     N, K = qweight.shape
     g = K // scales.shape[1]
-    w, s = packed_weight(qweight, scales, bits)
+    w, s = cpu_packed_weight(qweight, scales, bits)
     xf = _f32(x).reshape(-1, K).contiguous()
     M = xf.shape[0]
     out = torch.empty(M, N, dtype=torch.float32)
     fn = lib().es_wo_matmul4 if bits == 4 else lib().es_wo_matmul8
     fn(_p(xf), _p(w), _p(s), _p(out), M, N, K, g, _threads(N * K // 4))
     return out.reshape(*x.shape[:-1], N).to(x.dtype)
+
+
+JOINT_CACHE = "_edgesmith_joint_packed"  # the attribute of the owning module that holds the joint packing
+
+
+def joint_weight_only_matmul(x: torch.Tensor, owner, parts: list[tuple[torch.Tensor, torch.Tensor]],
+                             bits: int) -> tuple[torch.Tensor, ...]:
+    """x `(..., K)` through several weights of one input width in one kernel call (a layer's q/k/v or
+    gate/up projections): their packed codes and scales concatenated once, kept on `owner` (the module
+    they belong to; rebuilt when a part changes); the outputs are views of one `(..., N1 + N2 + ...)` result."""
+    key = tuple((_version(q), _version(sc), q.data_ptr(), sc.data_ptr()) for q, sc in parts) + (bits,)
+    cached = owner.__dict__.get(JOINT_CACHE)
+    if cached is None or cached[0] != key:
+        w = torch.cat([pack_lanes(q, bits) for q, _ in parts])
+        cached = (key, w, torch.cat([sc.float() for _, sc in parts]).contiguous())
+        owner.__dict__[JOINT_CACHE] = cached
+    _, w, s = cached
+    K = parts[0][0].shape[1]
+    N, g = w.shape[0], K // parts[0][1].shape[1]
+    xf = _f32(x).reshape(-1, K).contiguous()
+    out = torch.empty(xf.shape[0], N, dtype=torch.float32)
+    fn = lib().es_wo_matmul4 if bits == 4 else lib().es_wo_matmul8
+    fn(_p(xf), _p(w), _p(s), _p(out), xf.shape[0], N, K, g, _threads(N * K // 4))
+    out = out.reshape(*x.shape[:-1], N).to(x.dtype)
+    return out.split([q.shape[0] for q, _ in parts], dim=-1)

@@ -5,20 +5,25 @@ in-place swap that puts them into one model (`fuse_`) or takes them out again (`
 |------------------------|----------------------------|--------------------------------------------------|
 | RMSNorm                | FusedRMSNorm               | edgesmith::rms_norm                              |
 | Block                  | FusedBlock                 | edgesmith::add_rms_norm (residual add + norm)    |
-| Attention              | FusedAttention             | edgesmith::rope(_), flash / split-KV decode attention |
+| Attention              | FusedAttention             | q/k/v as one weight-only matmul, edgesmith::rope(_), |
+|                        |                            | flash / split-KV decode attention                |
 | Int8KVAttention        | FusedInt8KVAttention       | the same, over the dequantized int8 cache        |
-| MLP                    | FusedMLP                   | edgesmith::swiglu                                |
+| MLP                    | FusedMLP                   | gate/up as one weight-only matmul, edgesmith::swiglu |
 | QuantizedLinear        | FusedQuantizedLinear       | edgesmith::weight_only_matmul (reads the codes)  |
 | TiedQuantizedHead      | FusedTiedQuantizedHead     | the same, on the embedding's codes               |
 
 The swap changes each module's class in place (`module.__class__ = FUSED[type(module)]`): a fused
-subclass adds no state, only overrides the step the layer names (`rotate`, `attend`, `act`,
-`add_norm`, `forward`), so parameters, buffers, the KV cache, hooks and state-dict names stay exactly
-as they were, a fused model saves the same checkpoint, and `unfuse_` is the exact inverse. Only the
-exact classes of the table are swapped: a variant it does not know (another package's Attention
-subclass) keeps its own forward, and `fused_modules(model)` lists what does run fused. A Block is
-fused only when its post-attention norm is a plain RMSNorm (the fused add reads its weight and eps).
+subclass adds no state (beyond a cache of the joint packed q/k/v or gate/up codes, rebuilt from the
+codes when they change, dropped by `unfuse_`), only overrides the step the layer names (`project`,
+`rotate`, `attend`, `gate_up`, `act`, `add_norm`, `forward`), so parameters, buffers, the KV cache,
+hooks and state-dict names stay exactly as they were, a fused model saves the same checkpoint, and
+`unfuse_` is the exact inverse. Only the exact classes of the table are swapped: a variant it does not
+know (another package's Attention subclass) keeps its own forward, and `fused_modules(model)` lists what
+does run fused. A Block is fused only when its post-attention norm is a plain RMSNorm (the fused add
+reads its weight and eps).
 
+In eager mode the modules call the ops' Python bodies directly (kernels.ops.EAGER: the same code without
+the dispatcher); traced graphs (torch.compile, torch.export) get the registered torch.ops.edgesmith ops.
 There is no process-wide state: what a forward runs is decided by the classes of that model's
 modules, so two models in one process (one fused, one not) each run their own ops, from any thread.
 The ops have no autograd formulas: fused modules are for inference. This module does not pick the
@@ -30,7 +35,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels.ops  # noqa: F401  (registers torch.ops.edgesmith.*)
+from kernels import cpu
+from kernels.ops import CPU_GEMV_MAX_ROWS, EAGER, current_override, impl_for  # importing it registers the ops
 from models.errors import EdgesmithError
 from models.llama import MLP, Attention, Block, RMSNorm
 from models.quant import Int8KVAttention, QuantizedLinear, TiedQuantizedHead, fake_quantize_per_token
@@ -39,33 +45,80 @@ MODES = ("reference", "fused")
 E = torch.ops.edgesmith
 
 
+def _ops():
+    """The ops a forward calls: their Python bodies directly in plain eager mode (the same code without the
+    dispatcher's ~5 us a call); torch.ops.edgesmith in a traced graph (torch.compile, torch.export) and
+    while something watches the dispatcher (torch.profiler, a TorchDispatchMode), so it sees our ops."""
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled() or _dispatch_mode():
+        return E
+    return EAGER
+
+
+def _dispatch_mode() -> bool:
+    """A TorchDispatchMode (FakeTensorMode, an op recorder) is active in this thread (the mode stack is
+    thread-local; torch.utils._python_dispatch's flag is process-wide and races between threads)."""
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
 class FusedRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return E.rms_norm(x, self.weight, self.eps)
+        return _ops().rms_norm(x, self.weight, self.eps)
 
 
 class FusedBlock(Block):
     def add_norm(self, a, x):
         norm = self.post_attention_layernorm
-        return E.add_rms_norm(a, x, norm.weight, norm.eps)
+        return _ops().add_rms_norm(a, x, norm.weight, norm.eps)
+
+
+def _joint(owner: nn.Module, x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...] | None:
+    """The outputs of `linears` on x from one call of the CPU weight-only kernel, where it applies: eager
+    mode (no trace, no dispatch mode), the CPU implementation, at most CPU_GEMV_MAX_ROWS rows (prefill
+    dequantizes instead), weight-only fused Linears of the same bits and group size. None otherwise: the
+    caller runs them one by one through the op."""
+    first = linears[0]
+    if torch.compiler.is_compiling() or _dispatch_mode() or impl_for(x) is not cpu:
+        return None
+    if x.numel() // x.shape[-1] > CPU_GEMV_MAX_ROWS and current_override() != "cpu":
+        return None
+    if not all(type(m) is FusedQuantizedLinear and m.act_bits is None and m.bits == first.bits
+               and m.group_size == first.group_size for m in linears):
+        return None
+    parts = [(m.qweight, m.scales) for m in linears]
+    if torch.autograd._profiler_enabled():  # named in a profile like the op
+        with torch.profiler.record_function("edgesmith::weight_only_matmul (joint)"):
+            return cpu.joint_weight_only_matmul(x, owner, parts, first.bits)
+    return cpu.joint_weight_only_matmul(x, owner, parts, first.bits)
 
 
 class _FusedAttend:
-    """Rotary embedding in place and attention over the live keys only (no repeated K/V)."""
+    """q/k/v projected by one int4/int8 kernel call, rotary embedding in place, attention over the live keys
+    only (no repeated K/V)."""
+
+    def project(self, x):
+        joint = _joint(self, x, (self.q_proj, self.k_proj, self.v_proj))
+        if joint is None:
+            return super().project(x)
+        B, T, _ = x.shape
+        q, k, v = joint
+        return (q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2),
+                k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2),
+                v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))
 
     def rotate(self, q, k, cos, sin):
         if torch.compiler.is_compiling():  # traced graphs get the functional form (no input mutation)
             return E.rope(q, cos, sin), E.rope(k, cos, sin)
-        E.rope_(q, cos, sin)
-        E.rope_(k, cos, sin)
+        ops = _ops()
+        ops.rope_(q, cos, sin)
+        ops.rope_(k, cos, sin)
         return q, k
 
     def attend(self, q, k, v, input_pos, mask):
         # (B, nh, T, hd) as a view of (B, T, nh, hd) memory: the caller's transpose + reshape copies nothing
         scale = q.shape[-1] ** -0.5
         if input_pos is not None and q.shape[2] == 1:
-            return E.decode_attention(q, k, v, input_pos, scale)
-        return E.flash_attention(q, k, v, input_pos, scale)
+            return _ops().decode_attention(q, k, v, input_pos, scale)
+        return _ops().flash_attention(q, k, v, input_pos, scale)
 
 
 class FusedAttention(_FusedAttend, Attention):
@@ -77,8 +130,12 @@ class FusedInt8KVAttention(_FusedAttend, Int8KVAttention):
 
 
 class FusedMLP(MLP):
+    def gate_up(self, x):
+        joint = _joint(self, x, (self.gate_proj, self.up_proj))
+        return super().gate_up(x) if joint is None else joint
+
     def act(self, gate, up):
-        return E.swiglu(gate, up)
+        return _ops().swiglu(gate, up)
 
 
 class _FusedWeightOnly:
@@ -87,7 +144,7 @@ class _FusedWeightOnly:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is not None:
             x = fake_quantize_per_token(x, self.act_bits)
-        return E.weight_only_matmul(x, self.qweight, self.scales, self.bits)
+        return _ops().weight_only_matmul(x, self.qweight, self.scales, self.bits)
 
 
 class FusedQuantizedLinear(_FusedWeightOnly, QuantizedLinear):
@@ -132,6 +189,7 @@ def unfuse_(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if type(m) in PLAIN:
             m.__class__ = PLAIN[type(m)]
+            m.__dict__.pop(cpu.JOINT_CACHE, None)
     return model
 
 

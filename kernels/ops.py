@@ -12,8 +12,9 @@ thread only (a context variable; tests run the Triton kernels on CPU tensors thi
 TRITON_INTERPRET=1). Ops return the same layout whichever implementation runs: attention outputs are
 `(B, H, T, D)` views of `(B, T, H, D)` memory, so the model's transpose + reshape copies nothing.
 
-The ops are for inference: none has an autograd formula. This module registers the ops; a model
-runs them after `kernels.fuse_(model)` (kernels/modules.py).
+The ops are for inference: none has an autograd formula. This module registers the ops (and keeps
+their Python bodies in `EAGER`, which the fused modules call directly in eager mode); a model runs them
+after `kernels.fuse_(model)` (kernels/modules.py).
 """
 
 from __future__ import annotations
@@ -65,6 +66,24 @@ def override(impl: str | None):
         _override.reset(token)
 
 
+# The ops' Python bodies by name, for eager callers that skip the dispatcher (kernels/modules.py: a call
+# through torch.ops costs about 5 us more, a tenth of a small model's decode step over its ~300 calls).
+EAGER = types.SimpleNamespace()
+
+
+def _op(name: str, mutates_args: tuple[str, ...] = ()):
+    """Register the decorated function as `torch.ops.edgesmith.<name>` and keep its body in EAGER."""
+    def wrap(fn):
+        setattr(EAGER, name, fn)
+        return torch.library.custom_op(f"edgesmith::{name}", fn, mutates_args=mutates_args)
+    return wrap
+
+
+def current_override() -> str | None:
+    """The implementation `override` forces in this thread (None: chosen by device)."""
+    return _override.get()
+
+
 def impl_for(t: Tensor) -> types.ModuleType:
     """The implementation module for tensors on t's device (see the module docstring)."""
     forced = _override.get()
@@ -88,7 +107,7 @@ def _attention_layout(y: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- normalisation
 
 
-@torch.library.custom_op("edgesmith::rms_norm", mutates_args=())
+@_op("rms_norm")
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """weight * rmsnorm(x) (fp32 statistics)."""
     return impl_for(x).rms_norm(x, None, weight, eps)[0]
@@ -99,7 +118,7 @@ def _(x, weight, eps):
     return torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
 
 
-@torch.library.custom_op("edgesmith::add_rms_norm", mutates_args=())
+@_op("add_rms_norm")
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(weight * rmsnorm(x + residual), x + residual): the residual add fused into the norm."""
     y, h = impl_for(x).rms_norm(x, residual, weight, eps)
@@ -114,7 +133,7 @@ def _(x, residual, weight, eps):
 # ----------------------------------------------------------------------------- rotary embedding
 
 
-@torch.library.custom_op("edgesmith::rope_", mutates_args=("x",))
+@_op("rope_", mutates_args=("x",))
 def rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
     """Rotate x `(B, H, T, D)` in place by the rows cos/sin `(T, D)` (HF rotate-half)."""
     impl_for(x).rope_(x, cos, sin)
@@ -125,7 +144,7 @@ def _(x, cos, sin):
     return None
 
 
-@torch.library.custom_op("edgesmith::rope", mutates_args=())
+@_op("rope")
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """The out-of-place form of rope_, for traced graphs (torch.compile, torch.export, ONNX)."""
     y = x.clone()
@@ -141,7 +160,7 @@ def _(x, cos, sin):
 # ----------------------------------------------------------------------------- SwiGLU
 
 
-@torch.library.custom_op("edgesmith::swiglu", mutates_args=())
+@_op("swiglu")
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up in one pass."""
     return impl_for(gate).swiglu(gate, up)
@@ -155,7 +174,7 @@ def _(gate, up):
 # ----------------------------------------------------------------------------- attention
 
 
-@torch.library.custom_op("edgesmith::flash_attention", mutates_args=())
+@_op("flash_attention")
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor | None, scale: float) -> Tensor:
     """Causal grouped-query attention, tiled with an online softmax. q `(B, H, T, D)`, k/v
     `(B, Hkv, S, D)`; query t sees key j iff j <= q_pos[t] (q_pos None: positions 0..T-1)."""
@@ -169,7 +188,7 @@ def _(q, k, v, q_pos, scale):
     return q.new_empty(B, T, H, D).transpose(1, 2)
 
 
-@torch.library.custom_op("edgesmith::decode_attention", mutates_args=())
+@_op("decode_attention")
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, scale: float,
                      split: int = 0) -> Tensor:
     """One new query per head `(B, H, 1, D)` against the static cache `(B, Hkv, S, D)`, reading only
@@ -202,7 +221,7 @@ def _cpu_split(q: Tensor, k_cache: Tensor, length: int) -> int:
 CPU_GEMV_MAX_ROWS = 8
 
 
-@torch.library.custom_op("edgesmith::weight_only_matmul", mutates_args=())
+@_op("weight_only_matmul")
 def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bits: int) -> Tensor:
     """x `(..., K)` @ W^T with W = scales * codes, read from the canonical int8 codes `(N, K)` and fp16
     group scales `(N, K/g)` (models/quant.py) without materialising W."""

@@ -1,12 +1,28 @@
 """Static KV cache: preallocated buffers written by index, never grown.
 
 Shapes stay fixed at `(B, n_kv_heads, max_seq, head_dim)` so the same module trains, compiles
-and exports (the gpt-fast / ExecuTorch layout). This module does not decide what is valid to
-attend to; the attention mask built from `input_pos` does.
+and exports (the gpt-fast / ExecuTorch layout). `update` writes in place and returns what attention
+reads: in eager mode only the live prefix (positions `0..max(input_pos)`, a view of the buffers, never
+a copy or a concatenation); in a traced graph (torch.compile, torch.export, jit tracing) the whole
+buffers, so shapes never depend on values and exported graphs are what they always were. This module
+does not decide what is valid to attend to; the attention mask built from `input_pos` does.
 """
 
 import torch
 from torch import nn
+
+
+def traced() -> bool:
+    """True while torch.compile, torch.export or jit tracing captures a graph (shapes must stay static)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def live_length(input_pos: torch.Tensor | None) -> int | None:
+    """Cache positions a call at `input_pos` can see (`max(input_pos) + 1`), in eager mode; None without
+    a cache or while traced, where the whole cache is read."""
+    if input_pos is None or traced():
+        return None
+    return int(input_pos.max()) + 1
 
 
 class KVCache(nn.Module):
@@ -23,12 +39,14 @@ class KVCache(nn.Module):
         return self.k_cache.shape[2]
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v `(B, n_kv, T, hd)` at positions `input_pos` `(T,)`; return the whole cache."""
+        """Write k, v `(B, n_kv, T, hd)` at positions `input_pos` `(T,)`; return the cache attention reads
+        (eager: its live prefix, a view; traced: the whole buffers)."""
         B = k.shape[0]
         k_out, v_out = self.k_cache[:B], self.v_cache[:B]
         k_out[:, :, input_pos] = k.to(k_out.dtype)
         v_out[:, :, input_pos] = v.to(v_out.dtype)
-        return k_out, v_out
+        live = live_length(input_pos)
+        return (k_out, v_out) if live is None else (k_out[:, :, :live], v_out[:, :, :live])
 
     def reset(self) -> None:
         self.k_cache.zero_()
@@ -72,6 +90,9 @@ class Int8KVCache(nn.Module):
         k_out, v_out = self.k_cache[:B], self.v_cache[:B]
         k_out[:, :, input_pos] = quantize_kv(k, self.k_scale)
         v_out[:, :, input_pos] = quantize_kv(v, self.v_scale)
+        live = live_length(input_pos)  # eager: dequantize only the live prefix
+        if live is not None:
+            k_out, v_out = k_out[:, :, :live], v_out[:, :, :live]
         return dequantize_kv(k_out, self.k_scale, self.dtype), dequantize_kv(v_out, self.v_scale, self.dtype)
 
     def reset(self) -> None:

@@ -5,8 +5,10 @@ no permutation), grouped-query attention, SwiGLU MLP, optional tied embeddings. 
 `transformers.LlamaForCausalLM` (`layers.0.self_attn.q_proj`, ...) so a checkpoint key is ours with
 `model.` in front. Training, compression, export and the torch runtime all use this definition;
 backend variants are module swaps applied by a pass. The layers name the steps a variant replaces
-(`Attention.rotate / read_kv / attend`, `MLP.act`, `Block.add_norm`), so a swap overrides one method,
-never a copy of forward: kernels/modules.py's fused subclasses call custom ops there. This module
+(`Attention.project / rotate / read_kv / attend`, `MLP.gate_up / act`, `Block.add_norm`), so a swap
+overrides one method, never a copy of forward: kernels/modules.py's fused subclasses call custom ops
+there. In eager mode a cached forward reads only the live part of the static cache; traced graphs
+(torch.compile, torch.export) keep static shapes and read all of it through the mask. This module
 knows nothing about tokenizers, files, devices or kernels (it imports nothing of ours but models/).
 """
 
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.errors import EdgesmithError
-from models.kv_cache import KVCache
+from models.kv_cache import KVCache, traced
 
 
 @dataclass(frozen=True)
@@ -146,13 +148,23 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
+    def project(self, x):
+        """q `(B, nh, T, hd)`, k and v `(B, nkv, T, hd)` projected from x `(B, T, C)` (a variant may run the
+        three projections as one matmul)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
     def rotate(self, q, k, cos, sin):
         """q `(B, nh, T, hd)` and k `(B, nkv, T, hd)` rotated by the rows cos/sin `(T, hd)`."""
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def read_kv(self, input_pos, k, v):
-        """The keys and values attention reads: these ones (no cache) or the whole static cache
-        `(B, nkv, S, hd)` after writing these at `input_pos`. Variants (an int8 cache) override this."""
+        """The keys and values attention reads: these ones (no cache) or the static cache after writing
+        these at `input_pos`: its live prefix `(B, nkv, max(input_pos) + 1, hd)` in eager mode, the whole
+        `(B, nkv, S, hd)` when traced (models/kv_cache.py). Variants (an int8 cache) override this."""
         if input_pos is None:
             return k, v
         return self.kv_cache.update(input_pos, k, v)
@@ -160,15 +172,20 @@ class Attention(nn.Module):
     def attend(self, q, k, v, input_pos, mask):
         """Causal grouped-query attention of q `(B, nh, T, hd)` over k/v as read_kv returns them -> `(B, nh, T, hd)`."""
         n_rep = self.n_heads // self.n_kv_heads
-        if n_rep > 1:
+        if input_pos is not None and not traced():
+            # Eager, cached: k/v are the live prefix. SDPA reads each KV head once for its query group
+            # (enable_gqa: the same kernel and sums as over repeated K/V); one query at the last live
+            # position sees every key, so it needs no mask.
+            last = q.shape[2] == 1 and k.shape[2] == int(input_pos[-1]) + 1
+            mask = None if last else mask[..., : k.shape[2]]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_rep > 1)
+        if n_rep > 1:  # training, evaluation and traced graphs: the plain ops every exporter knows
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)  # (B, nh, T, hd), (B, nkv, T, hd) x 2
         q, k = self.rotate(q, k, cos, sin)
         k, v = self.read_kv(input_pos, k, v)
         y = self.attend(q, k, v, input_pos, mask)
@@ -183,12 +200,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
+    def gate_up(self, x):
+        """The gate and up projections of x (a variant may run them as one matmul)."""
+        return self.gate_proj(x), self.up_proj(x)
+
     def act(self, gate, up):
         """SwiGLU: silu(gate) * up."""
         return F.silu(gate) * up
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.act(*self.gate_up(x)))
 
 
 class Block(nn.Module):

@@ -97,7 +97,8 @@ def register(sub) -> None:
                    "seen (default 1.0: off)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     g.add_argument("--kernels", default=None, metavar="MODE", help=f"{'|'.join(MODES)}: the torch backend's ops "
-                   "(fused RMSNorm/RoPE/SwiGLU/attention/int4-int8 matmul, or the model's PyTorch; default reference)")
+                   "(fused RMSNorm/RoPE/SwiGLU/attention/int4-int8 matmul, or the model's exact PyTorch; default "
+                   "fused where the fused CPU library builds, else reference)")
     # Runtime (default: the configuration the artifact's export verified, recorded in its manifest)
     add_runtime_options(g)
     # Speculative decoding

@@ -19,7 +19,9 @@ through `devices.bench.run_json` as `edgesmith bench` runs its agent) with the b
   bandwidth measured first with `devices.measure` (median of torch sums over a large fp32 tensor).
 
 Anchors in the same run: llama.cpp itself (llama-cpp-python's `Llama`, flash attention on, one
-thread per core) on the same GGUF files, Q4_0 and F16; optimum's ONNX export of the same float
+thread per core) on the same GGUF files, Q4_0 and F16, and on llama.cpp's own quantizations of our F16
+F32 file (`llama_model_quantize` Q4_0 and Q4_K_M, its defaults; their bytes per token read from the file);
+optimum's ONNX export of the same float
 checkpoint run with `ORTModelForCausalLM`, in fp32 and quantized by ONNX Runtime's own
 `MatMulNBitsQuantizer` (4 bits, block 32, symmetric, accuracy_level 4: what a user of optimum would
 pick). The last table prints the ratios the issue sets targets for. Speculative decoding (fp32 ONNX
@@ -28,6 +30,10 @@ target, its 4-bit artifact as draft) reports acceptance and speedup.
     python scripts/bench_runtime.py                 # full size, all rows (run on an idle machine)
     python scripts/bench_runtime.py --small         # dim 256, 4 layers, vocab 4096: proves it works
     python scripts/bench_runtime.py --rows ort-int4,llama-q4-anchor --repeats 5
+    python scripts/bench_runtime.py --layers 24 --kv-heads 8 --rows torch-int4,llama-q4-own-anchor --profile 8
+
+Torch rows run the checkpoint as `runtimes.load` does (fused kernels by default; `-ref` rows: `--kernels
+reference`); `--profile N` adds torch.profiler's top ops over N decode steps at the long context.
 """
 
 from __future__ import annotations
@@ -62,10 +68,14 @@ WORKER = Path(__file__).resolve().with_name("bench_runtime_worker.py")
 LOGIT_SCALE = 25.0
 Q4_0, NBITS_Q4, XNNPACK_Q4 = 18 / 32, (16 + 4) / 32, (16 + 2) / 32  # bytes per weight (NBITS: fp32 scales)
 
-# key -> (label, kind, artifact, session options, bytes per Linear weight)
+LANES_Q4 = (16 + 4) / 32  # the torch int4 kernel's form: packed nibbles + fp32 group scales
+# key -> (label, kind, artifact, session options, bytes per Linear weight; None: read from the GGUF file)
 ROWS = {
-    "torch": ("torch fp32 (eager)", "session", "ckpt", {}, 4),
-    "torch-compile": ("torch fp32 (compiled decode)", "session", "ckpt", {"compile": True}, 4),
+    "torch": ("torch fp32 (default: fused)", "session", "ckpt", {}, 4),
+    "torch-ref": ("torch fp32 --kernels reference", "session", "ckpt", {"kernels": "reference"}, 4),
+    "torch-int4": ("torch int4 (default: fused)", "session", "ckpt-q4", {}, LANES_Q4),
+    "torch-int4-ref": ("torch int4 --kernels reference", "session", "ckpt-q4", {"kernels": "reference"}, 4),
+    "torch-compile": ("torch fp32 (compiled decode)", "session", "ckpt", {"compile": True, "kernels": "reference"}, 4),
     "ort-fp32": ("onnxruntime fp32 fused", "session", "onnx", {}, 4),
     # the artifacts' own defaults ({}: the manifest's runtime_options, as `edgesmith bench`/generate run them)
     "ort-int4": ("onnxruntime int4 (default: acc=4)", "session", "onnx-q4", {}, NBITS_Q4),
@@ -76,10 +86,14 @@ ROWS = {
     "llama-q4": ("llamacpp session Q4_0 (default)", "session", "gguf-q4", {}, Q4_0),
     "llama-f16-anchor": ("anchor: llama.cpp F16", "llama", "gguf-f16", {}, 2),
     "llama-q4-anchor": ("anchor: llama.cpp Q4_0", "llama", "gguf-q4", {}, Q4_0),
+    # llama.cpp's own quantizer (llama_model_quantize) on our F32 GGUF, run by llama.cpp itself
+    "llama-q4-own-anchor": ("anchor: llama.cpp own Q4_0", "llama", "gguf-q4-own", {}, None),
+    "llama-q4km-own-anchor": ("anchor: llama.cpp own Q4_K_M", "llama", "gguf-q4km-own", {}, None),
     "optimum-fp32-anchor": ("anchor: optimum ORT fp32", "optimum", "optimum", {}, 4),
     "optimum-int4-anchor": ("anchor: optimum ORT int4", "optimum", "optimum-q4", {}, NBITS_Q4),
 }
-DEFAULT_ROWS = [k for k in ROWS if k != "torch-compile"]
+DEFAULT_ROWS = [k for k in ROWS if k not in ("torch-compile", "torch-ref", "torch-int4-ref")]
+OWN_QUANT = {"gguf-q4-own": "LLAMA_FTYPE_MOSTLY_Q4_0", "gguf-q4km-own": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 SIZES = {"full": dict(dim=1024, layers=16, heads=16, kv_heads=4, ffn=2816, vocab=32000),
          "small": dict(dim=256, layers=4, heads=8, kv_heads=4, ffn=768, vocab=4096)}
 
@@ -129,17 +143,52 @@ def export_optimum(ckpt: Path, out: Path, quantize: bool) -> Path:
     return out
 
 
+def quantize_with_llamacpp(source: Path, out: Path, ftype: str, S: int) -> Path:
+    """llama.cpp's own quantizer (`llama_model_quantize`, its defaults: Q6_K output for Q4_0) on our F32 GGUF
+    of the float checkpoint; a directory with the file and the two manifest fields the llama.cpp anchor reads."""
+    import ctypes
+
+    import llama_cpp as lc
+
+    manifest = json.loads((source / "manifest.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = getattr(lc, ftype)
+    params.nthread = cpu_cores()
+    rc = lc.llama_model_quantize(str(source / manifest["entry"]).encode(), str(out / "model.gguf").encode(),
+                                 ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize {ftype} returned {rc}")
+    (out / "manifest.json").write_text(json.dumps({"entry": "model.gguf", "options": {"max_seq_len": S},
+                                                   "quantized_by": f"llama_model_quantize {ftype}"}))
+    return out
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes of the 2-D weights a decoded token reads from a GGUF artifact (the token embedding excluded)."""
+    import gguf
+
+    entry = json.loads((path / "manifest.json").read_text())["entry"]
+    reader = gguf.GGUFReader(str(path / entry))
+    return sum(int(t.n_bytes) for t in reader.tensors if len(t.shape) == 2 and t.name != "token_embd.weight")
+
+
 def make_artifacts(needed: set[str], ckpts: dict[str, Path], root: Path, S: int) -> dict[str, Path]:
     plan = {"onnx": ("ckpt", ExportConfig("onnx", max_seq_len=S)),
             "onnx-q4": ("ckpt-q4", ExportConfig("onnx", max_seq_len=S)),
             "executorch": ("ckpt", ExportConfig("executorch", max_seq_len=S)),
             "executorch-q4": ("ckpt-q4", ExportConfig("executorch", max_seq_len=S)),
             "gguf-f16": ("ckpt", ExportConfig("gguf", precision="fp16", max_seq_len=S)),
+            "gguf-f32": ("ckpt", ExportConfig("gguf", precision="fp32", max_seq_len=S)),
             "gguf-q4": ("ckpt-q4", ExportConfig("gguf", max_seq_len=S))}
     paths = dict(ckpts)
-    for name in sorted(needed - set(paths)):
+    if needed & set(OWN_QUANT) and not (root / "gguf-f32" / "manifest.json").is_file():
+        needed = needed | {"gguf-f32"}  # the source of llama.cpp's own quantizations
+    for name in sorted(needed - set(paths), key=lambda n: n in OWN_QUANT):  # gguf-f32 before its quantizations
         t0 = time.perf_counter()
-        if name.startswith("optimum"):
+        if name in OWN_QUANT:
+            paths[name] = quantize_with_llamacpp(root / "gguf-f32", root / name, OWN_QUANT[name], S)
+        elif name.startswith("optimum"):
             paths[name] = export_optimum(ckpts["ckpt"], root / name, quantize=name.endswith("q4"))
         else:
             source, cfg = plan[name]
@@ -163,8 +212,14 @@ def in_subprocess(spec: dict, timeout: int) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def print_tables(results: dict, c: dict, bandwidth: float, bandwidth_1: float, spec_result: dict | None) -> None:
-    weights = linear_weights(c)
+def row_mb(key: str, c: dict, paths: dict) -> float:
+    """MB of weights read per decoded token by row `key` (GGUF rows of llama.cpp's own quantizations: from the file)."""
+    bpw, art = ROWS[key][4], ROWS[key][2]
+    return gguf_weight_bytes(paths[art]) / 1e6 if bpw is None else linear_weights(c) * bpw / 1e6
+
+
+def print_tables(results: dict, c: dict, bandwidth: float, bandwidth_1: float, spec_result: dict | None,
+                 paths: dict) -> None:
     print(f"\nmachine: {bandwidth:.1f} GB/s streaming bandwidth with {c['threads']} threads "
           f"({bandwidth_1:.1f} GB/s with 1); load average {os.getloadavg()[0]:.2f}")
     head = (f"{'row':<30} {'W MB/tok':>8} {'load s':>6} {'prefill tok/s':>13} {'TTFT ms':>8} {'decode tok/s':>12} "
@@ -173,8 +228,7 @@ def print_tables(results: dict, c: dict, bandwidth: float, bandwidth_1: float, s
     print(head)
     print("-" * len(head))
     for key, r in results.items():
-        label, bpw = ROWS[key][0], ROWS[key][4]
-        mb = weights * bpw / 1e6
+        label, mb = ROWS[key][0], row_mb(key, c, paths)
         if "error" in r:
             print(f"{label:<30} {mb:>8.1f}  failed: {r['error']}")
             continue
@@ -184,6 +238,8 @@ def print_tables(results: dict, c: dict, bandwidth: float, bandwidth_1: float, s
               f"{r['decode_long_tok_s'] / r['decode_tok_s']:>10.2f} {r['peak_rss_mb']:>7.0f} "
               f"{r['peak_rss_mb'] - r['baseline_rss_mb']:>7.0f} {gbs:>6.1f} {gbs / bandwidth:>6.0%}  "
               f"{describe(r.get('run_options') or {})}")
+        for line in r.get("profile", []):
+            print(f"    {line}")
 
     def rate(key, field="decode_tok_s"):
         r = results.get(key) or {}
@@ -193,7 +249,17 @@ def print_tables(results: dict, c: dict, bandwidth: float, bandwidth_1: float, s
     checks = [("onnxruntime int4 (default) / llama.cpp Q4_0", rate("ort-int4"), rate("llama-q4-anchor"), ">= 1.0", 1.0),
               ("optimum int4 / llama.cpp Q4_0", rate("optimum-int4-anchor"), rate("llama-q4-anchor"), "about 0.7",
                None),
-              ("torch fp32 / llama.cpp Q4_0", rate("torch"), rate("llama-q4-anchor"), ">= 0.5", 0.5),
+              ("torch int4 (default) / llama.cpp own Q4_0", rate("torch-int4"), rate("llama-q4-own-anchor"), ">= 0.5",
+               0.5),
+              ("torch int4 (default) / llama.cpp Q4_0 (our GGUF)", rate("torch-int4"), rate("llama-q4-anchor"), "-",
+               None),
+              ("torch fp32 / llama.cpp own Q4_0", rate("torch"), rate("llama-q4-own-anchor"), "-", None),
+              ("llama.cpp Q4_0: our GGUF / its own quantizer", rate("llama-q4-anchor"), rate("llama-q4-own-anchor"),
+               "-", None),
+              ("llamacpp session Q4_0 @896 / @128", rate("llama-q4", "decode_long_tok_s"), rate("llama-q4"),
+               ">= 0.85", 0.85),
+              ("llama.cpp Q4_0 @896 / @128 (anchor)", rate("llama-q4-anchor", "decode_long_tok_s"),
+               rate("llama-q4-anchor"), "-", None),
               ("llamacpp session Q4_0 / llama.cpp Q4_0", rate("llama-q4"), rate("llama-q4-anchor"), "about 1", None),
               ("llamacpp session F16 / llama.cpp F16", rate("llama-f16"), rate("llama-f16-anchor"), "about 1", None),
               ("executorch 8da4w / llama.cpp Q4_0", rate("et-int4"), rate("llama-q4-anchor"), "-", None),
@@ -211,6 +277,10 @@ def print_tables(results: dict, c: dict, bandwidth: float, bandwidth_1: float, s
             continue
         verdict = "" if floor is None else ("  met" if a / b >= floor else "  NOT met")
         print(f"  {name:<50} {a / b:6.2f}   [{target}]{verdict}")
+    if "torch" in results and "error" not in results["torch"]:
+        frac = row_mb("torch", c, paths) * results["torch"]["decode_tok_s"] / 1e3 / bandwidth
+        print(f"  {'torch fp32 (default): share of the bandwidth roofline':<50} {frac:6.2f}   [>= 0.6]"
+              f"  {'met' if frac >= 0.6 else 'NOT met'}")
     if spec_result:
         if "error" in spec_result:
             print(f"\nspeculative decoding: failed: {spec_result['error']}")
@@ -240,8 +310,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bandwidth-gib", type=float, default=None,
                    help="size of the bandwidth probe (default 1, small 0.25)")
     p.add_argument("--no-speculative", action="store_true")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="torch rows: torch.profiler over N decode "
+                   "steps at --long-context, top ops printed under the row")
     p.add_argument("--keep", default=None, metavar="DIR", help="build (or reuse) checkpoints and artifacts here")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per row")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the rows' results here as each one ends")
     return p.parse_args(argv)
 
 
@@ -277,14 +350,20 @@ def main() -> None:
             label, kind, art, options, _ = ROWS[key]
             spec = {"kind": kind, "path": str(paths[art]), "options": options, "threads": c["threads"],
                     "vocab": c["vocab"], "prompt_len": args.prompt_len, "decode_tokens": args.decode_tokens,
-                    "long_context": args.long_context, "repeats": args.repeats}
-            results[key] = in_subprocess(spec, args.timeout)
+                    "long_context": args.long_context, "repeats": args.repeats, "profile": args.profile}
+            results[key] = r = in_subprocess(spec, args.timeout)
+            tqdm.write(f"{key}: " + (r["error"] if "error" in r else
+                                     f"decode {r['decode_tok_s']:.1f} @{args.long_context} {r['decode_long_tok_s']:.1f} "
+                                     f"prefill {r['prefill_tok_s']:.1f} tok/s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+                                     f"load average {os.getloadavg()[0]:.2f}"))
+            if args.json:
+                Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
         spec_result = None
         if not args.no_speculative:
             spec_result = in_subprocess({"kind": "speculative", "path": str(paths["onnx"]),
                                          "draft": str(paths["onnx-q4"]), "threads": c["threads"], "vocab": c["vocab"],
                                          "decode_tokens": args.decode_tokens}, args.timeout)
-        print_tables(results, c, bandwidth, bandwidth_1, spec_result)
+        print_tables(results, c, bandwidth, bandwidth_1, spec_result, paths)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -112,11 +112,30 @@ def worker(spec: dict) -> dict:
         ttft_s.append(ttft)
         short.append(decode_rate(r, ids[:128], n))
         long.append(decode_rate(r, ids[: spec["long_context"]], n))
+    profile = profile_decode(r, ids, spec["profile"]) if spec.get("profile") and hasattr(r, "model") else []
     return {"load_s": load_s, "prefill_tok_s": p / statistics.median(prefill_s),
             "ttft_ms": statistics.median(ttft_s) * 1e3,
             "decode_tok_s": statistics.median(short), "decode_long_tok_s": statistics.median(long),
             "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline,
-            "run_options": getattr(r, "run_options", {})}  # what a session ran with (anchors: their own runner)
+            "run_options": getattr(r, "run_options", {}),  # what a session ran with (anchors: their own runner)
+            "profile": profile}
+
+
+def profile_decode(session, ids: list[int], steps: int) -> list[str]:
+    """torch.profiler over `steps` decode steps after the whole prompt `ids` (a torch session): the top ops
+    by self CPU time, as lines `name  ms per token  calls per token`, then the total per token."""
+    from torch.profiler import profile
+
+    session.reset()
+    token = int(np.argmax(session.prefill(ids, all_logits=False)[-1]))
+    with profile() as prof:
+        for _ in range(steps):
+            token = int(np.argmax(session.decode(token)))
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+    lines = [f"{e.key:<42} {e.self_cpu_time_total / steps / 1e3:7.2f} ms/token {e.count / steps:6.0f} calls/token"
+             for e in events[:12]]
+    return lines + [f"{'profiled total (self CPU, all ops)':<42} {total:7.2f} ms/token at {len(ids)} tokens"]
 
 
 def speculative_worker(spec: dict) -> dict:

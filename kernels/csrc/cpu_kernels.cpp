@@ -8,8 +8,7 @@
 //
 // Layouts (all row-major, innermost dim contiguous; other dims by the strides passed in elements):
 //   attention q/out (B, H, T, D), k/v (B, Hkv, S, D); the GQA head of query head h is h / (H / Hkv).
-//   4-bit weights: (N, K/2) bytes, value = code + 8, even column in the low nibble (ONNX Runtime's
-//   MatMulNBits layout); 8-bit weights: the int8 codes (N, K) as they are. Scales fp32 (N, K/g).
+//   weight-only matmul: codes in 32-bit lanes (see "weight-only matmul" below), scales fp32 (N, K/g).
 
 #include <cmath>
 #include <cstdint>
@@ -43,7 +42,7 @@ static inline float exp_approx(float x) {
 
 extern "C" {
 
-int es_abi_version() { return 4; }
+int es_abi_version() { return 5; }
 
 // out = w * rmsnorm(x + res); res_out = x + res (res, res_out may be null: plain RMSNorm)
 void es_rms_norm(const float* x, const float* res, const float* w, float* out, float* res_out,
@@ -198,11 +197,27 @@ void es_decode_attention(const float* q, const float* k, const float* v, float* 
 }
 
 // ---------------------------------------------------------------------------- weight-only matmul
+//
+// Weight layout (kernels/cpu.py packs it once per weight): each row is cut into chunks whose codes sit
+// in the eight 32-bit lanes of one 32-byte block, lane l holding the weights l, l + 8, l + 16, ... of
+// the chunk. So the codes of 8 consecutive weights come out of one block with a shift and a mask per
+// lane (no byte shuffles), already in int32 lanes, and pair with 8 contiguous x values:
+//   4 bits: 64-weight chunks; weight j*8 + l is nibble j of lane l (bits 4j..4j+3), value code + 8;
+//           a row of K is ceil(K/64) blocks (the half of a last 32-weight chunk is never read).
+//   8 bits: 32-weight chunks; weight j*8 + l is byte j of lane l, the int8 code.
+// Scales: fp32 (N, K/g), g a multiple of 32; the scale of each 32-weight half chunk is looked up
+// once per call. Arithmetic: exact float code x float activation products (code - 8 formed in
+// integers), summed per 32 weights, times the scale, summed over the row: the reference's numbers
+// up to the order of the sums.
+
+static std::vector<int64_t> half_chunk_groups(int64_t K, int64_t g) {  // group of each 32-weight span
+    std::vector<int64_t> idx(K / 32);
+    for (int64_t h = 0; h < K / 32; ++h) idx[h] = h * 32 / g;
+    return idx;
+}
 
 #if defined(__AVX2__) && defined(__FMA__)
-// AVX2 path: per group, the codes become 8-wide float vectors (code - 8 for 4 bits) multiplied into a
-// vector accumulator of the group, which is scaled into the row accumulator; one horizontal sum per
-// output. GCC does not find this on its own from the scalar loops below (they reduce per group).
+extern "C++" {  // templates inside the extern "C" block
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -210,104 +225,124 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static inline __m256 codes8(__m128i bytes8, __m256i offset) {  // 8 unsigned bytes (low half) -> float(b - offset)
-    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes8), offset));
+template <int SHIFT>
+static inline __m256 nibbles(__m256i b, __m256i mask, __m256i eight) {  // float(nibble SHIFT/4 of each lane - 8)
+    const __m256i u = SHIFT == 28 ? _mm256_srli_epi32(b, 28) : _mm256_and_si256(_mm256_srli_epi32(b, SHIFT), mask);
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(u, eight));
 }
+
+template <int J>
+static inline __m256 bytes_s8(__m256i b) {  // float(signed byte J of each lane)
+    return _mm256_cvtepi32_ps(J == 3 ? _mm256_srai_epi32(b, 24) : _mm256_srai_epi32(_mm256_slli_epi32(b, 24 - 8 * J), 24));
+}
+}  // extern "C++"
 #endif
 
-// out (M, N) = x (M, K) @ W^T with W[n, i] = scale[n, i / g] * code[n, i]. 4 bits: packed nibbles as
-// described at the top; the x columns are split into even/odd halves once per call so the inner loop
-// is contiguous (low nibbles pair with even columns, high nibbles with odd ones).
+static float row_dot4(const float* x, const uint8_t* wr, const float* sr, const int64_t* hg, int64_t K) {
+    const int64_t full = K / 64;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256i mask = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t c = 0; c < full; ++c) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32));
+        const float* xc = x + c * 64;
+        __m256 g0 = _mm256_mul_ps(nibbles<0>(b, mask, eight), _mm256_loadu_ps(xc));
+        __m256 g1 = _mm256_mul_ps(nibbles<16>(b, mask, eight), _mm256_loadu_ps(xc + 32));
+        g0 = _mm256_fmadd_ps(nibbles<4>(b, mask, eight), _mm256_loadu_ps(xc + 8), g0);
+        g1 = _mm256_fmadd_ps(nibbles<20>(b, mask, eight), _mm256_loadu_ps(xc + 40), g1);
+        g0 = _mm256_fmadd_ps(nibbles<8>(b, mask, eight), _mm256_loadu_ps(xc + 16), g0);
+        g1 = _mm256_fmadd_ps(nibbles<24>(b, mask, eight), _mm256_loadu_ps(xc + 48), g1);
+        g0 = _mm256_fmadd_ps(nibbles<12>(b, mask, eight), _mm256_loadu_ps(xc + 24), g0);
+        g1 = _mm256_fmadd_ps(nibbles<28>(b, mask, eight), _mm256_loadu_ps(xc + 56), g1);
+        acc0 = _mm256_fmadd_ps(g0, _mm256_set1_ps(sr[hg[2 * c]]), acc0);
+        acc1 = _mm256_fmadd_ps(g1, _mm256_set1_ps(sr[hg[2 * c + 1]]), acc1);
+    }
+    if (K % 64) {  // a last chunk of 32 weights: nibbles 0..3 of each lane
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + full * 32));
+        const float* xc = x + full * 64;
+        __m256 g0 = _mm256_mul_ps(nibbles<0>(b, mask, eight), _mm256_loadu_ps(xc));
+        g0 = _mm256_fmadd_ps(nibbles<4>(b, mask, eight), _mm256_loadu_ps(xc + 8), g0);
+        g0 = _mm256_fmadd_ps(nibbles<8>(b, mask, eight), _mm256_loadu_ps(xc + 16), g0);
+        g0 = _mm256_fmadd_ps(nibbles<12>(b, mask, eight), _mm256_loadu_ps(xc + 24), g0);
+        acc0 = _mm256_fmadd_ps(g0, _mm256_set1_ps(sr[hg[2 * full]]), acc0);
+    }
+    return hsum256(_mm256_add_ps(acc0, acc1));
+#else
+    float acc = 0.f;
+    for (int64_t h = 0; h < K / 32; ++h) {
+        const uint8_t* blk = wr + (h / 2) * 32;
+        const float* xc = x + h * 32;
+        float dot = 0.f;
+        for (int64_t j = 4 * (h % 2); j < 4 * (h % 2) + 4; ++j)
+            for (int64_t l = 0; l < 8; ++l)
+                dot += (float)(((blk[4 * l + j / 2] >> (4 * (j % 2))) & 15) - 8) * xc[(j % 4) * 8 + l];
+        acc += sr[hg[h]] * dot;
+    }
+    return acc;
+#endif
+}
+
+static float row_dot8(const float* x, const int8_t* wr, const float* sr, const int64_t* hg, int64_t K) {
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 1 < K / 32; c += 2) {  // two chunks per step: two independent accumulators
+        const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32));
+        const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32 + 32));
+        const float* xc = x + c * 32;
+        __m256 g0 = _mm256_mul_ps(bytes_s8<0>(b0), _mm256_loadu_ps(xc));
+        __m256 g1 = _mm256_mul_ps(bytes_s8<0>(b1), _mm256_loadu_ps(xc + 32));
+        g0 = _mm256_fmadd_ps(bytes_s8<1>(b0), _mm256_loadu_ps(xc + 8), g0);
+        g1 = _mm256_fmadd_ps(bytes_s8<1>(b1), _mm256_loadu_ps(xc + 40), g1);
+        g0 = _mm256_fmadd_ps(bytes_s8<2>(b0), _mm256_loadu_ps(xc + 16), g0);
+        g1 = _mm256_fmadd_ps(bytes_s8<2>(b1), _mm256_loadu_ps(xc + 48), g1);
+        g0 = _mm256_fmadd_ps(bytes_s8<3>(b0), _mm256_loadu_ps(xc + 24), g0);
+        g1 = _mm256_fmadd_ps(bytes_s8<3>(b1), _mm256_loadu_ps(xc + 56), g1);
+        acc0 = _mm256_fmadd_ps(g0, _mm256_set1_ps(sr[hg[c]]), acc0);
+        acc1 = _mm256_fmadd_ps(g1, _mm256_set1_ps(sr[hg[c + 1]]), acc1);
+    }
+    if (c < K / 32) {
+        const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32));
+        const float* xc = x + c * 32;
+        __m256 g0 = _mm256_mul_ps(bytes_s8<0>(b0), _mm256_loadu_ps(xc));
+        g0 = _mm256_fmadd_ps(bytes_s8<1>(b0), _mm256_loadu_ps(xc + 8), g0);
+        g0 = _mm256_fmadd_ps(bytes_s8<2>(b0), _mm256_loadu_ps(xc + 16), g0);
+        g0 = _mm256_fmadd_ps(bytes_s8<3>(b0), _mm256_loadu_ps(xc + 24), g0);
+        acc0 = _mm256_fmadd_ps(g0, _mm256_set1_ps(sr[hg[c]]), acc0);
+    }
+    return hsum256(_mm256_add_ps(acc0, acc1));
+#else
+    float acc = 0.f;
+    for (int64_t c = 0; c < K / 32; ++c) {
+        const int8_t* blk = wr + c * 32;
+        float dot = 0.f;
+        for (int64_t j = 0; j < 4; ++j)
+            for (int64_t l = 0; l < 8; ++l) dot += (float)blk[4 * l + j] * x[c * 32 + j * 8 + l];
+        acc += sr[hg[c]] * dot;
+    }
+    return acc;
+#endif
+}
+
+// out (M, N) = x (M, K) @ W^T with W[n, i] = scale[n, i / g] * code[n, i], W in the layout above.
 void es_wo_matmul4(const float* x, const uint8_t* w, const float* scales, float* out,
                    int64_t M, int64_t N, int64_t K, int64_t g, int nt) {
-    const int64_t G = K / g, hg = g / 2;
-    std::vector<float> xe(M * K / 2), xo(M * K / 2);
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t i = 0; i < K / 2; ++i) {
-            xe[m * K / 2 + i] = x[m * K + 2 * i];
-            xo[m * K / 2 + i] = x[m * K + 2 * i + 1];
-        }
+    const int64_t G = K / g, row_bytes = (K + 63) / 64 * 32;
+    const std::vector<int64_t> hg = half_chunk_groups(K, g);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-        const uint8_t* wr = w + n * (K / 2);
-        const float* sr = scales + n * G;
-        for (int64_t m = 0; m < M; ++m) {
-            const float* e = xe.data() + m * K / 2;
-            const float* o = xo.data() + m * K / 2;
-#if defined(__AVX2__) && defined(__FMA__)
-            if (hg % 16 == 0) {
-                const __m256i eight = _mm256_set1_epi32(8);
-                const __m128i low4 = _mm_set1_epi8(15);
-                __m256 acc = _mm256_setzero_ps();
-                for (int64_t gi = 0; gi < G; ++gi) {
-                    __m256 ga = _mm256_setzero_ps();
-                    for (int64_t i = gi * hg; i < (gi + 1) * hg; i += 16) {
-                        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + i));
-                        const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-                        ga = _mm256_fmadd_ps(codes8(lo, eight), _mm256_loadu_ps(e + i), ga);
-                        ga = _mm256_fmadd_ps(codes8(_mm_unpackhi_epi64(lo, lo), eight), _mm256_loadu_ps(e + i + 8), ga);
-                        ga = _mm256_fmadd_ps(codes8(hi, eight), _mm256_loadu_ps(o + i), ga);
-                        ga = _mm256_fmadd_ps(codes8(_mm_unpackhi_epi64(hi, hi), eight), _mm256_loadu_ps(o + i + 8), ga);
-                    }
-                    acc = _mm256_fmadd_ps(ga, _mm256_set1_ps(sr[gi]), acc);
-                }
-                out[m * N + n] = hsum256(acc);
-                continue;
-            }
-#endif
-            float acc = 0.f;
-            for (int64_t gi = 0; gi < G; ++gi) {
-                const uint8_t* wb = wr + gi * hg;
-                const float* eg = e + gi * hg;
-                const float* og = o + gi * hg;
-                float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t i = 0; i < hg; ++i)
-                    dot += (float)((wb[i] & 15) - 8) * eg[i] + (float)((wb[i] >> 4) - 8) * og[i];
-                acc += sr[gi] * dot;
-            }
-            out[m * N + n] = acc;
-        }
-    }
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t m = 0; m < M; ++m)
+            out[m * N + n] = row_dot4(x + m * K, w + n * row_bytes, scales + n * G, hg.data(), K);
 }
 
 void es_wo_matmul8(const float* x, const int8_t* w, const float* scales, float* out,
                    int64_t M, int64_t N, int64_t K, int64_t g, int nt) {
     const int64_t G = K / g;
+    const std::vector<int64_t> hg = half_chunk_groups(K, g);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-        const int8_t* wr = w + n * K;
-        const float* sr = scales + n * G;
-        for (int64_t m = 0; m < M; ++m) {
-            const float* xr = x + m * K;
-#if defined(__AVX2__) && defined(__FMA__)
-            if (g % 16 == 0) {
-                __m256 acc = _mm256_setzero_ps();
-                for (int64_t gi = 0; gi < G; ++gi) {
-                    __m256 ga = _mm256_setzero_ps();
-                    for (int64_t i = gi * g; i < (gi + 1) * g; i += 16) {
-                        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + i));
-                        const __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-                        const __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
-                        ga = _mm256_fmadd_ps(c0, _mm256_loadu_ps(xr + i), ga);
-                        ga = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xr + i + 8), ga);
-                    }
-                    acc = _mm256_fmadd_ps(ga, _mm256_set1_ps(sr[gi]), acc);
-                }
-                out[m * N + n] = hsum256(acc);
-                continue;
-            }
-#endif
-            float acc = 0.f;
-            for (int64_t gi = 0; gi < G; ++gi) {
-                float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t i = 0; i < g; ++i) dot += (float)wr[gi * g + i] * xr[gi * g + i];
-                acc += sr[gi] * dot;
-            }
-            out[m * N + n] = acc;
-        }
-    }
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t m = 0; m < M; ++m)
+            out[m * N + n] = row_dot8(x + m * K, w + n * K, scales + n * G, hg.data(), K);
 }
 
 }  // extern "C"

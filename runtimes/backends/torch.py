@@ -11,9 +11,14 @@ by position, so `rewind` is free. The tokenizer is the checkpoint's `tokenizer.j
 Kernels (`kernels="fused"`): the session applies `kernels.fuse_` to its own model once, at construction
 (fused RMSNorm, RoPE, SwiGLU, flash / split-KV decode attention), and weight-only quantized Linears are
 kept as codes so the int4/int8 matmul kernel reads them instead of a dequantized float weight.
-"reference" (the default) is the model's own PyTorch (`fuse_(model, "reference")` puts back a model that
-came in fused). The choice lives in the model's modules, so sessions in one process (a speculative
-draft and its target, two threads) never see each other's.
+"reference" is the model's own PyTorch (`fuse_(model, "reference")` puts back a model that came in
+fused; its cached attention also reads only the live keys, models/llama.py). `from_path` (what
+`runtimes.load(checkpoint)`, `generate`, `eval`, `bench` and the GUI run) defaults to "fused" wherever the
+fused implementation exists for the device (the CPU library built, `default_kernels`): tests/kernels
+checks it gives the reference's greedy tokens and logits; `kernels="reference"` asks for the exact path.
+A model handed to the constructor is the caller's: it runs "reference" unless told otherwise. The
+choice lives in the model's modules, so sessions in one process (a speculative draft and its target,
+two threads) never see each other's.
 
 Compilation (`compile=True`) wraps only the decode step, with static shapes: prefill and multi-token
 calls stay eager (gpt-fast compiles the hot function only). It is compiled on the first decode.
@@ -27,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels import check_mode, fuse_
+from kernels import check_mode, cpu, fuse_
 from models.checkpoint import from_hf_config, load_checkpoint, load_state_dict_, read_json
 from models.errors import EdgesmithError
 from models.hf import read_hf_weights
@@ -64,6 +69,12 @@ def load_model(path: Path):
     return model.eval(), tokenizer
 
 
+def default_kernels() -> str:
+    """The kernels a checkpoint runs by default: "fused" where the fused CPU library is available (the
+    session runs on the CPU), else "reference" (the fused ops would fall back to their slow references)."""
+    return "fused" if cpu.available() else "reference"
+
+
 @BACKENDS.register("torch", formats=())
 class TorchSession(Session):
     backend = "torch"
@@ -86,14 +97,15 @@ class TorchSession(Session):
 
     @classmethod
     def from_path(cls, path: str | Path, compile: bool = False, dtype: str = "fp32", max_seq_len: int | None = None,
-                  n_threads: int | None = None, kernels: str = "reference") -> TorchSession:
-        """Load a checkpoint directory. `n_threads` sets torch's (process-wide) intra-op thread count."""
+                  n_threads: int | None = None, kernels: str | None = None) -> TorchSession:
+        """Load a checkpoint directory. `n_threads` sets torch's (process-wide) intra-op thread count;
+        `kernels` None: `default_kernels()`."""
         path = Path(path)
         if n_threads is not None:
             if n_threads < 1:
                 raise EdgesmithError(f"n_threads: {n_threads} must be >= 1")
             torch.set_num_threads(n_threads)
-        check_mode(kernels)
+        kernels = default_kernels() if kernels is None else check_mode(kernels)
         model, tokenizer = load_model(path)
         if kernels == "reference":  # fused: the weight-only kernel reads the codes
             dequantize_linears_(model)

@@ -1,5 +1,6 @@
-"""Drop-in: the model with the fused modules gives the reference model's greedy tokens, through the torch
-session and `edgesmith generate --kernels`; unfusing leaves the default path untouched."""
+"""Drop-in: the model with the fused modules (what a checkpoint runs by default) gives the reference model's
+greedy tokens, through the torch session and `edgesmith generate [--kernels]`; unfusing restores the model's
+own PyTorch exactly."""
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ import kernels
 from models.llama import Transformer
 from models.quant import QuantizedLinear, quantize_linear_
 from runtimes.sampling import GenerationConfig
+import runtimes
+from kernels import cpu
 from runtimes.backends.torch import TorchSession
 from edgesmith.cli import main
 from toolchain.export.parity import torch_threads
@@ -34,15 +37,16 @@ def test_fused_session_gives_the_reference_greedy_tokens(checkpoints, source):
 
 
 def test_generate_cli_kernels_flag(checkpoints, capsys):
-    # execute
+    # execute: the default (fused), then each mode asked for
     with torch_threads(1):
-        outs = [main(["generate", str(checkpoints["q4"]), *GREEDY, "--kernels", mode]) for mode in ("reference", "fused")]
+        outs = [main(["generate", str(checkpoints["q4"]), *GREEDY, *flag])
+                for flag in ((), ("--kernels", "reference"), ("--kernels", "fused"))]
         bad = main(["generate", str(checkpoints["q4"]), *GREEDY, "--kernels", "fast"])
     out, err = capsys.readouterr()
     # assert
-    assert outs == [0, 0] and bad == 2
+    assert outs == [0, 0, 0] and bad == 2
     texts = out.strip().split("\n")
-    assert texts[0] == texts[-1] and texts[0].startswith("def moving_average(values")
+    assert len(texts) == 3 and len(set(texts)) == 1 and texts[0].startswith("def moving_average(values")
     assert err.strip().splitlines()[-1] == "edgesmith: error: --kernels: 'fast'; allowed: reference, fused"
 
 
@@ -83,3 +87,31 @@ def test_unknown_mode_is_one_clear_line(tiny_model):
     with pytest.raises(Exception, match=r"^kernels: 'triton'; allowed: reference, fused$"):
         kernels.fuse_(tiny_model, "triton")
     assert kernels.fused_modules(tiny_model) == []
+
+
+@pytest.mark.parametrize("source", ["float", "q4"])
+def test_a_checkpoint_runs_the_fused_kernels_by_default(checkpoints, source):
+    # setup
+    prompt = list(range(3, 40, 3))
+    cfg = GenerationConfig(max_new_tokens=24, temperature=0.0)
+    # execute: runtimes.load as generate, eval, bench and the GUI call it, and the exact path asked for
+    default = runtimes.load(checkpoints[source])
+    exact = runtimes.load(checkpoints[source], kernels="reference")
+    with torch_threads(1):
+        tokens = [list(s.generate(prompt, cfg)) for s in (default, exact)]
+        logits = [s.prefill(prompt) for s in (default, exact)]
+    # assert: fused (the codes kept for the int4 kernel), the reference's greedy tokens and logits
+    assert default.run_options["kernels"] == "fused" and exact.run_options["kernels"] == "reference"
+    assert kernels.fused_modules(default.model) and not kernels.fused_modules(exact.model)
+    assert any(isinstance(m, QuantizedLinear) for m in default.model.modules()) == (source == "q4")
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 24
+    assert abs(logits[0] - logits[1]).max() < 1e-4
+
+
+def test_without_the_fused_library_the_default_is_the_reference(checkpoints, monkeypatch):
+    # setup: a machine where the C++ library cannot be built
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    # execute
+    session = runtimes.load(checkpoints["q4"])
+    # assert: the ops would fall back to their slow references, so the model's own PyTorch runs
+    assert session.run_options["kernels"] == "reference" and not kernels.fused_modules(session.model)

@@ -170,3 +170,45 @@ def test_an_implementation_override_stays_in_its_thread():
     # assert
     assert seen["thread"] is reference
     assert seen["main"] is (cpu if cpu.available() else reference)
+
+
+@pytest.mark.skipif(not cpu.available(), reason="fused CPU library unavailable")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_joint_projections_equal_the_separate_kernel_calls(tiny_model, bits):
+    # setup: a quantized, fused model; one decode-step input per layer
+    quantize_linear_(tiny_model, bits, 32, include=lambda n: "layers" in n)
+    kernels.fuse_(tiny_model)
+    attn, mlp = tiny_model.layers[0].self_attn, tiny_model.layers[0].mlp
+    x = torch.randn(1, 1, tiny_model.config.dim)
+    with torch.inference_mode():
+        # execute: one kernel call each for q/k/v and gate/up, then one op call per Linear (as under a trace)
+        q, k, v = attn.project(x)
+        gate, up = mlp.gate_up(x)
+        with OpRecorder() as rec:  # a dispatch mode: the modules go through torch.ops, one Linear at a time
+            q1, k1, v1 = attn.project(x)
+            gate1, up1 = mlp.gate_up(x)
+    # assert: the same kernel rows, bit for bit; the joint packing is cached on the module and unfuse drops it
+    assert edgesmith_ops(rec.names) == {"edgesmith::weight_only_matmul"}
+    for joint, alone in ((q, q1), (k, k1), (v, v1), (gate, gate1), (up, up1)):
+        assert torch.equal(joint, alone)
+    assert cpu.JOINT_CACHE in attn.__dict__ and cpu.JOINT_CACHE in mlp.__dict__
+    kernels.unfuse_(tiny_model)
+    assert cpu.JOINT_CACHE not in attn.__dict__
+
+
+@pytest.mark.skipif(not cpu.available(), reason="fused CPU library unavailable")
+def test_joint_packing_follows_the_codes(tiny_model):
+    # setup
+    quantize_linear_(tiny_model, 4, 32, include=lambda n: "mlp" in n)
+    kernels.fuse_(tiny_model)
+    mlp = tiny_model.layers[0].mlp
+    x = torch.randn(1, tiny_model.config.dim)
+    before = mlp.gate_up(x)[0]
+    # execute: the canonical codes change in place; the cached joint packing must not go stale
+    with torch.no_grad():
+        mlp.gate_proj.qweight.neg_().clamp_(-8, 7)
+    after = mlp.gate_up(x)[0]
+    # assert
+    expected = reference.weight_only_matmul(x, mlp.gate_proj.qweight, mlp.gate_proj.scales, 4)
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after)

@@ -234,3 +234,28 @@ def test_every_implementation_falls_back_to_the_reference():
     with pytest.raises(Exception, match="allowed: reference, cpu, triton"):
         with ops.override("cuda"):
             pass
+
+
+@pytest.mark.parametrize("K, g", [(32, 32), (96, 32), (160, 32), (192, 64), (384, 128), (640, 128)])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_only_kernel_layout_edges(K, g, bits):
+    # setup: K not a multiple of 64 (a last half chunk), groups of one, two and four half chunks
+    qweight, scales = quantize_rtn(rand(7, K, seed=3), bits, g)
+    x = rand(3, K)
+    # execute
+    with ops.override("cpu"):
+        y = torch.ops.edgesmith.weight_only_matmul(x, qweight, scales, bits)
+    # assert
+    close(y, reference.weight_only_matmul(x, qweight, scales, bits), torch.float32)
+
+
+def test_pack_lanes_puts_weight_j8_plus_l_in_lane_l():
+    # setup: codes that name their own column
+    qweight = (torch.arange(64) % 16 - 8).to(torch.int8).repeat(2, 1)
+    # execute
+    packed = cpu.pack_lanes(qweight, 4).view(torch.int32)  # (2, 8): one 32-byte block, 8 lanes
+    # assert: nibble j of lane l holds code(j * 8 + l) + 8
+    for lane in range(8):
+        for j in range(8):
+            assert (int(packed[0, lane]) >> (4 * j)) & 15 == (j * 8 + lane) % 16
+    assert torch.equal(cpu.pack_lanes(qweight, 8).view(2, 64)[:, 1], qweight[:, 8])  # byte 1 of lane 0 = weight 8

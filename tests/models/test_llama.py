@@ -96,3 +96,40 @@ def test_tied_embeddings_share_one_tensor(tiny_config):
     assert model.lm_head.weight is model.embed_tokens.weight
     untied = Transformer(tiny_config).num_params()
     assert untied - model.num_params() == tiny_config.vocab_size * tiny_config.dim
+
+
+def _cached_logits(model, tokens, prefill_len):
+    model.setup_cache(1, 32)
+    with torch.inference_mode():
+        steps = [model(tokens[:, :prefill_len], torch.arange(prefill_len))]
+        steps += [model(tokens[:, p:p + 1], torch.tensor([p])) for p in range(prefill_len, tokens.shape[1])]
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("prefill_len", [1, 7])
+def test_eager_attention_reads_the_live_cache_with_the_traced_paths_numbers(tiny_model, monkeypatch, prefill_len):
+    # setup: 32 positions, the cache filled to its last slot; GQA (4 query heads over 2 KV heads)
+    tokens = torch.randint(0, 320, (1, 32), generator=torch.Generator().manual_seed(3))
+    # execute: eager (live prefix, SDPA's GQA), then the path traced graphs take (whole cache, repeated K/V)
+    eager = _cached_logits(tiny_model, tokens, prefill_len)
+    monkeypatch.setattr("models.kv_cache.traced", lambda: True)
+    monkeypatch.setattr("models.llama.traced", lambda: True)
+    whole = _cached_logits(tiny_model, tokens, prefill_len)
+    # assert: the same logits at every position, first and last slot included
+    torch.testing.assert_close(eager, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_cache_read_is_a_view_of_the_live_prefix(tiny_model):
+    # setup
+    tiny_model.setup_cache(1, 16)
+    cache = tiny_model.layers[0].self_attn.kv_cache
+    ptr = cache.k_cache.data_ptr()
+    k = torch.randn(1, 2, 3, 16)
+    # execute: a prefill of 3 at 0..2, then one token at 3
+    with torch.inference_mode():
+        k3, _ = cache.update(torch.arange(3), k, k)
+        k4, v4 = cache.update(torch.tensor([3]), k[:, :, :1], k[:, :, :1])
+    # assert: written in place, read back as views of the buffers (no copy, no concatenation)
+    assert k3.shape == (1, 2, 3, 16) and k4.shape == v4.shape == (1, 2, 4, 16)
+    assert k4.data_ptr() == cache.k_cache.data_ptr() == ptr and v4.data_ptr() == cache.v_cache.data_ptr()
+    assert torch.equal(cache.k_cache[:, :, 3], k[:, :, 0]) and cache.k_cache[:, :, 4:].abs().sum() == 0
