@@ -1,4 +1,4 @@
-"""The Tune tab: `edgesmith tune CKPT --target DEVICE --out runs/tune-...` as a background job, with its
+"""The Tune tab: `edgesmith tune CKPT --target DEVICE --out tune/<checkpoint>-<device>` as a background job, with its
 progress; each candidate's measured size, KLD and speed appear in the table as soon as it is measured, and
 the Pareto plot (size x mean KLD, coloured by decode tok/s) and the chosen candidate when the search ends.
 
@@ -48,7 +48,8 @@ def tune_start(act: Actions, checkpoint: str, device: str, max_size_mb, min_deco
         device = (device or "local").strip()
         if not formats:
             raise EdgesmithError("formats: choose at least one")
-        out = act.ws.resolve(f"runs/tune-{run_stem(ckpt)}-{device.replace('/', '_').replace(':', '_')}", "output")
+        # under tune/, not runs/: a tune is not a recipe run (the Runs tab lists those)
+        out = act.ws.resolve(f"tune/{run_stem(ckpt)}-{device.replace('/', '_').replace(':', '_')}", "output")
         argv = ["tune", str(ckpt), "--target", device, "--out", str(out), "--formats", ",".join(formats),
                 "--method", method, "--candidates", str(int(float(_positive(candidates, "candidates") or 4))),
                 "--data", recipes.corpus(act.ws, data or "stdlib")]

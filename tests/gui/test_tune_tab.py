@@ -32,7 +32,7 @@ def test_the_tune_tab_runs_tune_and_shows_candidates_and_the_plot(act):
     assert list(table.columns)[:4] == ["", "candidate", "size MB", "mean KLD"] and len(table) >= 2
     assert (table[""] == "chosen").sum() == 1 and table["candidate"].iloc[0] == "4-bit x4"
     assert plot and plot.endswith("pareto.png")
-    assert (act.ws.root / "runs" / "tune-tiny-local" / "recipe.toml").is_file()
+    assert (act.ws.root / "tune" / "tiny-local" / "recipe.toml").is_file() and not (act.ws.root / "runs").exists()
 
 
 @pytest.mark.parametrize("field, value, message", [
