@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-ABI_VERSION = 5
+ABI_VERSION = 6
 X86_64_V3 = ("avx2", "fma", "f16c", "bmi2")
 
 MIN_PARALLEL_WORK = 1 << 17  # elements below which a call runs on one thread (a parallel region costs more)
@@ -46,6 +46,7 @@ SIGNATURES = {
     "es_decode_attention": [c_p] * 6 + [c_i64] * 5 + [c_f32, c_i64] + [c_i64] * 6 + [c_int],
     "es_wo_matmul4": [c_p] * 4 + [c_i64] * 4 + [c_int],
     "es_wo_matmul8": [c_p] * 4 + [c_i64] * 4 + [c_int],
+    "es_gemv_f32": [c_p] * 3 + [c_i64] * 3 + [c_int],
 }
 
 
@@ -238,6 +239,17 @@ def packed_weight(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> tup
 def _version(t: torch.Tensor) -> int:
     """In-place changes bump a tensor's version; inference tensors have none (taken as never changing)."""
     return -1 if t.is_inference() else t._version
+
+
+def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x `(..., K)` fp32 @ weight `(N, K)` fp32 ^T -> `(..., N)`: the matrix-vector product of a float Linear
+    at decode time (torch's BLAS reaches about half the memory bandwidth there on some CPUs)."""
+    N, K = weight.shape
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    xf = x.reshape(-1, K).contiguous()
+    out = torch.empty(xf.shape[0], N, dtype=torch.float32)
+    lib().es_gemv_f32(_p(xf), _p(w), _p(out), xf.shape[0], N, K, _threads(N * K // 4))
+    return out.reshape(*x.shape[:-1], N)
 
 
 def pack_lanes(qweight: torch.Tensor, bits: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ in-place swap that puts them into one model (`fuse_`) or takes them out again (`
 |                        |                            | flash / split-KV decode attention                |
 | Int8KVAttention        | FusedInt8KVAttention       | the same, over the dequantized int8 cache        |
 | MLP                    | FusedMLP                   | gate/up as one weight-only matmul, edgesmith::swiglu |
+| nn.Linear (float)      | FusedLinear                | edgesmith::linear (decode: fp32 gemv)            |
 | QuantizedLinear        | FusedQuantizedLinear       | edgesmith::weight_only_matmul (reads the codes)  |
 | TiedQuantizedHead      | FusedTiedQuantizedHead     | the same, on the embedding's codes               |
 
@@ -138,6 +139,18 @@ class FusedMLP(MLP):
         return _ops().swiglu(gate, up)
 
 
+class FusedLinear(nn.Linear):
+    """A float Linear through edgesmith::linear: at decode time the CPU library's fp32 gemv (torch's BLAS,
+    MKL, streams the weight at about half the bandwidth on an AMD CPU: scripts/bench_runtime.py
+    --profile), F.linear otherwise; traced graphs keep F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return super().forward(x)
+        y = _ops().linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
 class _FusedWeightOnly:
     """The int4/int8 weight-only matmul kernel on the canonical codes and scales (no float weight)."""
 
@@ -156,7 +169,7 @@ class FusedTiedQuantizedHead(_FusedWeightOnly, TiedQuantizedHead):
 
 
 FUSED: dict[type, type] = {RMSNorm: FusedRMSNorm, Block: FusedBlock, Attention: FusedAttention,
-                           Int8KVAttention: FusedInt8KVAttention, MLP: FusedMLP,
+                           Int8KVAttention: FusedInt8KVAttention, MLP: FusedMLP, nn.Linear: FusedLinear,
                            QuantizedLinear: FusedQuantizedLinear, TiedQuantizedHead: FusedTiedQuantizedHead}
 PLAIN: dict[type, type] = {fused: plain for plain, fused in FUSED.items()}
 

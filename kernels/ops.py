@@ -234,3 +234,20 @@ def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, bits: int) ->
 @weight_only_matmul.register_fake
 def _(x, qweight, scales, bits):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+@_op("linear")
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x `(..., K)` @ weight^T for a float weight `(N, K)`: on the CPU library, fp32 and at most
+    CPU_GEMV_MAX_ROWS rows (decode), its gemv, which streams the weight at the memory bandwidth (torch's
+    BLAS reaches about half of it on some CPUs); otherwise F.linear."""
+    rows = x.numel() // x.shape[-1]
+    if (impl_for(x) is cpu and x.dtype == weight.dtype == torch.float32
+            and (rows <= CPU_GEMV_MAX_ROWS or _override.get() == "cpu")):
+        return cpu.linear_f32(x, weight)
+    return torch.nn.functional.linear(x, weight)
+
+
+@linear.register_fake
+def _(x, weight):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

@@ -42,7 +42,7 @@ static inline float exp_approx(float x) {
 
 extern "C" {
 
-int es_abi_version() { return 5; }
+int es_abi_version() { return 6; }
 
 // out = w * rmsnorm(x + res); res_out = x + res (res, res_out may be null: plain RMSNorm)
 void es_rms_norm(const float* x, const float* res, const float* w, float* out, float* res_out,
@@ -322,6 +322,31 @@ static float row_dot8(const float* x, const int8_t* wr, const float* sr, const i
     }
     return acc;
 #endif
+}
+
+// out (M, N) = x (M, K) @ W^T for a float W (N, K): the decode-time matrix-vector product of a float
+// Linear, one row of W streamed per output (four independent accumulators), threads over rows.
+static float row_dot_f32(const float* x, const float* wr, int64_t K) {
+    int64_t i = 0;
+    float acc = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (; i + 32 <= K; i += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    acc = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+    for (; i < K; ++i) acc += wr[i] * x[i];
+    return acc;
+}
+
+void es_gemv_f32(const float* x, const float* w, float* out, int64_t M, int64_t N, int64_t K, int nt) {
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t m = 0; m < M; ++m) out[m * N + n] = row_dot_f32(x + m * K, w + n * K, K);
 }
 
 // out (M, N) = x (M, K) @ W^T with W[n, i] = scale[n, i / g] * code[n, i], W in the layout above.

@@ -219,6 +219,7 @@ def test_ops_pass_opcheck():
         (torch.ops.edgesmith.flash_attention, (q, k, v, torch.arange(2, 7), 0.3)),
         (torch.ops.edgesmith.decode_attention, (q[:, :, :1], k, v, torch.tensor([4]), 0.3, 0)),
         (torch.ops.edgesmith.weight_only_matmul, (rand(1, 64), qweight, scales, 4)),
+        (torch.ops.edgesmith.linear, (rand(1, 64), rand(16, 64))),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
@@ -259,3 +260,15 @@ def test_pack_lanes_puts_weight_j8_plus_l_in_lane_l():
         for j in range(8):
             assert (int(packed[0, lane]) >> (4 * j)) & 15 == (j * 8 + lane) % 16
     assert torch.equal(cpu.pack_lanes(qweight, 8).view(2, 64)[:, 1], qweight[:, 8])  # byte 1 of lane 0 = weight 8
+
+
+@FAST
+@given(M=st.integers(1, 12), N=st.integers(1, 40), K=st.integers(1, 300))
+def test_linear_matches_f_linear(M, N, K):
+    # setup: decode rows (the gemv) and, above CPU_GEMV_MAX_ROWS, prefill rows (F.linear)
+    x, w = rand(M, K), rand(N, K, seed=1)
+    # execute
+    y = torch.ops.edgesmith.linear(x, w)
+    # assert: sums of K terms ~1: the tolerance scales with sqrt(K)
+    tol = {k: v * math.sqrt(K) for k, v in TOL[torch.float32].items()}
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w), **tol)
