@@ -24,6 +24,7 @@ from models.registry import BACKENDS
 from runtimes.artifact import read_manifest
 from runtimes.headers import pte_header
 from runtimes.native_stderr import captured
+from runtimes.probe import probe
 from runtimes.session import Session
 
 RUNTIME_PACKAGE = "executorch"
@@ -45,14 +46,18 @@ class ExecuTorchSession(Session):
 
             portable_lib._unsafe_reset_threadpool(n_threads)
         program = directory / manifest["entry"]
+        method = manifest["options"].get("method", "forward")
         pte_header(program)
+        # a program this machine has not seen run is run once in a child first: ExecuTorch aborts the process
+        # on some programs its verification passes (runtimes/probe.py)
+        probe(program, manifest["files"][manifest["entry"]]["sha256"], method)
         # a corrupt program: ExecuTorch prints its own line to stderr and raises a bare RuntimeError
         # with an error code; both go into our one line
         log = None
         try:
             with captured() as log:
                 self.program = Runtime.get().load_program(program, verification=Verification.InternalConsistency)
-                self.method = self.program.load_method(manifest["options"].get("method", "forward"))
+                self.method = self.program.load_method(method)
         except (RuntimeError, KeyError, MemoryError) as e:  # KeyError: no such method in the program
             native = f": {log.line()}" if log and log.text.strip() else ""
             raise EdgesmithError(f"{program}: ExecuTorch could not load the program "

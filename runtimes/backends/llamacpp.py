@@ -143,9 +143,11 @@ def check_gguf(path: Path, model: dict | None = None) -> None:
         raise EdgesmithError(f"{path}: not a readable GGUF file ({type(e).__name__}: {detail})") from None
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is not None:
-        texts = [bytes(tokens.parts[i]) for i in tokens.data]
+        # llama.cpp reads each token text as a C string: one cut short by a NUL byte can duplicate another
+        texts = [bytes(tokens.parts[i]).split(b"\0", 1)[0] for i in tokens.data]
         if len(set(texts)) != len(texts):
-            raise EdgesmithError(f"{path}: tokenizer.ggml.tokens lists a token twice (corrupt file)")
+            raise EdgesmithError(f"{path}: tokenizer.ggml.tokens lists a token twice, as llama.cpp reads them "
+                                 "(up to a NUL byte; corrupt file)")
     for key, name in GGUF_HPARAMS.items() if isinstance(model, dict) else ():
         field = reader.fields.get(key)
         value = field.contents() if field is not None else None

@@ -41,16 +41,8 @@ def fuzz_run(tmp_path_factory):
                 "--max-findings", "5")
 
 
-# ExecuTorch's runtime aborts the process on some programs that pass its own full flatbuffer verification (a
-# kernel argument of the wrong EValue type, an XNNPACK blob identifier pybind11 cannot decode, an operator index
-# out of range): seed 0's 200 cases hold two. Known and open (tests/reliability/test_fuzz_regressions.py has them
-# one by one); strict, so that a fix shows here as a failure to remove this mark.
-PTE_ABORTS = pytest.mark.xfail(strict=True, raises=AssertionError, reason="ExecuTorch aborts on some programs that "
-                               "pass its InternalConsistency verification (open)")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("reader", [pytest.param(r, marks=PTE_ABORTS) if r == "pte" else r for r in READERS])
+@pytest.mark.parametrize("reader", READERS)
 def test_a_reader_survives_its_fuzz_cases(fuzz_run, reader):
     # setup / execute: the module's one run of the script
     _, results = fuzz_run

@@ -274,7 +274,7 @@ def token_cut_by_nul(path: Path) -> bytes:
     return bytes(data)
 
 
-@still_open(AssertionError, "runtimes/backends/llamacpp.py check_gguf compares token texts as bytes; llama.cpp reads "
+@xfail(AssertionError, "runtimes/backends/llamacpp.py check_gguf compares token texts as bytes; llama.cpp reads "
                        "them as C strings, so a token cut by a NUL duplicates another and llama-vocab.cpp aborts: "
                        "GGML_ASSERT(id_to_token.size() == token_to_id.size()), SIGABRT (fuzz: gguf-*-crash)")
 def test_a_gguf_token_cut_short_by_a_nul_is_refused(tmp_path, artifact):
@@ -386,7 +386,7 @@ ABORTS = "ExecuTorch aborts the process (SIGABRT) on a kernel argument of the wr
          "before loading (fuzz: pte-*-crash, 'worker killed by SIGABRT')"
 
 
-@still_open(AssertionError, ABORTS)
+@xfail(AssertionError, ABORTS)
 @pytest.mark.parametrize("edit", [non_tensor_argument, scalar_argument_as_tensor], ids=["to-tensor", "to-scalar"])
 def test_a_program_passing_a_value_of_the_wrong_type_to_a_kernel_is_refused(tmp_path, artifact, edit):
     # setup
@@ -398,7 +398,7 @@ def test_a_program_passing_a_value_of_the_wrong_type_to_a_kernel_is_refused(tmp_
     assert_refused_in_one_line(proc)
 
 
-@still_open(AssertionError, "ExecuTorch's XNNPACK compiler logs the bad identifier ('%.4s' != expected XN00 or XN01) "
+@xfail(AssertionError, "ExecuTorch's XNNPACK compiler logs the bad identifier ('%.4s' != expected XN00 or XN01) "
                        "through pybind11, which cannot decode it: error_already_set in a noexcept path, "
                        "std::terminate, SIGABRT (fuzz: pte-*-crash, 'worker killed by SIGABRT' with nothing on "
                        "stderr: captured() holds it)")
@@ -425,7 +425,7 @@ def method_renamed(plan) -> None:
     plan.name = "forwarD"
 
 
-@still_open(AssertionError, "ExecuTorch logs '[method.cpp] Op index ... out of range' at load and goes on; execute "
+@xfail(AssertionError, "ExecuTorch logs '[method.cpp] Op index ... out of range' at load and goes on; execute "
                        "then dies with SIGSEGV (fuzz: pte-*-crash, 'worker killed by SIGSEGV')")
 def test_a_program_whose_kernel_call_names_an_operator_out_of_range_is_refused(tmp_path, artifact):
     # setup
@@ -450,9 +450,8 @@ def test_a_program_without_the_method_its_manifest_names_is_refused(tmp_path, ar
     assert_refused_in_one_line(proc)
 
 
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason="open: ExecuTorch executes a delegate call that lacks an "
-                   "argument; 'method->execute() failed with error 0x12' is now one line (runtimes/backends/"
-                   "executorch.py), but on some runs the same program dies with SIGSEGV inside ExecuTorch first")
+@xfail(AssertionError, "ExecuTorch executes a delegate call that lacks an argument: 'method->execute() failed "
+                       "with error 0x12' on some runs, SIGSEGV inside ExecuTorch on others (fuzz: pte-*-crash)")
 def test_a_program_whose_delegate_call_lacks_an_argument_is_refused(tmp_path, artifact):
     # setup
     src = artifact("executorch")

@@ -46,6 +46,7 @@ fp16 with quantized weights is refused (not built); int8 KV caches are refused b
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 
 import torch
@@ -59,6 +60,7 @@ from models.llama import Transformer
 from models.lowrank import LowRankLinear
 from models.quant import QuantizedEmbedding, QuantizedLinear, replace_module_
 from runtimes.backends.executorch import ExecuTorchBackend
+from runtimes.probe import remember
 from toolchain.export.spec import FormatSpec, quantization_scheme, refuse_int8_kv_cache, register_format
 
 FILE = "model.pte"
@@ -225,7 +227,9 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
         model = Transformer(ckpt.config)
         model.load_state_dict(ckpt.model.state_dict())
     program = export_program(model, cfg.precision, max_seq_len)
-    (tmp / FILE).write_bytes(program.buffer)
+    data = program.buffer
+    (tmp / FILE).write_bytes(data)
+    remember(hashlib.sha256(data).hexdigest(), "export")  # ours: loaded in this process next (parity), no probe
     return {"entry": FILE, "options": {"backend": "xnnpack", "method": "forward"},
             "quantization": quantization_scheme(ckpt, STORED_AS, EMBEDDING_STORED_AS)}
 
