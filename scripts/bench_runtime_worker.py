@@ -112,12 +112,18 @@ def worker(spec: dict) -> dict:
         ttft_s.append(ttft)
         short.append(decode_rate(r, ids[:128], n))
         long.append(decode_rate(r, ids[: spec["long_context"]], n))
-    profile = profile_decode(r, ids, spec["profile"]) if spec.get("profile") and hasattr(r, "model") else []
+    run_options = getattr(r, "run_options", {})  # what a session ran with (anchors: their own runner)
+    profile = []
+    if spec.get("profile") and hasattr(r, "model"):
+        profile = profile_decode(r, ids, spec["profile"])
+    elif spec.get("profile") and getattr(r, "backend", None) == "onnxruntime":
+        del r  # one session at a time: the profiled one is opened afresh
+        profile = profile_ort(spec, ids[:128], spec["profile"]) + profile_ort(spec, ids, spec["profile"])
     return {"load_s": load_s, "prefill_tok_s": p / statistics.median(prefill_s),
             "ttft_ms": statistics.median(ttft_s) * 1e3,
             "decode_tok_s": statistics.median(short), "decode_long_tok_s": statistics.median(long),
             "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline,
-            "run_options": getattr(r, "run_options", {}),  # what a session ran with (anchors: their own runner)
+            "run_options": run_options,
             "profile": profile}
 
 
@@ -136,6 +142,41 @@ def profile_decode(session, ids: list[int], steps: int) -> list[str]:
     lines = [f"{e.key:<42} {e.self_cpu_time_total / steps / 1e3:7.2f} ms/token {e.count / steps:6.0f} calls/token"
              for e in events[:12]]
     return lines + [f"{'profiled total (self CPU, all ops)':<42} {total:7.2f} ms/token at {len(ids)} tokens"]
+
+
+def profile_ort(spec: dict, ids: list[int], steps: int) -> list[str]:
+    """ONNX Runtime's own profiler over `steps` decode steps after the prompt `ids` (a session opened with the
+    row's options and profiling on): self time per operator type, per token, with its share of the runs."""
+    import onnxruntime as ort
+
+    class Profiled(ort.SessionOptions):
+        def __init__(self):
+            super().__init__()
+            self.enable_profiling = True
+            self.profile_file_prefix = str(Path(spec["path"]).parent / "ort-profile")
+
+    real, ort.SessionOptions = ort.SessionOptions, Profiled
+    try:
+        s = open_session(spec["path"], spec["options"], spec["threads"])
+    finally:
+        ort.SessionOptions = real
+    token = int(np.argmax(s.prefill(ids, all_logits=False)[-1]))
+    for _ in range(steps):
+        token = int(np.argmax(s.decode(token)))
+    trace = Path(s.session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[-steps:]
+    run_us = sum(e["dur"] for e in runs)
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and any(
+                r["ts"] <= e["ts"] <= r["ts"] + r["dur"] for r in runs):
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + e["dur"]
+    lines = [f"{op + ' (ORT)':<42} {us / steps / 1e3:7.2f} ms/token {us / run_us:6.0%} of the runs"
+             for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])[:8]]
+    return lines + [f"{'model_run total':<42} {run_us / steps / 1e3:7.2f} ms/token at {len(ids)} tokens"]
 
 
 def speculative_worker(spec: dict) -> dict:

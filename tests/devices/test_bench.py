@@ -217,20 +217,20 @@ def test_bench_cli_runs_each_artifact_in_its_manifest_options_unless_told_otherw
     # execute: defaults, then overridden
     default_code = main(["bench", *arts, *small, "--json", str(tmp_path / "default.json")])
     default_out = capsys.readouterr().out
-    asked_code = main(["bench", *arts, *small, "--accuracy-level", "0", "--flash-attn", "off", "--threads", "1",
+    asked_code = main(["bench", *arts, *small, "--accuracy-level", "0", "--flash-attn", "on", "--threads", "1",
                        "--json", str(tmp_path / "asked.json")])
     asked_out = capsys.readouterr().out
     # assert
     assert default_code == 0 and asked_code == 0
     onnx, gguf = read_results(tmp_path / "default.json")
     assert onnx["run_options"]["accuracy_level"] == 4 and onnx["options"] == {}
-    assert gguf["run_options"]["flash_attn"] is True and gguf["backend"] == "llamacpp"
-    assert "accuracy_level=4" in default_out and "flash_attn=on" in default_out and "options" in default_out
+    assert gguf["run_options"]["flash_attn"] is False and gguf["backend"] == "llamacpp"
+    assert "accuracy_level=4" in default_out and "flash_attn=off" in default_out and "options" in default_out
     onnx, gguf = read_results(tmp_path / "asked.json")
     assert onnx["options"] == {"accuracy_level": 0, "n_threads": 1} and onnx["run_options"]["accuracy_level"] == 0
-    assert gguf["options"] == {"flash_attn": False, "n_threads": 1} and gguf["run_options"]["flash_attn"] is False
+    assert gguf["options"] == {"flash_attn": True, "n_threads": 1} and gguf["run_options"]["flash_attn"] is True
     assert onnx["run_options"]["n_threads"] == gguf["run_options"]["n_threads"] == 1
-    assert "accuracy_level=0 threads=1" in asked_out and "flash_attn=off" in asked_out
+    assert "accuracy_level=0 threads=1" in asked_out and "flash_attn=on" in asked_out
 
 
 def test_an_option_no_artifact_takes_is_one_line_exit_2(artifact, tmp_path, capsys):
@@ -259,7 +259,7 @@ def test_ssh_agent_runs_the_options_it_is_given(sshd, artifact):
     # assert: what the sessions on the device ran with came back with the results
     onnx, gguf = results
     assert onnx["run_options"] == {"n_threads": 1, "accuracy_level": 0}
-    assert gguf["run_options"]["n_threads"] == 1 and gguf["run_options"]["flash_attn"] is True  # its manifest's
+    assert gguf["run_options"]["n_threads"] == 1 and gguf["run_options"]["flash_attn"] is False  # its manifest's
     assert defaults[0]["run_options"]["accuracy_level"] == 4
     # a value the device's backend refuses: one line, naming the device
     with pytest.raises(EdgesmithError) as e:
@@ -276,15 +276,15 @@ def test_adb_maps_options_onto_llama_bench_flags_and_records_what_it_ran(artifac
     monkeypatch.setenv("FAKE_ADB_LOG", str(log))
     monkeypatch.setenv("FAKE_ADB_ROOT", str(root))
     gguf = artifact("gguf-q4")
-    # execute: threads from the caller, flash attention and the fp16 KV cache from the manifest
+    # execute: threads from the caller, flash attention (off) and the fp16 KV cache from the manifest
     [r] = bench([gguf], "adb://R5CW1234", prompt_len=16, gen_len=16, repeat=3, options={"n_threads": 2})
     # assert
     run = [json.loads(line) for line in log.read_text().splitlines() if "llama-bench " in line][0]
     assert run[3].startswith("/data/local/tmp/llama-bench -m /data/local/tmp/edgesmith/gguf-q4/model.gguf -p 16 "
-                             "-n 16 -r 3 -o json -t 2 -fa 1 -ctk f16 -ctv f16 >"), run
-    assert r["run_options"] == {"n_threads": 2, "flash_attn": True, "kv_cache": "f16"}  # as llama-bench reported
+                             "-n 16 -r 3 -o json -t 2 -fa 0 -ctk f16 -ctv f16 >"), run
+    assert r["run_options"] == {"n_threads": 2, "flash_attn": False, "kv_cache": "f16"}  # as llama-bench reported
     assert r["options"] == {"n_threads": 2} and r["threads"] == 2
-    assert "flash_attn=on kv_cache=f16 threads=2" in format_table([r])
+    assert "flash_attn=off kv_cache=f16 threads=2" in format_table([r])
     # llama-bench has no accuracy level: refused before anything is pushed
     pushes = log.read_text().count('"push"')
     with pytest.raises(EdgesmithError, match="--accuracy-level: no artifact of this bench takes it .*llama-bench"):

@@ -13,8 +13,9 @@ from models.errors import EdgesmithError
 @pytest.mark.parametrize("name, recorded, runs", [
     ("onnx-q4", {"accuracy_level": 4}, {"accuracy_level": 4}),  # int8 activations: ONNX Runtime's fast int4 path
     ("onnx", {}, {"accuracy_level": 0}),  # a float graph has no MatMulNBits
-    ("gguf-q4", {"flash_attn": True, "kv_cache": "f16"}, {"flash_attn": True, "kv_cache": "f16"}),
-    ("gguf", {}, {"flash_attn": False}),  # fp32 floats: llama.cpp's flash attention rounds to fp16, over 1e-4
+    # llama.cpp's CPU flash attention decodes slower than its plain attention (BENCHMARKS.md, issue 19)
+    ("gguf-q4", {"flash_attn": False, "kv_cache": "f16"}, {"flash_attn": False, "kv_cache": "f16"}),
+    ("gguf", {}, {"flash_attn": False, "kv_cache": "f32"}),  # fp32 floats: fp16 rounding is over the 1e-4 threshold
 ])
 def test_the_manifest_records_what_parity_was_checked_in_and_load_runs_it(artifact, name, recorded, runs):
     # setup

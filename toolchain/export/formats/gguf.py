@@ -213,12 +213,14 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
 
 
 def runtime_options(ckpt: Checkpoint, cfg) -> dict:
-    """llama.cpp's flash attention (its CLI's default; llama-cpp-python leaves it off) and an fp16 KV cache (its
-    default; half the bytes read per token at long context), where they meet the artifact's parity threshold:
-    quantized or fp16 weights. Its CPU kernel rounds Q and the softmax to fp16, about 5e-4 of
-    the logits, over the fp32 threshold (1e-4): an fp32 float artifact keeps the exact path."""
+    """An fp16 KV cache (llama.cpp's default; half the bytes read per token at long context) where it meets the
+    artifact's parity threshold, quantized or fp16 weights, and flash attention off, recorded as such: on the CPU
+    llama.cpp's flash-attention kernel decodes slower than its plain attention, 119 against 166 tok/s at 896
+    tokens of context on a 245 M Llama (scripts/bench_runtime.py --rows llama-q4,llama-q4-nofa, BENCHMARKS.md),
+    and no faster at 128; `--flash-attn on` still runs it. An fp32 float artifact keeps llama.cpp's exact path
+    (an f32 cache): fp16 rounding is about 5e-4 of the logits, over the fp32 threshold (1e-4)."""
     quantized = bool((ckpt.meta.get("quantization") or {}).get("weights"))
-    return {"flash_attn": True, "kv_cache": "f16"} if quantized or cfg.precision != "fp32" else {}
+    return {"flash_attn": False, "kv_cache": "f16"} if quantized or cfg.precision != "fp32" else {}
 
 
 register_format(FormatSpec(name="gguf", precisions=("fp32", "fp16"), write=write, backend=LlamaCppBackend,
