@@ -43,10 +43,21 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 # ----------------------------------------------------------------------------- HF config mapping
 
 
+# family -> (transformers architecture, fields its config.json has beyond Llama's, with our values)
+HF_FAMILIES = {
+    "llama": ("LlamaForCausalLM", {}),
+    "mistral": ("MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2ForCausalLM", {"use_sliding_window": False, "sliding_window": None, "max_window_layers": 0}),
+    "qwen3": ("Qwen3ForCausalLM", {"use_sliding_window": False, "sliding_window": None, "max_window_layers": 0}),
+}
+
+
 def to_hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    """The config.json transformers loads as the checkpoint's own family (Llama, Mistral, Qwen2, Qwen3)."""
+    arch, extra = HF_FAMILIES[cfg.family]
+    d = {
+        "architectures": [arch],
+        "model_type": cfg.family,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.ffn_dim,
@@ -69,7 +80,11 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> 
         "pad_token_id": tokenizer.pad_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
+        **extra,
     }
+    if cfg.family == "qwen2":  # Qwen2's q/k/v always carry a bias: its config has no field for it
+        del d["attention_bias"], d["mlp_bias"]
+    return d
 
 
 # The largest value each size field may take: far beyond any model this tool deploys (a 405B Llama has
@@ -79,18 +94,30 @@ _MAX_SIZE = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size":
              "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 10, "head_dim": 1 << 12, "num_key_value_heads": 1 << 10,
              "max_position_embeddings": 1 << 21}
 
-# Fields of a HF Llama config our model cannot represent, with the one value it can.
-_FIXED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_scaling": None}
+# Fields of a HF config our model cannot represent, with the one value it can (a sliding window: every layer
+# attends to the whole context, so only a window no shorter than the context, or none, is the same model).
+_FIXED = {"hidden_act": "silu", "mlp_bias": False, "rope_scaling": None, "use_sliding_window": False}
+# family -> the switches its architecture implies
+_IMPLIED = {"llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True}}
 
 
 def from_hf_config(d: dict, source: str) -> ModelConfig:
-    """Map a HF Llama config.json to ModelConfig; name the field when ours cannot represent it."""
+    """Map a HF config.json of a supported family to ModelConfig; name the field when ours cannot represent it."""
     model_type = d.get("model_type")
-    if model_type != "llama":
-        raise EdgesmithError(f"{source}: model_type={model_type!r} is not supported; allowed: 'llama'")
-    for key, allowed in _FIXED.items():
+    if model_type not in HF_FAMILIES:
+        raise EdgesmithError(f"{source}: model_type={model_type!r:.40} is not supported; allowed: "
+                             f"{', '.join(repr(f) for f in HF_FAMILIES)}")
+    # attention_bias in Llama, Mistral and Qwen3 biases o_proj too; our switch is Qwen2's (q/k/v only)
+    fixed = _FIXED if model_type == "qwen2" else {**_FIXED, "attention_bias": False}
+    for key, allowed in fixed.items():
         if d.get(key, allowed) != allowed:
-            raise EdgesmithError(f"{source}: {key}={d[key]!r} is not supported; allowed: {allowed!r}")
+            raise EdgesmithError(f"{source}: {key}={d[key]!r:.60} is not supported; allowed: {allowed!r}")
+    window = d.get("sliding_window")
+    if window is not None and d.get("use_sliding_window", model_type == "mistral") and not (
+            type(window) is int and window >= d.get("max_position_embeddings", 2048)):
+        raise EdgesmithError(f"{source}: sliding_window={window!r:.40} is not supported (every layer attends to the "
+                             "whole context); allowed: null or at least max_position_embeddings")
+    switches = _IMPLIED[model_type]
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     for key in required:
         if key not in d:
@@ -114,7 +141,7 @@ def from_hf_config(d: dict, source: str) -> ModelConfig:
             n_heads=heads, n_kv_heads=d.get("num_key_value_heads") or heads, ffn_dim=d["intermediate_size"],
             max_seq_len=d.get("max_position_embeddings", 2048), rope_theta=float(d.get("rope_theta", 10000.0)),
             norm_eps=float(d.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-            head_dim_override=override,
+            head_dim_override=override, family=model_type, **switches,
         )
     except EdgesmithError as e:
         raise EdgesmithError(f"{source}: {e}") from None

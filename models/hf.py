@@ -1,4 +1,4 @@
-"""Import a Llama directory saved by Hugging Face `transformers` as an edgesmith checkpoint.
+"""Import a Llama, Mistral, Qwen2 or Qwen3 directory saved by Hugging Face `transformers` as an edgesmith checkpoint.
 
 Reads `config.json`, the safetensors weights (one file or shards with an index) and
 `tokenizer.json`; refuses pickle weights. Exporting the other way needs no code: our checkpoints
@@ -38,7 +38,7 @@ def read_hf_weights(src: Path) -> dict:
 
 
 def import_hf(src: str | Path, out: str | Path) -> Path:
-    """Convert a transformers-saved Llama directory into a checkpoint at `out`."""
+    """Convert a transformers-saved directory of a supported family into a checkpoint at `out` (its family kept)."""
     src = Path(src)
     if not src.is_dir():
         raise EdgesmithError(f"{src}: no such directory")

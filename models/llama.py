@@ -40,8 +40,19 @@ class ModelConfig:
     # Width of one attention head when it is not dim // n_heads (HF Llama's `head_dim`): structured
     # head pruning removes heads but keeps their width. None: dim // n_heads.
     head_dim_override: int | None = None
+    # Model families (DESIGN.md): the same module with a switch where a family differs. `family` names the
+    # architecture a checkpoint's config.json keeps (transformers loads it as that family); Qwen2 adds a bias
+    # to the q/k/v projections, Qwen3 an RMSNorm over each query and key head before the rotation.
+    family: str = "llama"
+    attention_bias: bool = False
+    qk_norm: bool = False
 
     def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise EdgesmithError(f"ModelConfig.family: {self.family!r}; allowed: {', '.join(FAMILIES)}")
+        for name in ("attention_bias", "qk_norm", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise EdgesmithError(f"ModelConfig.{name}: {getattr(self, name)!r} must be true or false")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -77,8 +88,9 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["head_dim_override"] is None:  # configs without it serialize as they always did
-            del d["head_dim_override"]
+        for name in ("head_dim_override", "family", "attention_bias", "qk_norm"):  # defaults: serialized as before
+            if d[name] == FIELD_DEFAULTS[name]:
+                del d[name]
         return d
 
     @classmethod
@@ -88,6 +100,10 @@ class ModelConfig:
         if unknown:
             raise EdgesmithError(f"{source}: unknown ModelConfig field {unknown[0]!r}; allowed: {', '.join(sorted(fields))}")
         return cls(**d)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 def _divisors(n: int) -> str:
@@ -142,10 +158,13 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.kv_cache: KVCache | None = None
 
     def project(self, x):
@@ -156,6 +175,12 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
+
+    def norm_qk(self, q, k):
+        """Qwen3's RMSNorm over each query and key head (the last dim), before the rotation; else q, k as they are."""
+        if not hasattr(self, "q_norm"):
+            return q, k
+        return self.q_norm(q), self.k_norm(k)
 
     def rotate(self, q, k, cos, sin):
         """q `(B, nh, T, hd)` and k `(B, nkv, T, hd)` rotated by the rows cos/sin `(T, hd)`."""
@@ -186,7 +211,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, input_pos=None, mask=None):
         B, T, _ = x.shape
         q, k, v = self.project(x)  # (B, nh, T, hd), (B, nkv, T, hd) x 2
-        q, k = self.rotate(q, k, cos, sin)
+        q, k = self.rotate(*self.norm_qk(q, k), cos, sin)
         k, v = self.read_kv(input_pos, k, v)
         y = self.attend(q, k, v, input_pos, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)

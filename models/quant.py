@@ -361,6 +361,8 @@ class Int8KVAttention(Attention):
         nn.Module.__init__(self)
         self.n_heads, self.n_kv_heads, self.head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        if hasattr(attn, "q_norm"):
+            self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.register_buffer("k_scale", k_scale.detach().float().clone().reshape(self.n_kv_heads))
         self.register_buffer("v_scale", v_scale.detach().float().clone().reshape(self.n_kv_heads))
         self.kv_cache = None

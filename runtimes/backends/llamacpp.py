@@ -148,7 +148,10 @@ def check_gguf(path: Path, model: dict | None = None) -> None:
         if len(set(texts)) != len(texts):
             raise EdgesmithError(f"{path}: tokenizer.ggml.tokens lists a token twice, as llama.cpp reads them "
                                  "(up to a NUL byte; corrupt file)")
+    arch_field = reader.fields.get("general.architecture")
+    arch = arch_field.contents() if arch_field is not None else "llama"
     for key, name in GGUF_HPARAMS.items() if isinstance(model, dict) else ():
+        key = key.replace("llama.", f"{arch}.", 1)
         field = reader.fields.get(key)
         value = field.contents() if field is not None else None
         if name in model and value != model[name]:

@@ -98,7 +98,7 @@ def _edit_config(**changes):
     (lambda c: (c / "config.json").write_text("{\"a\": "), r"config.json: not valid JSON"),
     (_edit_config(hidden_act="gelu"), r"config.json: hidden_act='gelu' is not supported; allowed: 'silu'"),
     (_edit_config(hidden_size=100, head_dim=25), r"config.json: ModelConfig.dim: 100 is not a multiple of 32"),
-    (_edit_config(model_type="qwen2"), r"config.json: model_type='qwen2' is not supported; allowed: 'llama'"),
+    (_edit_config(model_type="gpt2"), r"config.json: model_type='gpt2' is not supported; allowed: 'llama', 'mistral', 'qwen2', 'qwen3'"),
     (_edit_config(num_hidden_layers=3), r"model.safetensors: missing tensor 'model.layers.2"),
     (_edit_config(intermediate_size=96), r"model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' has shape"),
 ])

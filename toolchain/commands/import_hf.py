@@ -1,4 +1,4 @@
-"""`edgesmith import-hf`: a Llama directory saved by transformers becomes a checkpoint."""
+"""`edgesmith import-hf`: a Llama, Mistral, Qwen2 or Qwen3 directory saved by transformers becomes a checkpoint."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def register(sub) -> None:
-    i = sub.add_parser("import-hf", help="import a Llama directory saved by transformers")
+    i = sub.add_parser("import-hf", help="import a Llama, Mistral, SmolLM, Qwen2 or Qwen3 directory saved by transformers")
     i.add_argument("src", help="the transformers directory (config.json + safetensors)")
     i.add_argument("--out", required=True, help="the checkpoint directory to write")
     i.add_argument("--force", action="store_true", help="replace --out if it exists")

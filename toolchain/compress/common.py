@@ -53,6 +53,9 @@ def plan_layers(model: nn.Module, cfg: WeightQuant, report: dict) -> dict[str, i
     for name, bits in plan.items():
         if bits is not None:
             m = model.get_submodule(name)
+            if getattr(m, "bias", None) is not None:  # Qwen2's q/k/v: QuantizedLinear holds no bias (yet)
+                raise EdgesmithError(f"layer {name}: has a bias, and quantizing a biased Linear is not built yet; "
+                                     "keep them float: --rule '.*\\.[qkv]_proj=skip'")
             check_scheme(bits, cfg.group_size, m.embedding_dim if isinstance(m, nn.Embedding) else m.in_features, name)
     notes = []
     for n in sorted(set(shared) - set(embeds)):

@@ -163,6 +163,9 @@ def pruned_heads_state(model: Transformer, kept_q, kept_kv) -> tuple[dict, dict]
         state[f"{p}.k_proj.weight"] = _rows(state[f"{p}.k_proj.weight"], kv, hd)
         state[f"{p}.v_proj.weight"] = _rows(state[f"{p}.v_proj.weight"], kv, hd)
         state[f"{p}.o_proj.weight"] = _rows(state[f"{p}.o_proj.weight"].T, q, hd).T
+        for proj, units in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):  # Qwen2: a bias per output row
+            if f"{p}.{proj}.bias" in state:
+                state[f"{p}.{proj}.bias"] = _rows(state[f"{p}.{proj}.bias"], units, hd)
     changes = {"n_heads": len(kept_q[0]), "n_kv_heads": len(kept_kv[0]), "head_dim_override": hd}
     if changes["n_heads"] * hd == mc.dim:
         changes["head_dim_override"] = None

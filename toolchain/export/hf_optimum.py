@@ -65,7 +65,7 @@ def parity_prompt(src: Path, vocab_size: int, positions: int) -> list[int]:
 def export_hf(src: Path, out: Path, cfg, log=print) -> dict:
     if cfg.format != "onnx":
         raise EdgesmithError(f"{src}: a Hugging Face directory (no edgesmith.json) exports only with --format onnx "
-                             "(through optimum); import a Llama with `edgesmith import-hf` for the other formats")
+                             "(through optimum); import it with `edgesmith import-hf` (Llama, Mistral, Qwen2, Qwen3) for the other formats")
     if cfg.precision != "fp32" or not cfg.fuse:
         raise EdgesmithError(f"{src}: optimum's ONNX export here is fp32 with its own graph; allowed: "
                              "--precision fp32, without --no-fuse")

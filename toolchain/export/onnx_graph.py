@@ -101,7 +101,10 @@ class Builder:
             return self.quant_linear(x, name, module)
         if isinstance(module, LowRankLinear):  # low-rank pass: two MatMuls, the factors stay factors
             return self.linear(self.linear(x, f"{name}.a", module.a), f"{name}.b", module.b)
-        return self.matmul(x, self.weight(f"{name}.weight_t", module.weight, True))
+        y = self.matmul(x, self.weight(f"{name}.weight_t", module.weight, True))
+        if module.bias is not None:  # Qwen2's q/k/v projections
+            y = self.op("Add", [y, self.weight(f"{name}.bias", module.bias)])
+        return y
 
     def quant_linear(self, x: str, name: str, m) -> str:
         if self.fused:  # ONNX Runtime's MatMulNBits, B (N, blocks, blob) from our codes exactly
@@ -176,7 +179,11 @@ def plain_attention(b: Builder, cfg: ModelConfig, h: str, i: int, attn, cos: str
 
     def heads(name: str, n: int) -> str:  # (B, T, n*hd) -> (B, n, T, hd)
         y = b.linear(h, f"{p}.{name}", getattr(attn, name))
-        return b.op("Transpose", [b.op("Reshape", [y, b.ints(0, 0, n, hd)])], perm=[0, 2, 1, 3])
+        y = b.op("Reshape", [y, b.ints(0, 0, n, hd)])
+        norm = getattr(attn, f"{name[0]}_norm", None) if name != "v_proj" else None
+        if norm is not None:  # Qwen3: RMSNorm over each head, before the rotation
+            y = b.rms_norm(y, b.weight(f"{p}.{name[0]}_norm.weight", norm.weight), cfg.norm_eps)
+        return b.op("Transpose", [y], perm=[0, 2, 1, 3])
 
     def rope(x: str) -> str:
         x1 = b.op("Slice", [x, b.ints(0), b.ints(hd // 2), b.ints(-1)])
@@ -243,6 +250,13 @@ def fused_attention(b: Builder, cfg: ModelConfig, h: str, i: int, attn, pos_ids:
     q = b.linear(h, f"{p}.q_proj", attn.q_proj)
     k = b.linear(h, f"{p}.k_proj", attn.k_proj)
     v = b.linear(h, f"{p}.v_proj", attn.v_proj)
+    if cfg.qk_norm:  # Qwen3: RMSNorm over each head of q and k, (B, T, n*hd) seen as (B, T, n, hd)
+        def head_norm(x: str, n: int, norm, name: str) -> str:
+            x = b.op("Reshape", [x, b.ints(0, 0, n, hd)])
+            x = b.op(NORM, [x, b.weight(f"{p}.{name}.weight", norm.weight)], axis=-1, epsilon=float(cfg.norm_eps),
+                     stash_type=1)
+            return b.op("Reshape", [x, b.ints(0, 0, n * hd)])
+        q, k = head_norm(q, nh, attn.q_norm, "q_norm"), head_norm(k, nkv, attn.k_norm, "k_norm")
     q = b.op(ROTARY, [q, pos_ids, "cos_cache", "sin_cache"], domain=MS, interleaved=0, num_heads=nh)
     k = b.op(ROTARY, [k, pos_ids, "cos_cache", "sin_cache"], domain=MS, interleaved=0, num_heads=nkv)
     y = b.op(GQA,

@@ -1,9 +1,11 @@
-"""GGUF export for llama.cpp: llama architecture, F32 / F16 tensors, the tokenizer embedded.
+"""GGUF export for llama.cpp: the family's llama.cpp architecture, F32 / F16 tensors, the tokenizer embedded.
 
-Tensor names and metadata follow llama.cpp's llama architecture. Our attention uses Hugging
-Face's rotate-half RoPE while llama.cpp's llama RoPE rotates adjacent pairs, so the rows of
+Tensor names and metadata follow llama.cpp's architecture for the family (`llama` for Llama and
+Mistral, `qwen2`, `qwen3`: q/k/v biases and q/k norms under their names there). Our attention uses Hugging
+Face's rotate-half RoPE while llama.cpp's llama RoPE rotates adjacent pairs, so for `llama` the rows of
 q_proj / k_proj are permuted per head the way llama.cpp's convert_hf_to_gguf.py does
-(`LlamaModel.permute`: reshape (heads, 2, hd/2, in), swap axes 1 and 2). The tokenizer goes in as
+(`LlamaModel.permute`: reshape (heads, 2, hd/2, in), swap axes 1 and 2); qwen2 and qwen3 use NEOX
+rotation, which is rotate-half, and are written as they are. The tokenizer goes in as
 byte-level BPE with its merges (`tokenizer.ggml.model = "gpt2"`, pre-tokenizer `"gpt-2"`), padded
 with unused tokens up to the model's vocab_size. Norm weights stay F32 at every precision, as
 llama.cpp's converter keeps them.
@@ -48,8 +50,14 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
             .reshape(w.shape))
 
 
+# family -> llama.cpp architecture (convert_hf_to_gguf.py: Mistral is written as llama; Qwen2/3 are their own,
+# with NEOX rotary embeddings, i.e. Hugging Face's rotate-half: their q/k rows are not permuted)
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+NEOX = ("qwen2", "qwen3")
+
+
 def tensor_map(cfg: ModelConfig) -> dict[str, str]:
-    """Our state-dict key -> the GGUF tensor name (llama architecture)."""
+    """Our state-dict key -> the GGUF tensor name (llama.cpp's names for the family's architecture)."""
     names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
     if not cfg.tie_embeddings:
         names["lm_head.weight"] = "output.weight"
@@ -60,6 +68,10 @@ def tensor_map(cfg: ModelConfig) -> dict[str, str]:
         "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
         "mlp.down_proj.weight": "ffn_down.weight",
     }
+    if cfg.attention_bias:
+        per_layer.update({f"self_attn.{x}_proj.bias": f"attn_{x}.bias" for x in "qkv"})
+    if cfg.qk_norm:
+        per_layer.update({"self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"})
     for i in range(cfg.n_layers):
         for ours, theirs in per_layer.items():
             names[f"layers.{i}.{ours}"] = f"blk.{i}.{theirs}"
@@ -102,9 +114,11 @@ def gguf_tensors(model: Transformer, precision: str) -> dict[str, tuple[np.ndarr
     cfg = model.config
     state = model.state_dict()
     out = {}
+    permute = ARCH[cfg.family] not in NEOX
     for ours, name in tensor_map(cfg).items():
-        module = model.get_submodule(ours.removesuffix(".weight"))
+        module = model.get_submodule(ours.rsplit(".", 1)[0])
         heads = cfg.n_heads if ours.endswith("q_proj.weight") else cfg.n_kv_heads if ours.endswith("k_proj.weight") else 0
+        heads = heads if permute else 0
         if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
             qweight, scales = module.qweight.detach(), module.scales.detach()
             if heads:  # rows move together with their scales; blocks run along the input, so they stay whole
@@ -115,7 +129,8 @@ def gguf_tensors(model: Transformer, precision: str) -> dict[str, tuple[np.ndarr
                 out[name] = (pack_q8_0(qweight, scales), gguf.GGMLQuantizationType.Q8_0)
             continue
         # A low-rank pair is multiplied back: llama.cpp's llama architecture has no factorized Linear.
-        w = module.dense_weight() if isinstance(module, LowRankLinear) else state[ours].detach().float()
+        w = module.dense_weight() if isinstance(module, LowRankLinear) and ours.endswith(".weight") \
+            else state[ours].detach().float()
         if heads:
             w = permute_rope_rows(w, heads)
         dtype = np.float16 if precision == "fp16" and w.dim() == 2 else np.float32
@@ -165,7 +180,7 @@ def write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, precision: 
     cfg = model.config
     check_holdable(model)
 
-    w = gguf.GGUFWriter(str(path), arch="llama")
+    w = gguf.GGUFWriter(str(path), arch=ARCH[cfg.family])
     w.add_name(name)
     w.add_context_length(max_seq_len)
     w.add_embedding_length(cfg.dim)

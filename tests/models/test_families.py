@@ -1,0 +1,128 @@
+"""Model families as switches of the one model (issue 21): Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm), Mistral,
+SmolLM (a Llama with tied embeddings), each built by transformers itself, tiny and random, no downloads."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import runtimes
+from models.checkpoint import load_checkpoint
+from models.errors import EdgesmithError
+from models.hf import import_hf
+
+transformers = pytest.importorskip("transformers")
+
+SHAPE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1000000.0)
+# family -> (transformers config class, model class, extra config fields)
+FAMILIES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32, "tie_word_embeddings": True}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "smollm": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
+}
+
+
+def hf_model(family: str, **overrides):
+    config_cls, model_cls, extra = FAMILIES[family]
+    cfg = getattr(transformers, config_cls)(**{**SHAPE, **extra, **overrides})
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(cfg).eval()
+    with torch.no_grad():  # biases and norm weights away from their init (zeros, ones), so they count
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture
+def imported(tokenizer, tmp_path):
+    def make(family: str):
+        hf = hf_model(family)
+        src = tmp_path / f"hf-{family}"
+        hf.save_pretrained(src)
+        tokenizer.save(src)
+        return hf, import_hf(src, tmp_path / f"ckpt-{family}")
+    return make
+
+
+TOKENS = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_an_imported_family_computes_what_transformers_computes(imported, family):
+    # setup
+    hf, path = imported(family)
+    # execute
+    model = load_checkpoint(path).model
+    with torch.no_grad():
+        want, got = hf(TOKENS).logits, model(TOKENS)
+    # assert: relative 1e-4 in fp32
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_family_checkpoint_stays_loadable_by_transformers_as_that_family(imported, family):
+    # setup
+    hf, path = imported(family)
+    # execute: our checkpoint, written by save_checkpoint, through AutoModelForCausalLM
+    again = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    # assert
+    assert type(again).__name__ == FAMILIES[family][1]
+    assert json.loads((path / "config.json").read_text())["model_type"] == hf.config.model_type
+    with torch.no_grad():
+        assert torch.allclose(again(TOKENS).logits, hf(TOKENS).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("kernels", ["reference", "fused"])
+def test_a_family_decodes_through_the_torch_runtime_as_its_full_forward(imported, family, kernels):
+    # setup: greedy continuation by transformers' full forward
+    hf, path = imported(family)
+    prompt = TOKENS[0, :12].tolist()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+    # execute: prefill + cached decodes through the session
+    session = runtimes.load(path, kernels=kernels)
+    logits = session.prefill(prompt)
+    got = [int(np.argmax(logits[-1]))]
+    for _ in range(7):
+        got.append(int(np.argmax(session.decode(got[-1]))))
+    # assert
+    assert got == ids[len(prompt):]
+
+
+@pytest.mark.parametrize("family, overrides, field", [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "use_sliding_window=True"),
+    ("mistral", {"sliding_window": 16}, "sliding_window=16"),
+    ("qwen3", {"attention_bias": True}, "attention_bias=True"),
+    ("smollm", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling="),
+])
+def test_what_a_family_config_asks_that_the_model_cannot_represent_is_refused_in_one_line(
+        tokenizer, tmp_path, family, overrides, field):
+    # setup
+    src = tmp_path / "hf"
+    hf_model(family, **overrides).save_pretrained(src)
+    tokenizer.save(src)
+    # execute
+    with pytest.raises(EdgesmithError) as e:
+        import_hf(src, tmp_path / "ckpt")
+    # assert
+    assert str(e.value).startswith(f"{src / 'config.json'}: {field}") and "\n" not in str(e.value)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_an_unknown_architecture_is_refused_naming_the_supported_ones(tokenizer, tmp_path):
+    # setup
+    src = tmp_path / "hf"
+    cfg = transformers.GPT2Config(vocab_size=320, n_embd=64, n_layer=1, n_head=4)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(src)
+    tokenizer.save(src)
+    # execute / assert
+    with pytest.raises(EdgesmithError, match=r"model_type='gpt2' is not supported; allowed: 'llama', 'mistral', "
+                                             r"'qwen2', 'qwen3'"):
+        import_hf(src, tmp_path / "ckpt")
