@@ -8,6 +8,7 @@ import torch
 
 import runtimes
 from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint
+from models.errors import EdgesmithError
 from models.hf import import_hf
 from tests.conftest import TEXT
 from tests.models.test_families import hf_model
@@ -100,3 +101,39 @@ def test_gguf_names_each_family_as_llama_cpp_does(family_checkpoints, tmp_path):
     assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names["qwen2"]
     assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"} <= names["qwen3"]
     assert not any("bias" in n or "_norm.weight" in n and "attn_q" in n for n in names["mistral"])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_head_pruning_a_family_keeps_its_biases_and_norms_and_exports(family_checkpoints, tmp_path, family):
+    # setup
+    ckpt = family_checkpoints(family)
+    # execute
+    compress_checkpoint(ckpt, tmp_path / "pruned", [parse_pass("prune:method=heads,ratio=0.5")],
+                        calib_seq_len=64, eval_seq_len=64, eval_tokens=2048)
+    pruned = load_checkpoint(tmp_path / "pruned")
+    with torch_threads(1):
+        manifest = export(tmp_path / "pruned", tmp_path / "onnx", ExportConfig(format="onnx"), log=lambda line: None)
+        if family == "qwen3":
+            gguf = export(tmp_path / "pruned", tmp_path / "gguf", ExportConfig(format="gguf"), log=lambda line: None)
+        else:  # llama.cpp's qwen2 takes q/k/v as dim-wide: refused, not written wrong
+            with pytest.raises(EdgesmithError, match=r"^gguf: 2 heads x head_dim 16 != dim 64 \(a head-pruned Qwen2\)"):
+                export(tmp_path / "pruned", tmp_path / "gguf", ExportConfig(format="gguf"), log=lambda line: None)
+    # assert: the family and its switches survive, each bias has a row per kept head, parity holds
+    attn = pruned.model.layers[0].self_attn
+    assert pruned.config.family == family and pruned.config.n_heads == 2
+    if family == "qwen2":
+        assert attn.q_proj.bias.shape == (2 * pruned.config.head_dim,)
+    else:
+        assert attn.q_norm.weight.shape == (pruned.config.head_dim,)
+        assert gguf["parity"]["passed"], gguf["parity"]
+    assert manifest["parity"]["passed"], manifest["parity"]
+
+
+def test_quantizing_a_biased_linear_is_refused_in_one_line_naming_the_layer(family_checkpoints, tmp_path):
+    # execute
+    with pytest.raises(EdgesmithError) as e:
+        compress_checkpoint(family_checkpoints("qwen2"), tmp_path / "q", [parse_pass("quantize:method=gptq,bits=4")],
+                            calib_seq_len=64, eval_seq_len=64, eval_tokens=2048)
+    # assert: no checkpoint with the bias silently dropped
+    assert str(e.value).startswith("layer layers.0.self_attn.q_proj: has a bias") and "\n" not in str(e.value)
+    assert not (tmp_path / "q").exists()

@@ -179,6 +179,10 @@ def write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, precision: 
 
     cfg = model.config
     check_holdable(model)
+    if cfg.family == "qwen2" and cfg.n_heads * cfg.head_dim != cfg.dim:
+        raise EdgesmithError(f"gguf: {cfg.n_heads} heads x head_dim {cfg.head_dim} != dim {cfg.dim} (a head-pruned "
+                             "Qwen2): llama.cpp's qwen2 architecture takes q/k/v as dim-wide; export it to onnx or "
+                             "executorch")
 
     w = gguf.GGUFWriter(str(path), arch=ARCH[cfg.family])
     w.add_name(name)
