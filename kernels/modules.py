@@ -82,7 +82,7 @@ def _joint(owner: nn.Module, x: torch.Tensor, linears: tuple[nn.Module, ...]) ->
         return None
     if x.numel() // x.shape[-1] > CPU_GEMV_MAX_ROWS and current_override() != "cpu":
         return None
-    if not all(type(m) is FusedQuantizedLinear and m.act_bits is None and m.bits == first.bits
+    if not all(type(m) is FusedQuantizedLinear and m.act_bits is None and m.bias is None and m.bits == first.bits
                and m.group_size == first.group_size for m in linears):
         return None
     parts = [(m.qweight, m.scales) for m in linears]
@@ -157,7 +157,9 @@ class _FusedWeightOnly:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is not None:
             x = fake_quantize_per_token(x, self.act_bits)
-        return _ops().weight_only_matmul(x, self.qweight, self.scales, self.bits)
+        y = _ops().weight_only_matmul(x, self.qweight, self.scales, self.bits)
+        bias = getattr(self, "bias", None)
+        return y if bias is None else y + bias
 
 
 class FusedQuantizedLinear(_FusedWeightOnly, QuantizedLinear):

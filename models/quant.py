@@ -132,10 +132,11 @@ def fake_quantize_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
 
 
 class QuantizedLinear(nn.Module):
-    """A bias-free Linear stored as int8 codes + fp16 group scales (see the module docstring)."""
+    """A Linear stored as int8 codes + fp16 group scales (see the module docstring); its bias, where it has one
+    (Qwen2's q/k/v), stays a float parameter."""
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 32,
-                 act_bits: int | None = None):
+                 act_bits: int | None = None, bias: bool = False):
         super().__init__()
         check_scheme(bits, group_size, in_features)
         if act_bits not in ACT_BITS:
@@ -144,25 +145,26 @@ class QuantizedLinear(nn.Module):
         self.bits, self.group_size, self.act_bits = bits, group_size, act_bits
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.zeros(out_features, in_features // group_size, dtype=torch.float16))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
     def from_codes(cls, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-                   act_bits: int | None = None) -> QuantizedLinear:
+                   act_bits: int | None = None, bias: torch.Tensor | None = None) -> QuantizedLinear:
         out_f, in_f = qweight.shape
-        m = cls(in_f, out_f, bits, group_size, act_bits)
+        m = cls(in_f, out_f, bits, group_size, act_bits, bias=bias is not None)
         _check_codes(qweight, scales, bits, group_size)
         m.qweight.copy_(qweight)
         m.scales.copy_(scales.to(torch.float16))
+        if bias is not None:
+            m.bias.data = bias.detach().clone()
         return m.to(qweight.device)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32,
                    act_bits: int | None = None, name: str | None = None) -> QuantizedLinear:
-        if linear.bias is not None:
-            raise EdgesmithError(f"layer {name or '?'}: has a bias; QuantizedLinear is bias-free")
         check_scheme(bits, group_size, linear.in_features, name)
         qweight, scales = quantize_rtn(linear.weight, bits, group_size)
-        return cls.from_codes(qweight, scales, bits, group_size, act_bits)
+        return cls.from_codes(qweight, scales, bits, group_size, act_bits, bias=linear.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.qweight, self.scales, dtype)
@@ -170,7 +172,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is not None:
             x = fake_quantize_per_token(x, self.act_bits)
-        return F.linear(x, self.dequantize(x.dtype))
+        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def scheme(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "act_bits": self.act_bits}
@@ -247,6 +249,8 @@ class QuantizedEmbedding(nn.Module):
 
 class TiedQuantizedHead(QuantizedLinear):
     """lm_head of a tied model with a quantized embedding: the table's codes and scales, read in place."""
+
+    bias = None
 
     def __init__(self, table: QuantizedEmbedding):
         nn.Module.__init__(self)
@@ -440,7 +444,8 @@ def apply_quantization_meta_(model: nn.Module, meta: dict | None, source: str = 
             if isinstance(mod, nn.Embedding):
                 q = QuantizedEmbedding(mod.num_embeddings, mod.embedding_dim, s["bits"], s["group_size"])
             else:
-                q = QuantizedLinear(mod.in_features, mod.out_features, s["bits"], s["group_size"], s.get("act_bits"))
+                q = QuantizedLinear(mod.in_features, mod.out_features, s["bits"], s["group_size"], s.get("act_bits"),
+                                    bias=mod.bias is not None)
         except (KeyError, TypeError) as e:
             raise EdgesmithError(f"{source}: quantization scheme of {hf_name!r} is malformed ({e})") from None
         except EdgesmithError as e:

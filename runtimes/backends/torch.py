@@ -51,8 +51,10 @@ def dequantize_linears_(model: nn.Module) -> list[str]:
     names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and m.act_bits is None]
     for name in names:
         q = model.get_submodule(name)
-        linear = nn.Linear(q.in_features, q.out_features, bias=False, device=q.qweight.device)
+        linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=q.qweight.device)
         linear.weight = nn.Parameter(q.dequantize(torch.float32), requires_grad=False)
+        if q.bias is not None:  # Qwen2's q/k/v
+            linear.bias = nn.Parameter(q.bias.detach().float(), requires_grad=False)
         replace_module_(model, name, linear)
     return names
 

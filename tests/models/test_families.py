@@ -126,3 +126,24 @@ def test_an_unknown_architecture_is_refused_naming_the_supported_ones(tokenizer,
     with pytest.raises(EdgesmithError, match=r"model_type='gpt2' is not supported; allowed: 'llama', 'mistral', "
                                              r"'qwen2', 'qwen3'"):
         import_hf(src, tmp_path / "ckpt")
+
+
+def test_a_quantized_biased_linear_adds_its_float_bias_in_every_kernel(imported, tmp_path, tokenizer):
+    from models.checkpoint import child_lineage, save_checkpoint
+    from models.quant import QuantizedLinear, quantize_linear_
+
+    # setup: Qwen2 with every Linear 4-bit (q/k/v keep their float biases)
+    _, path = imported("qwen2")
+    ckpt = load_checkpoint(path)
+    quantize_linear_(ckpt.model, 4, 32)
+    q = ckpt.model.layers[0].self_attn.q_proj
+    assert isinstance(q, QuantizedLinear) and q.bias is not None
+    out = save_checkpoint(ckpt.model, tokenizer, tmp_path / "q4", child_lineage(ckpt, {"kind": "test"}))
+    x = torch.randn(3, q.in_features)
+    # execute
+    reference, fused = runtimes.load(out, kernels="reference"), runtimes.load(out, kernels="fused")
+    prompt = TOKENS[0, :12].tolist()
+    # assert: the module is W_q x + b; both kernels compute the same model
+    assert torch.allclose(q(x), x @ q.dequantize().T + q.bias, atol=1e-6)
+    assert np.allclose(reference.prefill(prompt), fused.prefill(prompt), atol=1e-4)
+    assert np.allclose(reference.decode(5), fused.decode(5), atol=1e-4)

@@ -53,9 +53,6 @@ def plan_layers(model: nn.Module, cfg: WeightQuant, report: dict) -> dict[str, i
     for name, bits in plan.items():
         if bits is not None:
             m = model.get_submodule(name)
-            if getattr(m, "bias", None) is not None:  # Qwen2's q/k/v: QuantizedLinear holds no bias (yet)
-                raise EdgesmithError(f"layer {name}: has a bias, and quantizing a biased Linear is not built yet; "
-                                     "keep them float: --rule '.*\\.[qkv]_proj=skip'")
             check_scheme(bits, cfg.group_size, m.embedding_dim if isinstance(m, nn.Embedding) else m.in_features, name)
     notes = []
     for n in sorted(set(shared) - set(embeds)):
@@ -116,7 +113,8 @@ def capture_inputs(model: nn.Module, names: list[str], calib: torch.Tensor, on_i
 
 def swap_quantized_(model: nn.Module, name: str, qweight: torch.Tensor, scales: torch.Tensor, bits: int,
                     group_size: int, act_bits: int | None = None) -> None:
-    replace_module_(model, name, QuantizedLinear.from_codes(qweight, scales, bits, group_size, act_bits))
+    bias = model.get_submodule(name).bias  # Qwen2's q/k/v: the float bias goes along
+    replace_module_(model, name, QuantizedLinear.from_codes(qweight, scales, bits, group_size, act_bits, bias=bias))
 
 
 def fold_target(model: nn.Module, stage: list[str]) -> str | None:
@@ -151,6 +149,8 @@ def fold_scales_(model: nn.Module, stage: list[str], prev: str, s: torch.Tensor)
         raise EdgesmithError(f"cannot fold scales into {prev}")
     if isinstance(p, nn.Linear):
         p.weight.div_(s.to(p.weight.dtype).unsqueeze(1))
+        if p.bias is not None:  # a biased v_proj feeding o_proj: its output is x W^T + b, all of it divided
+            p.bias.div_(s.to(p.bias.dtype))
     else:
         p.weight.div_(s.to(p.weight.dtype))
     for n in stage:

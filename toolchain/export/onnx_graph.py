@@ -96,13 +96,14 @@ class Builder:
         return self.op("Mul", [h, w])
 
     def linear(self, x: str, name: str, module) -> str:
-        """x @ W^T: MatMul on a transposed float weight, or the quantized codes (see quant_linear)."""
+        """x @ W^T (+ b): MatMul on a transposed float weight, or the quantized codes (see quant_linear)."""
         if isinstance(module, QuantizedLinear):
-            return self.quant_linear(x, name, module)
-        if isinstance(module, LowRankLinear):  # low-rank pass: two MatMuls, the factors stay factors
+            y = self.quant_linear(x, name, module)
+        elif isinstance(module, LowRankLinear):  # low-rank pass: two MatMuls, the factors stay factors
             return self.linear(self.linear(x, f"{name}.a", module.a), f"{name}.b", module.b)
-        y = self.matmul(x, self.weight(f"{name}.weight_t", module.weight, True))
-        if module.bias is not None:  # Qwen2's q/k/v projections
+        else:
+            y = self.matmul(x, self.weight(f"{name}.weight_t", module.weight, True))
+        if getattr(module, "bias", None) is not None:  # Qwen2's q/k/v projections
             y = self.op("Add", [y, self.weight(f"{name}.bias", module.bias)])
         return y
 

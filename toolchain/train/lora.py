@@ -85,9 +85,16 @@ class LoRALinear(nn.Module):
 
     def merged(self) -> nn.Linear:
         w = self.base_weight() + (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scale
-        lin = nn.Linear(self.in_features, self.out_features, bias=False, device=w.device)
-        lin.weight.data.copy_(w)
-        return lin
+        return _float_linear(w, self.base.bias)
+
+
+def _float_linear(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding `w` and a copy of `bias` (Qwen2's q/k/v keep theirs through a merge)."""
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device)
+    lin.weight.data.copy_(w)
+    if bias is not None:
+        lin.bias.data.copy_(bias.detach().float())
+    return lin
 
 
 def _tied_names(model: nn.Module) -> set[str]:
@@ -123,9 +130,7 @@ def merge_lora_(model: nn.Module) -> nn.Module:
     for name, m in lora_modules(model).items():
         replace_module_(model, name, m.merged())
     for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]:
-        lin = nn.Linear(m.in_features, m.out_features, bias=False, device=m.qweight.device)
-        lin.weight.data.copy_(m.dequantize(torch.float32))
-        replace_module_(model, name, lin)
+        replace_module_(model, name, _float_linear(m.dequantize(torch.float32), m.bias))
     for p in model.parameters():
         p.requires_grad_(True)
     return model

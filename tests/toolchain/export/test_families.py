@@ -20,8 +20,6 @@ from toolchain.export.parity import PARITY_TEXT, torch_threads
 
 pytest.importorskip("transformers")
 
-# Qwen2's biased q/k/v stay float when quantized (QuantizedLinear holds no bias yet)
-RULES = {"qwen2": [(r".*\.[qkv]_proj", "skip")]}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +43,7 @@ def family_checkpoints(tmp_path_factory, tokenizer):
                                         child_lineage(ckpt, {"kind": "test-fit"}))
         else:
             out = root / f"{family}-q4"
-            compress_checkpoint(get(family), out, [parse_pass("quantize:method=gptq,bits=4", RULES.get(family, ()))],
+            compress_checkpoint(get(family), out, [parse_pass("quantize:method=gptq,bits=4")],
                                 calib_seq_len=64, eval_seq_len=64, eval_tokens=2048)
             made[key] = out
         return made[key]
@@ -73,8 +71,8 @@ def test_a_family_exports_with_parity_and_runs_greedy_as_torch(family_checkpoint
     assert got == want
 
 
-@pytest.mark.parametrize("family, fmt", [("qwen2", "gguf"), ("qwen2", "onnx"), ("qwen3", "gguf"), ("qwen3", "onnx"),
-                                         ("qwen3", "executorch")])
+@pytest.mark.parametrize("family, fmt", [("qwen2", "gguf"), ("qwen2", "onnx"), ("qwen2", "executorch"),
+                                         ("qwen3", "gguf"), ("qwen3", "onnx"), ("qwen3", "executorch")])
 def test_a_4bit_gptq_child_of_a_family_exports_with_parity(family_checkpoints, tmp_path, family, fmt):
     # setup
     ckpt = family_checkpoints(family, quantized=True)
@@ -129,11 +127,21 @@ def test_head_pruning_a_family_keeps_its_biases_and_norms_and_exports(family_che
     assert manifest["parity"]["passed"], manifest["parity"]
 
 
-def test_quantizing_a_biased_linear_is_refused_in_one_line_naming_the_layer(family_checkpoints, tmp_path):
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "qat"])
+def test_quantizing_qwen2_keeps_its_biases_float_and_its_quality(family_checkpoints, tmp_path, method):
+    # setup
+    spec = "qat:bits=4,steps=4" if method == "qat" else f"quantize:method={method},bits=4"
     # execute
-    with pytest.raises(EdgesmithError) as e:
-        compress_checkpoint(family_checkpoints("qwen2"), tmp_path / "q", [parse_pass("quantize:method=gptq,bits=4")],
-                            calib_seq_len=64, eval_seq_len=64, eval_tokens=2048)
-    # assert: no checkpoint with the bias silently dropped
-    assert str(e.value).startswith("layer layers.0.self_attn.q_proj: has a bias") and "\n" not in str(e.value)
-    assert not (tmp_path / "q").exists()
+    report = compress_checkpoint(family_checkpoints("qwen2"), tmp_path / "q", [parse_pass(spec)],
+                                 calib_seq_len=64, eval_seq_len=64, eval_tokens=2048)
+    q = load_checkpoint(tmp_path / "q").model
+    float_model = load_checkpoint(family_checkpoints("qwen2")).model
+    # assert: the codes replace the weight, the bias is the float model's (QAT trains it with the rest), the
+    # output stays close to the float model's
+    attn, ref = q.layers[0].self_attn, float_model.layers[0].self_attn
+    assert attn.q_proj.qweight.dtype == torch.int8
+    if method == "qat":
+        assert torch.allclose(attn.q_proj.bias, ref.q_proj.bias, atol=0.01)
+    else:
+        assert torch.equal(attn.q_proj.bias, ref.q_proj.bias)
+    assert report["quality"]["kl"] < 0.05, report["quality"]

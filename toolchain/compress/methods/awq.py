@@ -124,7 +124,8 @@ def awq(model: nn.Module, cfg: AWQ, ctx) -> nn.Module:
             for name in stage:
                 codes, scales = clip_search(model.get_submodule(name).weight, X, plan[name], cfg.group_size,
                                             cfg.n_clip, cfg.min_clip)
-                replace_module_(model, name, QuantizedLinear.from_codes(codes, scales, plan[name], cfg.group_size))
+                replace_module_(model, name, QuantizedLinear.from_codes(codes, scales, plan[name], cfg.group_size,
+                                                                        bias=model.get_submodule(name).bias))
     ctx.report["layers"] = {**embeds, **plan}
     ctx.report["awq_alpha"] = chosen
     return model

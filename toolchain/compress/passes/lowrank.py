@@ -138,6 +138,11 @@ def choose_ranks(linears: dict[str, nn.Linear], cfg: LowRank) -> dict[str, int]:
 @PASSES.register("lowrank", config=LowRank)
 def lowrank(model: nn.Module, cfg: LowRank, ctx) -> nn.Module:
     linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and re.search(cfg.targets, n)}
+    biased = sorted(n for n, m in linears.items() if m.bias is not None)  # LowRankLinear holds no bias: left dense
+    if biased:
+        ctx.report.setdefault("warnings", []).append(f"lowrank: {len(biased)} Linear(s) with a bias left dense "
+                                                     f"({biased[0]}, ...)")
+        linears = {n: m for n, m in linears.items() if m.bias is None}
     if not linears:
         raise EdgesmithError(f"lowrank: targets={cfg.targets!r} matches no float Linear (quantized or already "
                              "factorized layers are not factorized again)")

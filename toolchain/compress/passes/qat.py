@@ -53,14 +53,14 @@ class FakeQuantLinear(nn.Linear):
     def __init__(self, linear: nn.Linear, bits: int, group_size: int):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, None
+        self.weight, self.bias = linear.weight, linear.bias  # a bias (Qwen2's q/k/v) trains as it is, in float
         self.bits, self.group_size = bits, group_size
 
     def fake_weight(self) -> torch.Tensor:
         return _FakeQuant.apply(self.weight, self.bits, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.fake_weight().to(x.dtype))
+        return F.linear(x, self.fake_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 class FakeQuantEmbedding(nn.Embedding):

@@ -125,6 +125,8 @@ class XnnpackGroupLinear(nn.Module):
         self.rest_shape = tuple(idx.shape)
         self.register_buffer("rest_idx", idx.flatten())  # flat: the gather needs no reshape at run time
         self.register_buffer("rest_val", val)
+        bias = getattr(q, "bias", None)  # Qwen2's q/k/v: float, added after the planes
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from torchao.quantization.quant_primitives import dequantize_affine
@@ -138,7 +140,7 @@ class XnnpackGroupLinear(nn.Module):
         if self.has_rest:
             picked = x.index_select(-1, self.rest_idx).unflatten(-1, self.rest_shape)
             y = y + (picked * self.rest_val).sum(-1)
-        return y
+        return y if self.bias is None else y + self.bias
 
 
 class ExecuTorchEmbedding(nn.Module):

@@ -119,7 +119,7 @@ def gguf_tensors(model: Transformer, precision: str) -> dict[str, tuple[np.ndarr
         module = model.get_submodule(ours.rsplit(".", 1)[0])
         heads = cfg.n_heads if ours.endswith("q_proj.weight") else cfg.n_kv_heads if ours.endswith("k_proj.weight") else 0
         heads = heads if permute else 0
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) and ours.endswith(".weight"):
             qweight, scales = module.qweight.detach(), module.scales.detach()
             if heads:  # rows move together with their scales; blocks run along the input, so they stay whole
                 qweight, scales = permute_rope_rows(qweight, heads), permute_rope_rows(scales, heads)
