@@ -1,7 +1,8 @@
 """What the planner needs to know about a model: its shape, and how each weight is stored.
 
 `resolve_model` accepts a `ModelConfig`, a named size (nano, micro, small), a well-known public
-shape (PUBLIC: Llama-2-7B, TinyLlama-1.1B, Llama-3.2-1B/3B, Llama-3.1-8B, from their published
+shape (PUBLIC: Llama-2-7B, TinyLlama-1.1B, Llama-3.2-1B/3B, Llama-3.1-8B, Qwen2.5-0.5B, Qwen3-0.6B,
+SmolLM2-135M, from their published
 config.json files), a checkpoint directory (config.json + edgesmith.json, whose quantization
 section gives each Linear's bits) or an exported artifact directory (manifest.json). Weights are
 never loaded. Counting bytes is `devices.planner`'s job.
@@ -33,6 +34,15 @@ PUBLIC: dict[str, ModelConfig] = {
                                 max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True),
     "llama-3.1-8b": ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                                 max_seq_len=131072, rope_theta=500000.0),
+    # the families (issue 21): Qwen/Qwen2.5-0.5B, Qwen/Qwen3-0.6B, HuggingFaceTB/SmolLM2-135M
+    "qwen2.5-0.5b": ModelConfig(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, ffn_dim=4864,
+                                max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=True,
+                                family="qwen2", attention_bias=True),
+    "qwen3-0.6b": ModelConfig(vocab_size=151936, dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, ffn_dim=3072,
+                              max_seq_len=40960, rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=True,
+                              head_dim_override=128, family="qwen3", qk_norm=True),
+    "smollm2-135m": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
+                                max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True),
 }
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")

@@ -31,6 +31,11 @@ def test_gqa_and_public_parameter_counts():
     assert round(param_count(PUBLIC["llama-3.2-1b"]) / 1e9, 2) == 1.24  # tied head counted once
     assert round(param_count(PUBLIC["llama-3.2-3b"]) / 1e9, 2) == 3.21
     assert round(param_count(PUBLIC["tinyllama-1.1b"]) / 1e9, 2) == 1.10
+    # the families' model cards: 0.49B (Qwen2.5-0.5B), 0.6B (Qwen3-0.6B), 135M (SmolLM2-135M), tied heads
+    assert round(param_count(PUBLIC["qwen2.5-0.5b"]) / 1e9, 2) == 0.49
+    assert round(param_count(PUBLIC["qwen3-0.6b"]) / 1e9, 1) == 0.6
+    assert round(param_count(PUBLIC["smollm2-135m"]) / 1e6) == 135
+    assert kv_cache_bytes(PUBLIC["qwen3-0.6b"], 4096, 2) == 2 * 28 * 8 * 128 * 2 * 4096  # head_dim 128, not 64
 
 
 def test_decode_bound_is_bandwidth_over_bytes_read():
