@@ -114,7 +114,7 @@ def from_hf_config(d: dict, source: str) -> ModelConfig:
             raise EdgesmithError(f"{source}: {key}={d[key]!r:.60} is not supported; allowed: {allowed!r}")
     window = d.get("sliding_window")
     if window is not None and d.get("use_sliding_window", model_type == "mistral") and not (
-            type(window) is int and window >= d.get("max_position_embeddings", 2048)):
+            type(window) is int and window >= _or(d.get("max_position_embeddings"), 2048)):
         raise EdgesmithError(f"{source}: sliding_window={window!r:.40} is not supported (every layer attends to the "
                              "whole context); allowed: null or at least max_position_embeddings")
     switches = _IMPLIED[model_type]
@@ -139,12 +139,17 @@ def from_hf_config(d: dict, source: str) -> ModelConfig:
         return ModelConfig(
             vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
             n_heads=heads, n_kv_heads=d.get("num_key_value_heads") or heads, ffn_dim=d["intermediate_size"],
-            max_seq_len=d.get("max_position_embeddings", 2048), rope_theta=float(d.get("rope_theta", 10000.0)),
-            norm_eps=float(d.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_seq_len=_or(d.get("max_position_embeddings"), 2048), rope_theta=float(_or(d.get("rope_theta"), 10000.0)),
+            norm_eps=float(_or(d.get("rms_norm_eps"), 1e-6)), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
             head_dim_override=override, family=model_type, **switches,
         )
     except EdgesmithError as e:
         raise EdgesmithError(f"{source}: {e}") from None
+
+
+def _or(value, default):
+    """`value`, or `default` where the field is missing or null (transformers reads null as its default too)."""
+    return default if value is None else value
 
 
 def hf_name(name: str) -> str:

@@ -55,7 +55,7 @@ def check_fields(path: Path, manifest: dict) -> None:
         raise bad("options", "a table")
     if not isinstance(manifest.get("model", {}), dict):
         raise bad("model", "a table")
-    if not isinstance(manifest.get("precision", "fp32"), str):
+    if not isinstance(manifest.get("precision"), str):  # the backends read it to size the cache and pick its type
         raise bad("precision", "a string")
     if not isinstance(manifest.get("tokenizer"), (dict, type(None))):
         raise bad("tokenizer", "a table or null")

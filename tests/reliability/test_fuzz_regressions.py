@@ -173,6 +173,20 @@ def test_a_config_field_of_the_wrong_type_or_size_is_refused(tmp_path, checkpoin
     assert "config.json" in one_line(e.value)
 
 
+@xfail(TypeError, "models/checkpoint.py from_hf_config: a null rope_theta / rms_norm_eps passed the type check (None "
+                  "is 'not given') and reached float(None) (fuzz 2026-12-04 session 7: config-*-crash, 18 cases)")
+@pytest.mark.parametrize("field", ["rope_theta", "rms_norm_eps", "max_position_embeddings"])
+def test_a_null_config_field_means_its_default_as_in_transformers(tmp_path, checkpoints, field):
+    # setup
+    ckpt = checkpoint_with(tmp_path, checkpoints["float"], **{field: None})
+    # execute
+    config = load_checkpoint(ckpt).config
+    # assert: transformers' defaults for a null field
+    assert {"rope_theta": config.rope_theta, "rms_norm_eps": config.norm_eps,
+            "max_position_embeddings": config.max_seq_len}[field] == {"rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+                                                                      "max_position_embeddings": 2048}[field]
+
+
 @xfail(subprocess.TimeoutExpired, "models/llama.py _divisors(n) loops over 1..n for the message: "
                                   "num_attention_heads 2^31-1 (head_dim set, as our config.json has it) takes 90 s "
                                   "to refuse (fuzz: config-*-hang, 'no answer in 10 s')")
@@ -229,6 +243,12 @@ MANIFEST_CASES = [
                   "manifest-*-crash)")),
     pytest.param("executorch", ("options",), [], id="pte-options-list", marks=xfail(
         AttributeError, "runtimes/backends/executorch.py __init__: manifest['options'].get (fuzz: manifest-*-crash)")),
+    pytest.param("gguf", ("precision",), KeyError, id="gguf-no-precision", marks=xfail(
+        KeyError, "runtimes/backends/llamacpp.py __init__: manifest['precision'] for the KV cache type; check_fields "
+                  "defaulted a missing one (fuzz 2026-12-04 session 7: manifest-*-crash)")),
+    pytest.param("onnx-plain", ("precision",), KeyError, id="onnx-no-precision", marks=xfail(
+        KeyError, "runtimes/backends/onnxruntime.py __init__: manifest['precision'] for the cache dtype (fuzz "
+                  "2026-12-04 session 7: manifest-*-crash)")),
     pytest.param("onnx", ("options", "max_seq_len"), 2**32, id="onnx-max-seq-len-2^32", marks=xfail(
         MemoryError, "runtimes/backends/onnxruntime.py _bind_fused_cache: the manifest's max_seq_len sizes the KV "
                      "cache unchecked (2^32 positions: 1 TiB; MemoryError; fuzz: manifest-*-crash). A smaller lie "
