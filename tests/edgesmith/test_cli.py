@@ -11,7 +11,7 @@ import pytest
 from edgesmith.cli import PACKAGES, build_parser, split_debug
 from runtimes.native_stderr import captured
 
-COMMANDS = {"run", "recipes", "train", "finetune", "compress", "export", "eval", "tune", "import-hf", "generate", "verify", "devices",
+COMMANDS = {"run", "recipes", "train", "finetune", "compress", "export", "eval", "tune", "import-hf", "import-gguf", "generate", "verify", "devices",
             "bench", "gui"}
 
 

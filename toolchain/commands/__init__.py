@@ -6,9 +6,9 @@ here is the order `edgesmith --help` lists them.
 
 from __future__ import annotations
 
-from toolchain.commands import compress, evaluate, export, import_hf, run, train, tune
+from toolchain.commands import compress, evaluate, export, import_gguf, import_hf, run, train, tune
 
-COMMANDS = (run, train, compress, export, evaluate, tune, import_hf)
+COMMANDS = (run, train, compress, export, evaluate, tune, import_hf, import_gguf)
 
 
 def register(sub) -> None:

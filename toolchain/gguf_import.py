@@ -1,0 +1,174 @@
+"""A GGUF file becomes a checkpoint, its quantized tensors' codes kept exactly (`edgesmith import-gguf`).
+
+The header is bounded first (runtimes.headers.gguf_header), then read with gguf-py. Architectures: `llama`
+(Llama, SmolLM, Mistral), `qwen2` and `qwen3`, with the tensor names toolchain/export/formats/gguf.py writes (llama.cpp's).
+Tensor types: F32 and F16 become floats; Q8_0 and Q4_0 become our codes and fp16 scales block for block (Q4_0:
+`code = q - 8`, the block's first 16 weights in the low nibbles), so `export` takes the checkpoint to ONNX or
+ExecuTorch with the same numbers. The `llama` architecture's q/k rows go back to Hugging Face's rotate-half order
+(the inverse of the exporter's permutation); qwen2/qwen3 rotate NEOX-style, which is rotate-half already.
+
+The tokenizer: llama.cpp's `gpt2` model with the `gpt-2` pre-tokenizer (byte-level BPE with GPT-2's split, what
+edgesmith writes) becomes tokenizer.json from the file's tokens, types and merges. Refused in one line, naming the
+key or tensor: other architectures, other tensor types (K-quants, i-quants, BF16), other tokenizer models or
+pre-tokenizers (their split rules differ: a wrong tokenizer would be silent), a file without its hyperparameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.checkpoint import save_checkpoint, sha256_file
+from models.errors import EdgesmithError
+from models.llama import ModelConfig, Transformer
+from models.quant import QuantizedEmbedding, QuantizedLinear, TiedQuantizedHead, replace_module_
+from models.tokenizer import BOS, EOT, PAD, Tokenizer
+from runtimes.headers import gguf_header
+from toolchain.export.formats.gguf import ARCH, NEOX, tensor_map
+
+FAMILY = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # llama.cpp architecture -> our family
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's interleaved-pair row order -> HF rotate-half, per head (inverse of gguf.permute_rope_rows)."""
+    out_features = w.shape[0]
+    return w.reshape(n_heads, out_features // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def decode_q4_0(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 bytes `(rows, nb*18)` -> int8 codes in [-8, 7] `(rows, nb*32)` and fp16 scales `(rows, nb)`."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 18)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0]
+    qs = blocks[..., 2:]
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(np.int8) - 8
+    return torch.from_numpy(codes.reshape(rows, -1)), torch.from_numpy(d.copy())
+
+
+def decode_q8_0(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 bytes `(rows, nb*34)` -> int8 codes `(rows, nb*32)` and fp16 scales `(rows, nb)`."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 34)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0]
+    codes = blocks[..., 2:].copy().view(np.int8)
+    return torch.from_numpy(codes.reshape(rows, -1).copy()), torch.from_numpy(d.copy())
+
+
+def _field(reader, key: str, path: Path, required: bool = True):
+    field = reader.fields.get(key)
+    if field is None:
+        if required:
+            raise EdgesmithError(f"{path}: {key} is missing")
+        return None
+    return field.contents()
+
+
+def read_config(reader, path: Path) -> ModelConfig:
+    arch = _field(reader, "general.architecture", path)
+    if arch not in FAMILY:
+        raise EdgesmithError(f"{path}: general.architecture {arch!r:.40} is not supported; allowed: "
+                             f"{', '.join(FAMILY)}")
+    get = lambda key, required=True: _field(reader, f"{arch}.{key}", path, required)  # noqa: E731
+    dim, heads = get("embedding_length"), get("attention.head_count")
+    key_length = get("attention.key_length", False)
+    names = {t.name for t in reader.tensors}
+    tokens = _field(reader, "tokenizer.ggml.tokens", path)
+    try:
+        return ModelConfig(
+            vocab_size=get("vocab_size", False) or len(tokens), dim=dim, n_layers=get("block_count"),
+            n_heads=heads, n_kv_heads=get("attention.head_count_kv", False) or heads,
+            ffn_dim=get("feed_forward_length"), max_seq_len=get("context_length"),
+            rope_theta=float(get("rope.freq_base", False) or 10000.0),
+            norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            tie_embeddings="output.weight" not in names,
+            head_dim_override=key_length if key_length and key_length * heads != dim else None,
+            family=FAMILY[arch], attention_bias="blk.0.attn_q.bias" in names, qk_norm=arch == "qwen3")
+    except (EdgesmithError, TypeError, ValueError) as e:
+        raise EdgesmithError(f"{path}: its hyperparameters do not make a model ({e})") from None
+
+
+def read_tokenizer(reader, path: Path) -> Tokenizer:
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    model, pre = _field(reader, "tokenizer.ggml.model", path), _field(reader, "tokenizer.ggml.pre", path, False)
+    if model != "gpt2" or pre not in ("gpt-2", None):
+        raise EdgesmithError(f"{path}: tokenizer.ggml.model {model!r:.40} / tokenizer.ggml.pre {pre!r:.40} is not "
+                             "supported; allowed: 'gpt2' / 'gpt-2' (byte-level BPE with GPT-2's split)")
+    tokens = _field(reader, "tokenizer.ggml.tokens", path)
+    types = _field(reader, "tokenizer.ggml.token_type", path)
+    merges = _field(reader, "tokenizer.ggml.merges", path, False) or []
+    import gguf
+
+    unused, control = int(gguf.TokenType.UNUSED), int(gguf.TokenType.CONTROL)
+    vocab = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k != unused}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t, k in zip(tokens, types) if k == control])
+    pad = PAD if PAD in vocab else None
+    return Tokenizer(tok, BOS, EOT, pad, source=str(path))
+
+
+def _unpermute(cfg: ModelConfig, ours: str, t: torch.Tensor) -> torch.Tensor:
+    if ARCH[cfg.family] in NEOX:
+        return t
+    if ours.endswith("q_proj.weight"):
+        return unpermute_rope_rows(t, cfg.n_heads)
+    if ours.endswith("k_proj.weight"):
+        return unpermute_rope_rows(t, cfg.n_kv_heads)
+    return t
+
+
+def import_gguf(src: str | Path, out: str | Path) -> Path:
+    """Convert the GGUF file `src` into a checkpoint at `out`; returns `out`."""
+    import gguf
+
+    path = Path(src)
+    if not path.is_file():
+        raise EdgesmithError(f"{path}: no such file")
+    gguf_header(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf-py raises ValueError, IndexError, KeyError, ... on a corrupt file
+        raise EdgesmithError(f"{path}: not a readable GGUF file ({type(e).__name__})") from None
+    cfg = read_config(reader, path)
+    tokenizer = read_tokenizer(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    names = tensor_map(cfg)
+    unexpected = sorted(set(tensors) - set(names.values()))
+    if unexpected:
+        raise EdgesmithError(f"{path}: tensor {unexpected[0]!r} is not one this architecture's model has")
+    model = Transformer(cfg)
+    state, T = {}, gguf.GGMLQuantizationType
+    for ours, name in names.items():
+        if name not in tensors:
+            raise EdgesmithError(f"{path}: tensor {name!r} is missing")
+        t = tensors[name]
+        if t.tensor_type in (T.F32, T.F16):
+            state[ours] = _unpermute(cfg, ours, torch.from_numpy(np.array(t.data, dtype=np.float32)))
+            continue
+        if t.tensor_type not in (T.Q4_0, T.Q8_0):
+            raise EdgesmithError(f"{path}: tensor {name!r} is {t.tensor_type.name}; allowed: F32, F16, Q8_0, Q4_0")
+        bits = 4 if t.tensor_type == T.Q4_0 else 8
+        codes, scales = (decode_q4_0 if bits == 4 else decode_q8_0)(np.asarray(t.data))
+        codes, scales = _unpermute(cfg, ours, codes), _unpermute(cfg, ours, scales)
+        module = ours.removesuffix(".weight")
+        if module == "embed_tokens":
+            q = QuantizedEmbedding.from_codes(codes, scales, bits, 32)
+        else:
+            bias = model.get_submodule(module).bias
+            q = QuantizedLinear.from_codes(codes, scales, bits, 32, bias=bias)
+        replace_module_(model, module, q)
+    if cfg.tie_embeddings and isinstance(model.embed_tokens, QuantizedEmbedding):
+        replace_module_(model, "lm_head", TiedQuantizedHead(model.embed_tokens))
+    floats = model.state_dict()
+    for ours, value in state.items():
+        if tuple(value.shape) != tuple(floats[ours].shape):
+            raise EdgesmithError(f"{path}: tensor {names[ours]!r} has shape {tuple(value.shape)}, the model "
+                                 f"its hyperparameters describe has {tuple(floats[ours].shape)}")
+    model.load_state_dict(state, strict=False)
+    step = {"kind": "import-gguf", "source": str(path.resolve()), "sha256": sha256_file(path)}
+    return save_checkpoint(model.eval(), tokenizer, out, lineage={"parent": None, "passes": [step]})
