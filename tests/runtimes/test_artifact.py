@@ -11,6 +11,7 @@ from runtimes.artifact import MANIFEST_FORMAT, read_manifest, sha256_file
 def artifact(tmp_path, **overrides):
     (tmp_path / "model.bin").write_bytes(b"weights" * 10)
     manifest = {"manifest": MANIFEST_FORMAT, "format": "gguf", "entry": "model.bin", "options": {"max_seq_len": 64},
+                "precision": "fp32",
                 "files": {"model.bin": {"sha256": sha256_file(tmp_path / "model.bin"), "bytes": 70}}, **overrides}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     return tmp_path
