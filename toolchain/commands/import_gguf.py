@@ -6,11 +6,10 @@ import argparse
 from pathlib import Path
 
 from models.errors import EdgesmithError
+from toolchain.gguf_import import import_gguf
 
 
 def run(args: argparse.Namespace) -> None:
-    from toolchain.gguf_import import import_gguf
-
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise EdgesmithError(f"{out}: already exists (pass --force to replace it)")
