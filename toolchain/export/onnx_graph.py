@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from kernels.onnx import CONTRIB_OPS
 from models.llama import ModelConfig, rope_tables
 from models.lowrank import LowRankLinear
-from models.quant import QuantizedEmbedding, QuantizedLinear
+from models.quant import QuantizedEmbedding, QuantizedLinear, TiedQuantizedHead
 
 OPSET = 17
 OPSET_QDQ = 21  # block-wise DequantizeLinear and INT4 tensors
@@ -109,11 +109,19 @@ class Builder:
 
     def quant_linear(self, x: str, name: str, m) -> str:
         if self.fused:  # ONNX Runtime's MatMulNBits, B (N, blocks, blob) from our codes exactly
-            blob, scales = matmulnbits_weight(m)
-            return self.op(MATMUL_NBITS, [x, self.init(f"{name}.qweight", blob),
-                                           self.init(f"{name}.scales", scales.astype(self.dtype))], domain=MS,
-                           K=m.in_features, N=m.out_features, bits=m.bits, block_size=m.group_size,
-                           accuracy_level=0)
+            if isinstance(m, TiedQuantizedHead) and any(t.name == "embed_tokens.qweight" for t in self.inits):
+                # The tied head reads the embedding's table: GatherBlockQuantized's (V, dim*bits/8) bytes are
+                # MatMulNBits' (N, K/g, g*bits/8) blob byte for byte, the scales the same values in the same order;
+                # a Reshape of each (folded by ONNX Runtime at load) instead of a second copy in the file.
+                blob_w = m.group_size * m.bits // 8
+                blob = self.op("Reshape", ["embed_tokens.qweight", self.ints(m.out_features, -1, blob_w)])
+                scales = self.op("Reshape", ["embed_tokens.scales", self.ints(-1)])
+            else:
+                blob, scales = matmulnbits_weight(m)
+                blob = self.init(f"{name}.qweight", blob)
+                scales = self.init(f"{name}.scales", scales.astype(self.dtype))
+            return self.op(MATMUL_NBITS, [x, blob, scales], domain=MS, K=m.in_features, N=m.out_features,
+                           bits=m.bits, block_size=m.group_size, accuracy_level=0)
         # Standard ops (opset 21): block-wise DequantizeLinear of int4/int8 codes stored (in, out).
         codes = self.codes(f"{name}.qweight_t", m.qweight.detach().T.contiguous().numpy(), m.bits)  # (K, N)
         scales = m.scales.detach().float().T.contiguous().numpy().astype(self.dtype)  # (K / g, N)

@@ -230,3 +230,19 @@ def test_onnx_looks_up_our_embedding_codes_exactly(embedded, tmp_path, fmt, fuse
         table = next(t for t in graph.initializer if t.name == nodes[lookup.input[0]].input[0])
         assert table.data_type == (onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8)
         assert list(table.dims) == list(emb.qweight.shape)
+
+
+def test_a_tied_fused_onnx_head_reads_the_embedding_table_stored_once(embedded, tmp_path):
+    # execute
+    manifest = export(embedded[4, True], tmp_path / "onnx", ExportConfig(format="onnx", max_seq_len=64))
+    # assert: the head's MatMulNBits takes Reshapes of the lookup's own initializers (no second copy), and
+    # computes what the reference does (float-exact at accuracy level 0)
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    names = {t.name for t in graph.initializer}
+    assert "embed_tokens.qweight" in names and "lm_head.qweight" not in names and "lm_head.scales" not in names
+    producers = {n.output[0]: n for n in graph.node}
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] in producers)
+    assert producers[head.input[1]].op_type == "Reshape" and producers[head.input[1]].input[0] == "embed_tokens.qweight"
+    assert producers[head.input[2]].input[0] == "embed_tokens.scales"
+    p = exact_parity(embedded[4, True], tmp_path / "onnx")
+    assert manifest["parity"]["passed"] and p["max_abs_logit_diff"] < 1e-4 * p["max_abs_reference_logit"]
