@@ -69,6 +69,8 @@ def plan(ws: Workspace, device: str, model: str, context, bits) -> tuple[str, pd
 
 
 def _fmt(v) -> str:
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 1000:  # a byte count held as a float
+        return f"{v:,.0f}"
     if isinstance(v, float):
         return f"{v:,.3f}"
     if isinstance(v, int) and not isinstance(v, bool):
