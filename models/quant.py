@@ -14,8 +14,8 @@ API (stable; the trainer's QLoRA and the GGUF / ONNX / ExecuTorch exporters impo
   `dequantize(dtype)` returns the float weight; `QuantizedLinear.from_float(linear, bits, group_size)`
   rounds to nearest (the rule below); `QuantizedLinear.from_codes(qweight, scales, bits, group_size)`
   wraps codes chosen by any method (GPTQ, AWQ). `.to(dtype)` never casts codes or scales.
-- `quantize_rtn(w, bits, group_size) -> (qweight, scales)` and `quantize_codes(w, d, bits)`
-  (codes of `w` for given per-element fp32 scales `d`), the building blocks of every method.
+- `quantize_rtn(w, bits, group_size, target) -> (qweight, scales)` and `quantize_codes(w, d, bits, target)`
+  (codes of `w` for given per-element fp32 scales `d`; `target` in TARGETS), the building blocks of every method.
 - `QuantizedEmbedding(num_embeddings, embedding_dim, bits=4, group_size=32)`: the token embedding in
   the same representation, grouped along the embedding dim (`qweight` `(vocab, dim)`, `scales`
   `(vocab, dim // group_size)`), i.e. exactly the layout of a QuantizedLinear with out = vocab, in =
@@ -69,6 +69,10 @@ BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 ACT_BITS = (None, 8)
 CODE_RANGE = {4: (-8, 7), 8: (-127, 127)}
+# "any": llama.cpp's Q4_0 / Q8_0 rule. "xnnpack": positive bf16-exact scales, codes XNNPACK's int4 planes hold
+# (8 bits as 16 * hi + lo: [-127, 119]); every format holds those exactly, ExecuTorch's 8da4w kernel included.
+TARGETS = ("any", "xnnpack")
+XNNPACK_LIMITS = {4: (8, 7), 8: (127, 119)}  # |most negative code|, most positive code
 
 
 def check_scheme(bits: int, group_size: int, in_features: int | None = None, name: str | None = None) -> None:
@@ -87,33 +91,52 @@ def _roundf(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
-def group_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """fp32 scale `d` of each group: w `(..., G)` -> `(..., 1)` (llama.cpp's Q4_0 / Q8_0 rule)."""
+def check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise EdgesmithError(f"target={target!r} is not allowed; allowed: {', '.join(TARGETS)}")
+
+
+def fit_scales(d: torch.Tensor, target: str = "any") -> torch.Tensor:
+    """fp32 scales as `target` stores them: "xnnpack" rounds each nonzero |d| up (codes stay in range) to a bf16
+    value >= 2^-14 (so fp16 holds it too)."""
+    if target == "any":
+        return d
+    i = d.float().abs().clamp_min(2.0 ** -14).contiguous().view(torch.int32)
+    up = ((i & -65536) + ((i & 0xFFFF) != 0).to(torch.int32) * 65536).view(torch.float32)
+    return torch.where(d == 0, torch.zeros_like(up), up)
+
+
+def group_scales(w: torch.Tensor, bits: int, target: str = "any") -> torch.Tensor:
+    """fp32 scale `d` of each group: w `(..., G)` -> `(..., 1)` (llama.cpp's Q4_0 / Q8_0 rule; "xnnpack": positive,
+    4 bits the extreme on -8 or 7; 8 bits the smallest scale clipping neither end)."""
     w = w.float()
+    if target == "xnnpack":
+        neg, pos = XNNPACK_LIMITS[bits]
+        if bits == 8:
+            return fit_scales(torch.maximum(w.amax(-1, True) / pos, -w.amin(-1, True) / neg).clamp_min(0), target)
+        m = torch.gather(w, -1, w.abs().argmax(dim=-1, keepdim=True))
+        return fit_scales(torch.where(m < 0, -m / neg, m / pos), target)
     if bits == 4:
-        idx = w.abs().argmax(dim=-1, keepdim=True)
-        return torch.gather(w, -1, idx) / -8.0
+        return torch.gather(w, -1, w.abs().argmax(dim=-1, keepdim=True)) / -8.0
     return w.abs().amax(dim=-1, keepdim=True) / 127.0
 
 
-def quantize_codes(w: torch.Tensor, d: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize_codes(w: torch.Tensor, d: torch.Tensor, bits: int, target: str = "any") -> torch.Tensor:
     """Codes of `w` for fp32 scales `d` (broadcastable), rounded as llama.cpp does; int8 result."""
     w, d = w.float(), d.float()
     inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
-    if bits == 4:
-        q = torch.trunc(w * inv + 8.5).clamp(0, 15) - 8
-    else:
-        q = _roundf(w * inv).clamp(-127, 127)
+    top = XNNPACK_LIMITS[8][1] if target == "xnnpack" else 127
+    q = torch.trunc(w * inv + 8.5).clamp(0, 15) - 8 if bits == 4 else _roundf(w * inv).clamp(-127, top)
     return q.to(torch.int8)
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, target: str = "any") -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest: float weight `(out, in)` -> (qweight int8 `(out, in)`, scales fp16 `(out, in/g)`)."""
     check_scheme(bits, group_size, w.shape[1])
     out_f, in_f = w.shape
     groups = w.detach().float().reshape(out_f, in_f // group_size, group_size)  # (out, ng, g)
-    d = group_scales(groups, bits)
-    codes = quantize_codes(groups, d, bits)
+    d = group_scales(groups, bits, target)
+    codes = quantize_codes(groups, d, bits, target)
     return codes.reshape(out_f, in_f), d.squeeze(-1).to(torch.float16)
 
 
@@ -161,9 +184,9 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32,
-                   act_bits: int | None = None, name: str | None = None) -> QuantizedLinear:
+                   act_bits: int | None = None, name: str | None = None, target: str = "any") -> QuantizedLinear:
         check_scheme(bits, group_size, linear.in_features, name)
-        qweight, scales = quantize_rtn(linear.weight, bits, group_size)
+        qweight, scales = quantize_rtn(linear.weight, bits, group_size, target)
         return cls.from_codes(qweight, scales, bits, group_size, act_bits, bias=linear.bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -212,9 +235,9 @@ class QuantizedEmbedding(nn.Module):
 
     @classmethod
     def from_float(cls, emb: nn.Embedding, bits: int = 4, group_size: int = 32,
-                   name: str | None = None) -> QuantizedEmbedding:
+                   name: str | None = None, target: str = "any") -> QuantizedEmbedding:
         check_scheme(bits, group_size, emb.embedding_dim, name)
-        m = cls.from_codes(*quantize_rtn(emb.weight, bits, group_size), bits, group_size)
+        m = cls.from_codes(*quantize_rtn(emb.weight, bits, group_size, target), bits, group_size)
         m.dtype = emb.weight.dtype
         return m
 
@@ -298,7 +321,7 @@ def linear_names(model: nn.Module) -> list[str]:
 
 
 def quantize_linear_(model: nn.Module, bits: int = 4, group_size: int = 32, include=None,
-                     act_bits: int | None = None) -> list[str]:
+                     act_bits: int | None = None, target: str = "any") -> list[str]:
     """Swap each nn.Linear (for which `include(name)` is true) for its RTN QuantizedLinear; names swapped.
 
     A Linear whose weight is shared with another module (a tied lm_head) is left float: quantizing it
@@ -311,12 +334,14 @@ def quantize_linear_(model: nn.Module, bits: int = 4, group_size: int = 32, incl
         if (include is not None and not include(name)) or name in shared:
             continue
         lin = model.get_submodule(name)
-        replace_module_(model, name, QuantizedLinear.from_float(lin, bits, group_size, act_bits, name=name))
+        replace_module_(model, name, QuantizedLinear.from_float(lin, bits, group_size, act_bits, name=name,
+                                                                target=target))
         done.append(name)
     return done
 
 
-def quantize_embedding_(model: nn.Module, bits: int = 4, group_size: int = 32, include=None) -> list[str]:
+def quantize_embedding_(model: nn.Module, bits: int = 4, group_size: int = 32, include=None,
+                        target: str = "any") -> list[str]:
     """Swap each nn.Embedding (for which `include(name)` is true) for its RTN QuantizedEmbedding; names
     swapped. A Linear that shared its weight (a tied lm_head) becomes a TiedQuantizedHead of the table."""
     check_scheme(bits, group_size)
@@ -326,7 +351,7 @@ def quantize_embedding_(model: nn.Module, bits: int = 4, group_size: int = 32, i
             continue
         emb = model.get_submodule(name)
         tied = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight is emb.weight]
-        q = QuantizedEmbedding.from_float(emb, bits, group_size, name=name)
+        q = QuantizedEmbedding.from_float(emb, bits, group_size, name=name, target=target)  # a tied head reads it
         replace_module_(model, name, q)
         for head in tied:
             replace_module_(model, head, TiedQuantizedHead(q))

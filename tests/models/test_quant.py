@@ -63,6 +63,34 @@ def test_layout_range_and_error_bound(bits, lo, hi, group_size):
     assert (deq[0, :32] == 0).all()
 
 
+@pytest.mark.parametrize("bits, lo, hi", [(4, -8, 7), (8, -127, 119)])
+def test_xnnpack_target_scales_are_positive_bf16_exact_and_codes_fit_the_planes(bits, lo, hi):
+    # setup
+    w = _weights()
+    # execute
+    qweight, scales = quantize_rtn(w, bits, 32, target="xnnpack")
+    deq = dequantize(qweight, scales)
+    # assert: positive scales bf16 holds exactly (an all-zero group keeps scale 0), codes inside the planes' range
+    s = scales.float()
+    assert bool((s[0, 0] == 0) and (s.flatten()[1:] > 0).all())
+    assert torch.equal(s.to(torch.bfloat16).float(), s)
+    assert lo <= int(qweight.min()) and int(qweight.max()) <= hi
+    # the extreme of a group lands on the most negative code when negative, on the most positive when positive
+    assert int(qweight[2, 40]) == lo and int(qweight[1, 7]) == hi
+    # round to nearest: at most half a step off (the scale is rounded up, never down); 4 bits as Q4_0's rule: a
+    # value of opposite sign near a negative extreme clips to +7, one step
+    step = s.repeat_interleave(32, dim=1)
+    half = torch.where(qweight == hi, 1.0, 0.5) if bits == 4 else 0.5
+    assert ((deq - w).abs() <= half * step + 1e-7).all()
+
+
+def test_bad_target_names_allowed_values():
+    from toolchain.compress.methods.rtn import RTN
+
+    with pytest.raises(EdgesmithError, match="target='arm'.*allowed: any, xnnpack"):
+        RTN(target="arm")
+
+
 def test_forward_is_matmul_with_dequantized_weight_and_casts_keep_scales():
     # setup
     lin = nn.Linear(128, 64, bias=False)

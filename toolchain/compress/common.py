@@ -17,21 +17,25 @@ from torch import nn
 from tqdm import tqdm
 
 from models.errors import EdgesmithError
-from models.quant import (QuantizedLinear, _shared_weight_names, check_scheme, linear_names, quantize_embedding_,
+from models.quant import (QuantizedLinear, _shared_weight_names, check_scheme, check_target, linear_names, quantize_embedding_,
                           replace_module_)
 from toolchain.compress.rules import bits_for, parse_rules, resolve
 
 
 @dataclass(frozen=True)
 class WeightQuant:
-    """Fields every weight-quantization method has. `rules`: ordered (regex, 4 | 8 | "skip")."""
+    """Fields every weight-quantization method has. `rules`: ordered (regex, 4 | 8 | "skip"). `target`:
+    "any" (llama.cpp's Q4_0 / Q8_0 rule) or "xnnpack" (codes and scales ExecuTorch's XNNPACK kernels hold
+    exactly, and so does every other format; models/quant.py TARGETS)."""
     bits: int = 4
     group_size: int = 32
     rules: tuple = ()
     n_calib: int = 16
+    target: str = "any"
 
     def __post_init__(self):
         check_scheme(self.bits, self.group_size)
+        check_target(self.target)
         object.__setattr__(self, "rules", parse_rules(self.rules))
         if isinstance(self.n_calib, bool) or not isinstance(self.n_calib, int) or self.n_calib < 1:
             raise EdgesmithError(f"n_calib={self.n_calib!r} must be a positive integer")
@@ -72,7 +76,8 @@ def quantize_embeddings_(model: nn.Module, cfg: WeightQuant) -> dict[str, int | 
     for name in embedding_names(model):
         done[name] = bits_for(name, cfg.rules, cfg.bits)
         if done[name] is not None:
-            quantize_embedding_(model, done[name], cfg.group_size, include=lambda n, name=name: n == name)
+            quantize_embedding_(model, done[name], cfg.group_size, include=lambda n, name=name: n == name,
+                                target=getattr(cfg, "target", "any"))
     return done
 
 

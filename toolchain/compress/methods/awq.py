@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from models.errors import EdgesmithError
-from models.quant import QuantizedLinear, dequantize, group_scales, quantize_codes, quantize_rtn, replace_module_
+from models.quant import (QuantizedLinear, dequantize, fit_scales, group_scales, quantize_codes, quantize_rtn,
+                          replace_module_)
 from models.registry import METHODS
 from toolchain.compress.common import (WeightQuant, capture_inputs, fold_scales_, fold_target, plan_layers,
                                        progress, quantize_embeddings_, require_calibration, stages)
@@ -58,7 +59,7 @@ def collect_input(model: nn.Module, name: str, calib: torch.Tensor, max_tokens: 
 
 @torch.no_grad()
 def search_scales(X: torch.Tensor, weights: list[torch.Tensor], bits: list[int], group_size: int,
-                  n_grid: int) -> tuple[torch.Tensor, float]:
+                  n_grid: int, target: str = "any") -> tuple[torch.Tensor, float]:
     """Best per-input-channel scales for Linears reading X, and the exponent that produced them."""
     x_mean = X.abs().mean(0)
     refs = [X @ w.float().T for w in weights]
@@ -69,7 +70,7 @@ def search_scales(X: torch.Tensor, weights: list[torch.Tensor], bits: list[int],
         s = s / (s.max() * s.min()).sqrt()
         loss = 0.0
         for w, b, ref in zip(weights, bits, refs):
-            wq = dequantize(*quantize_rtn(w.float() * s, b, group_size)) / s
+            wq = dequantize(*quantize_rtn(w.float() * s, b, group_size, target)) / s
             loss += (X @ wq.T - ref).pow(2).mean().item()
         if loss < best:
             best, best_s, best_a = loss, s, a
@@ -78,25 +79,25 @@ def search_scales(X: torch.Tensor, weights: list[torch.Tensor], bits: list[int],
 
 @torch.no_grad()
 def clip_search(W: torch.Tensor, X: torch.Tensor, bits: int, group_size: int, n_clip: int,
-                min_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+                min_clip: float, target: str = "any") -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and fp16 scales of W `(out, in)` with each group's scale shrunk by the ratio that minimises
     |X_g (w_g - q(w_g))|^2 over the calibration rows X `(n, in)` (ratio 1.0 = round to nearest)."""
     out_f, in_f = W.shape
     ng = in_f // group_size
     Wg = W.float().reshape(out_f, ng, group_size)  # (out, ng, g)
     Xg = X.float().reshape(-1, ng, group_size)  # (n, ng, g)
-    d0 = group_scales(Wg, bits)  # (out, ng, 1)
+    d0 = group_scales(Wg, bits, target)  # (out, ng, 1)
     best_err = torch.full((out_f, ng), float("inf"))
     best_d = d0.clone()
     for k in range(n_clip):
         r = 1.0 - (1.0 - min_clip) * k / max(n_clip - 1, 1)
-        d = d0 * r
-        deq = quantize_codes(Wg, d, bits).float() * d.half().float()
+        d = fit_scales(d0 * r, target)
+        deq = quantize_codes(Wg, d, bits, target).float() * d.half().float()
         err = torch.einsum("njk,ojk->noj", Xg, Wg - deq).pow(2).sum(0)  # (out, ng)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_d = torch.where(better.unsqueeze(-1), d, best_d)
-    codes = quantize_codes(Wg, best_d, bits).reshape(out_f, in_f)
+    codes = quantize_codes(Wg, best_d, bits, target).reshape(out_f, in_f)
     return codes, best_d.squeeze(-1).half()
 
 
@@ -116,14 +117,14 @@ def awq(model: nn.Module, cfg: AWQ, ctx) -> nn.Module:
                 continue
             X = collect_input(model, stage[0], calib, cfg.max_tokens)
             weights = [model.get_submodule(n).weight for n in stage]
-            s, a = search_scales(X, weights, [plan[n] for n in stage], cfg.group_size, cfg.n_grid)
+            s, a = search_scales(X, weights, [plan[n] for n in stage], cfg.group_size, cfg.n_grid, cfg.target)
             fold_scales_(model, stage, prev, s)
             chosen[",".join(stage)] = a
         for stage in block:
             X = collect_input(model, stage[0], calib, CLIP_TOKENS)
             for name in stage:
                 codes, scales = clip_search(model.get_submodule(name).weight, X, plan[name], cfg.group_size,
-                                            cfg.n_clip, cfg.min_clip)
+                                            cfg.n_clip, cfg.min_clip, cfg.target)
                 replace_module_(model, name, QuantizedLinear.from_codes(codes, scales, plan[name], cfg.group_size,
                                                                         bias=model.get_submodule(name).bias))
     ctx.report["layers"] = {**embeds, **plan}

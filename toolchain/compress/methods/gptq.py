@@ -39,7 +39,7 @@ class GPTQ(WeightQuant):
 
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, act_order: bool = False,
-                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                  damp: float = 0.01, target: str = "any") -> tuple[torch.Tensor, torch.Tensor]:
     """W `(out, in)`, H `(in, in)` -> (codes int8 `(out, in)`, scales fp16 `(out, in/g)`)."""
     W = W.detach().float().clone()
     H = H.clone()
@@ -50,7 +50,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     n_groups = in_f // group_size
     scales = torch.zeros(out_f, n_groups)
     if act_order:  # static groups: scales from the float weights before any update
-        scales = group_scales(W.reshape(out_f, n_groups, group_size), bits).squeeze(-1)
+        scales = group_scales(W.reshape(out_f, n_groups, group_size), bits, target).squeeze(-1)
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(in_f)
@@ -66,9 +66,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
             col = int(perm[i1 + i])
             g = col // group_size
             if not act_order and col % group_size == 0:
-                scales[:, g] = group_scales(W1[:, i:i + group_size], bits).squeeze(-1)
+                scales[:, g] = group_scales(W1[:, i:i + group_size], bits, target).squeeze(-1)
             d32 = scales[:, g]
-            q = quantize_codes(W1[:, i], d32, bits)
+            q = quantize_codes(W1[:, i], d32, bits, target)
             codes[:, col] = q
             deq = q.float() * d32.half().float()  # what the stored fp16 scale reproduces
             err = (W1[:, i] - deq) / Hinv1[i, i]
@@ -96,7 +96,8 @@ def gptq(model: nn.Module, cfg: GPTQ, ctx) -> nn.Module:
         H = 2.0 * acc["H"] / max(acc["n"], 1)
         for name in stage:
             lin = model.get_submodule(name)
-            codes, scales = gptq_quantize(lin.weight, H, plan[name], cfg.group_size, cfg.act_order, cfg.damp)
+            codes, scales = gptq_quantize(lin.weight, H, plan[name], cfg.group_size, cfg.act_order, cfg.damp,
+                                          cfg.target)
             swap_quantized_(model, name, codes, scales, plan[name], cfg.group_size)
     ctx.report["layers"] = {**embeds, **plan}
     return model

@@ -26,6 +26,7 @@ def rtn(model: nn.Module, cfg: RTN, ctx) -> nn.Module:
     for name, bits in plan.items():
         if bits is not None:
             lin = model.get_submodule(name)
-            replace_module_(model, name, QuantizedLinear.from_float(lin, bits, cfg.group_size, name=name))
+            replace_module_(model, name, QuantizedLinear.from_float(lin, bits, cfg.group_size, name=name,
+                                                                    target=cfg.target))
     ctx.report["layers"] = {**embeds, **plan}
     return model

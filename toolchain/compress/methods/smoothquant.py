@@ -57,6 +57,7 @@ def smoothquant(model: nn.Module, cfg: SmoothQuant, ctx) -> nn.Module:
     # Quantize only after every fold: a fold into up_proj must land on its float weight.
     for name in todo:
         lin = model.get_submodule(name)
-        replace_module_(model, name, QuantizedLinear.from_float(lin, plan[name], cfg.group_size, act_bits=8, name=name))
+        replace_module_(model, name, QuantizedLinear.from_float(lin, plan[name], cfg.group_size, act_bits=8, name=name,
+                                                                    target=cfg.target))
     ctx.report["layers"] = {**embeds, **plan}
     return model
