@@ -98,7 +98,36 @@ def _ask(request: dict, timeout: float) -> dict | None:
         return answer
 
 
-def _child(program: str, method: str, log: str) -> int:
+def load_custom_ops(names) -> None:
+    """Register the ExecuTorch kernels of the custom op libraries a program names (manifest
+    `options.custom_ops`; "llama": ExecuTorch's LLM ops, `llama::update_cache` / `llama::custom_sdpa`) in this
+    process, before the program loads. Loading the library twice is harmless."""
+    import importlib.util
+
+    import torch
+
+    for name in names:
+        if name != "llama":
+            raise EdgesmithError(f"custom_ops: unknown library {name!r}; known: llama")
+        spec = importlib.util.find_spec("executorch.extension.llm.custom_ops")
+        libs = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*custom_ops_aot_lib.*")) if spec else []
+        if not libs:
+            raise EdgesmithError("this ExecuTorch install has no LLM custom ops library "
+                                 "(executorch/extension/llm/custom_ops/libcustom_ops_aot_lib)")
+        torch.ops.load_library(str(libs[0]))
+
+
+def positions(start: int, n: int, convention: str):
+    """The `input_pos` tensor of a call of `n` tokens from `start`: "start" -> `(1,)` (ExecuTorch's Llama runner
+    convention), "positions" -> `(n,)` (every position)."""
+    import torch
+
+    if convention == "start":
+        return torch.tensor([start], dtype=torch.long)
+    return torch.arange(start, start + n, dtype=torch.long)
+
+
+def _child(program: str, method: str, log: str, custom_ops=(), input_pos: str = "positions") -> int:
     """In the forked child: ExecuTorch's output to `log`, load with full verification, prefill 2, decode 1;
     a Python exception's line is appended to the log with the marker, exit 2."""
     fd = os.open(log, os.O_WRONLY | os.O_APPEND)
@@ -108,12 +137,13 @@ def _child(program: str, method: str, log: str) -> int:
         import torch
         from executorch.extension.pybindings import _C
 
+        load_custom_ops(custom_ops)
         loaded = _C._load_program(program, program_verification=_C.Verification.InternalConsistency)
         if method not in {loaded.get_method_name(i) for i in range(loaded.num_methods())}:
             raise KeyError(f"the program has no method {method!r}")
         m = loaded.load_method(method)
-        m.call((torch.zeros(1, 2, dtype=torch.long), torch.arange(2, dtype=torch.long)))
-        m.call((torch.zeros(1, 1, dtype=torch.long), torch.tensor([2], dtype=torch.long)))
+        m.call((torch.zeros(1, 2, dtype=torch.long), positions(0, 2, input_pos)))
+        m.call((torch.zeros(1, 1, dtype=torch.long), positions(2, 1, input_pos)))
         return 0
     except Exception as e:  # a load or run error ExecuTorch reports (RuntimeError, ValueError, KeyError, ...)
         os.write(fd, f"\n{ERROR_MARK}{type(e).__name__}: {' '.join(str(e).split())[:200]}\n".encode())
@@ -131,7 +161,8 @@ def serve() -> None:
         if pid == 0:
             code = 2
             try:
-                code = _child(req["program"], req["method"], req["log"])
+                code = _child(req["program"], req["method"], req["log"], req.get("custom_ops", ()),
+                              req.get("input_pos", "positions"))
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
@@ -147,13 +178,15 @@ def _last_line(text: str) -> str:
     return " ".join(lines[-1].split())[:200] if lines else ""
 
 
-def probe(program: Path, sha256: str, method: str = "forward", timeout: float = PROBE_TIMEOUT_S) -> None:
+def probe(program: Path, sha256: str, method: str = "forward", timeout: float = PROBE_TIMEOUT_S,
+          custom_ops=(), input_pos: str = "positions") -> None:
     """Return when `program` (sha256 `sha256`) is known to load and run here; refuse it in one line when the
-    probe crashes, hangs, or reports an error."""
+    probe crashes, hangs, or reports an error. `custom_ops` and `input_pos` as the manifest's options say."""
     if is_probed(sha256):
         return
     with tempfile.NamedTemporaryFile(prefix="edgesmith-probe-", suffix=".log") as log:
-        answer = _ask({"program": str(program), "method": str(method), "log": log.name}, timeout)
+        answer = _ask({"program": str(program), "method": str(method), "log": log.name,
+                       "custom_ops": list(custom_ops), "input_pos": input_pos}, timeout)
         text = Path(log.name).read_text("utf-8", "replace")
     error = next((line[len(ERROR_MARK):] for line in text.splitlines() if line.startswith(ERROR_MARK)), None)
     native = _last_line(text)

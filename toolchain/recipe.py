@@ -78,6 +78,7 @@ class ExportSettings:
     precision: str = "fp32"  # float weights (or "device": see float_precision); quantized checkpoints keep their codes
     max_seq_len: int | None = None
     fuse: bool = True
+    exact: bool = False  # executorch: codes outside XNNPACK's int4 range kept by an extra plane, not clamped
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,13 @@ Checks the manifest's sha256 values and the program's header against the file's 
 (runtimes.headers.pte_header), loads the program with ExecuTorch's full flatbuffer verification
 (`Verification.InternalConsistency`, asked for explicitly: `executorch.runtime` defaults to it, its
 pybindings' `_load_program` to `Minimal`, which checks only the identifier) and its
-`forward(tokens (1, T), input_pos (T,))` (T dynamic in 1..max_seq_len). The KV cache lives in the
-program's mutable buffers, written by index at `input_pos`, and persists between calls; `reset` and
-`rewind` only move the position, because the causal mask built from `input_pos` never lets attention
-read past what was written (ExecuTorch's static-cache runners do the same). `n_threads` resizes
+`forward(tokens (1, T), input_pos)` (T dynamic in 1..max_seq_len): `input_pos` `(1,)` holding the first
+position (manifest `options.input_pos = "start"`, the Llama runner's convention, what our exporter writes)
+or `(T,)` every position (artifacts from before). The kernels of the custom op libraries the manifest names
+(`options.custom_ops`: "llama", ExecuTorch's LLM ops) are loaded before the program. The KV cache lives in
+the program's mutable buffers, written at the given positions, and persists between calls; `reset` and
+`rewind` only move the position, because attention never reads past the positions of the current call
+(ExecuTorch's static-cache runners do the same). `n_threads` resizes
 ExecuTorch's process-wide XNNPACK threadpool (the llama runner's `_unsafe_reset_threadpool`); by
 default it is left as the runtime sized it. No sampling (the Session does it).
 """
@@ -24,7 +27,7 @@ from models.registry import BACKENDS
 from runtimes.artifact import read_manifest
 from runtimes.headers import pte_header
 from runtimes.native_stderr import captured
-from runtimes.probe import probe
+from runtimes.probe import load_custom_ops, positions, probe
 from runtimes.session import Session
 
 RUNTIME_PACKAGE = "executorch"
@@ -46,11 +49,21 @@ class ExecuTorchSession(Session):
 
             portable_lib._unsafe_reset_threadpool(n_threads)
         program = directory / manifest["entry"]
-        method = manifest["options"].get("method", "forward")
+        options = manifest["options"]
+        method = options.get("method", "forward")
+        self.input_pos = options.get("input_pos", "positions")  # "start": (1,), the Llama runner's convention
+        if self.input_pos not in ("start", "positions"):
+            raise EdgesmithError(f"{directory / 'manifest.json'}: options.input_pos {self.input_pos!r}; "
+                                 "allowed: start, positions")
+        custom_ops = options.get("custom_ops", [])
+        if not isinstance(custom_ops, list):
+            raise EdgesmithError(f"{directory / 'manifest.json'}: options.custom_ops must be a list")
+        load_custom_ops(custom_ops)
         pte_header(program)
         # a program this machine has not seen run is run once in a child first: ExecuTorch aborts the process
         # on some programs its verification passes (runtimes/probe.py)
-        probe(program, manifest["files"][manifest["entry"]]["sha256"], method)
+        probe(program, manifest["files"][manifest["entry"]]["sha256"], method, custom_ops=custom_ops,
+              input_pos=self.input_pos)
         # a corrupt program: ExecuTorch prints its own line to stderr and raises a bare RuntimeError
         # with an error code; both go into our one line
         log = None
@@ -69,7 +82,7 @@ class ExecuTorchSession(Session):
 
     def _forward(self, ids: list[int], start: int, all_logits: bool) -> np.ndarray:
         tokens = torch.tensor([ids], dtype=torch.long)
-        input_pos = torch.arange(start, start + len(ids), dtype=torch.long)
+        input_pos = positions(start, len(ids), self.input_pos)
         try:
             (logits,) = self.method.execute((tokens, input_pos))
         except (RuntimeError, ValueError, TypeError) as e:  # a program that loaded but cannot run these inputs

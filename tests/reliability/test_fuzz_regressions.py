@@ -381,14 +381,14 @@ def delegate_call_missing_an_argument(plan) -> None:
 
 
 def scalar_argument_as_tensor(plan) -> None:
-    """The first `aten::mul.Scalar_out` call gets a tensor where it takes its Scalar."""
+    """The first `aten::add.out` call gets a tensor where it takes its Scalar (`alpha`, the third argument)."""
     from executorch.exir.schema import KernelCall, Tensor
 
     a_tensor = next(i for i, v in enumerate(plan.values) if isinstance(v.val, Tensor))
-    mul = {i for i, op in enumerate(plan.operators) if (op.name, op.overload) == ("aten::mul", "Scalar_out")}
+    add = {i for i, op in enumerate(plan.operators) if (op.name, op.overload) == ("aten::add", "out")}
     call = next(ins.instr_args for chain in plan.chains for ins in chain.instructions
-                if isinstance(ins.instr_args, KernelCall) and ins.instr_args.op_index in mul)
-    call.args[1] = a_tensor
+                if isinstance(ins.instr_args, KernelCall) and ins.instr_args.op_index in add)
+    call.args[2] = a_tensor
 
 
 def xnnpack_identifier_not_utf8(data: bytes) -> bytes:

@@ -12,7 +12,7 @@ from toolchain.export.spec import PRECISIONS
 
 def run(args: argparse.Namespace) -> None:
     cfg = ExportConfig(format=args.format, precision=args.precision, max_seq_len=args.max_seq_len,
-                       fuse=not args.no_fuse, force=args.force, target=args.target)
+                       fuse=not args.no_fuse, exact=args.exact, force=args.force, target=args.target)
     m = export(args.checkpoint, args.out, cfg)
     total = sum(f["bytes"] for f in m["files"].values())
     print(f"exported {args.checkpoint} -> {args.out} ({m['format']}, {m['precision']}, {total / 1e6:.2f} MB, "
@@ -38,6 +38,8 @@ def register(sub) -> None:
                    "their codes)")
     x.add_argument("--max-seq-len", type=int, default=None, metavar="N", help="KV cache length (default: the model's)")
     x.add_argument("--no-fuse", action="store_true", help="onnx: plain standard-op graph instead of contrib ops")
+    x.add_argument("--exact", action="store_true", help="executorch: keep codes XNNPACK's int4 kernel cannot hold "
+                   "with one more plane per Linear (slower) instead of clamping them")
     x.add_argument("--target", default=None, metavar="DEVICE", help="device profile the artifact is for: recorded "
                    "in the manifest, and the planner says whether it fits (see `edgesmith devices list`)")
     x.add_argument("--force", action="store_true", help="replace --out if it exists")

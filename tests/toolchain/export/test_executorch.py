@@ -1,6 +1,7 @@
-"""ExecuTorch export: XNNPACK-lowered .pte with the static KV cache as mutable buffers; quantized
-checkpoints as 8da4w / 8da8w from our codes (int4 planes + exact remainder, bf16 group scales), a
-quantized token embedding as an exact lookup in portable ops."""
+"""ExecuTorch export: XNNPACK-lowered .pte with the static KV cache as mutable buffers written by ExecuTorch's
+LLM custom ops; quantized checkpoints as 8da4w / 8da8w from our codes (int4 planes, bf16 group scales; codes
+outside the kernel's range clamped and measured, or held by one more plane with --exact; target=xnnpack codes
+bit for bit), a quantized token embedding as an exact lookup in portable ops."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import runtimes
 from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint
 from models.quant import QuantizedEmbedding, QuantizedLinear, quantize_embedding_, quantize_linear_
 from toolchain.export import ExportConfig, export
-from toolchain.export.formats.executorch import ExecuTorchEmbedding, split_codes
+from toolchain.export.executorch_lowering import ExecuTorchEmbedding, XnnpackGroupLinear, split_codes
 from toolchain.export.parity import parity_ids, reference_logits, runtime_greedy, torch_threads
 
 
@@ -35,36 +36,58 @@ def test_pte_runs_in_executorch_runtime_with_parity(float_checkpoint, tmp_path, 
     np.testing.assert_allclose(np.stack(steps), rt.prefill(ids)[4:], atol=1e-4 if precision == "fp32" else 2e-2)
 
 
+def planes_weight(planes, out_f, group):
+    w = 0
+    for codes, scales in planes:
+        assert codes.dtype == torch.int8 and int(codes.min()) >= -8 and int(codes.max()) <= 7
+        assert bool((scales > 0).all())
+        w = w + (codes.float().reshape(out_f, -1, group) * scales[..., None]).reshape(out_f, -1)
+    return w
+
+
 @pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (8, 32), (8, 128)])
-def test_split_codes_rebuilds_our_weights_exactly(bits, group):
+def test_split_codes_exact_adds_a_plane_and_rebuilds_our_weights(bits, group):
     # setup: RTN codes (4-bit scales are signed, the extreme on code -8) with an all-zero group
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 24, bias=False)
     lin.weight.data[0, :group] = 0
     q = QuantizedLinear.from_float(lin, bits, group)
     # execute
-    planes, idx, val = split_codes(q)
-    # assert: int4 planes with positive scales; planes + remainder == our fake-quant weight, bit for bit
-    assert len(planes) == (1 if bits == 4 else 2)
-    w = torch.zeros(24, 256)
-    for codes, scales in planes:
-        assert codes.dtype == torch.int8 and int(codes.min()) >= -8 and int(codes.max()) <= 7
-        assert bool((scales > 0).all())
-        w += (codes.float().reshape(24, -1, group) * scales[..., None]).reshape(24, 256)
-    w.scatter_add_(1, idx, val)
-    assert torch.equal(w, q.dequantize())
-    assert idx.shape[1] < 256 // group * 8  # the remainder is a few weights per group
+    fast, clamped = split_codes(q, exact=False)
+    exact, none = split_codes(q, exact=True)
+    # assert: the fast form is one plane per 4 bits; the extra plane holds what it clamps, bit for bit
+    assert len(fast) == bits // 4 and len(exact) == len(fast) + 1 and none == 0
+    assert torch.equal(planes_weight(exact, 24, group), q.dequantize())
+    dw = q.dequantize() - planes_weight(fast, 24, group)
+    assert int(dw.count_nonzero()) == clamped > 0  # Q4_0-style codes: the extreme of a group with s < 0 is +8
+    unit = q.scales.float().abs().repeat_interleave(group, dim=1) * (16 if bits == 8 else 1)
+    assert torch.equal(dw[dw != 0], unit[dw != 0])  # each clamp moves its weight by one step of the leading digit
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_xnnpack_target_codes_go_through_bit_for_bit(bits):
+    # setup: codes chosen for XNNPACK (positive bf16-exact scales, codes in the planes' range)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 24, bias=True)
+    q = QuantizedLinear.from_float(lin, bits, 32, target="xnnpack")
+    # execute
+    x = XnnpackGroupLinear(q)
+    # assert: nothing clamped, no extra plane, and the weight the program computes with (bf16 scales) is ours
+    assert x.clamped == 0 and x.n_planes == bits // 4
+    assert torch.equal(x.stored_weight(), q.dequantize())
+    assert torch.equal(x.bias, q.bias.detach())
 
 
 @pytest.fixture(scope="module")
 def quantized_mixed(float_checkpoint, tmp_path_factory):
-    """One checkpoint holding both schemes (one XNNPACK lowering, about two minutes here, covers both):
+    """One checkpoint holding both schemes with codes chosen for XNNPACK (one lowering covers both):
     layer 0 and the embedding at 4 bits, layer 1 and the head at 8 bits, group 32."""
     ckpt = load_checkpoint(float_checkpoint)
-    quantize_embedding_(ckpt.model, 4, 32)
-    quantize_linear_(ckpt.model, 4, 32, include=lambda name: name.startswith("layers.0."))
-    quantize_linear_(ckpt.model, 8, 32, include=lambda name: not name.startswith("layers.0."))
-    step = {"kind": "quantize", "method": "rtn", "bits": 4, "group_size": 32, "rules": ["layers.1=8", "lm_head=8"]}
+    quantize_embedding_(ckpt.model, 4, 32, target="xnnpack")
+    quantize_linear_(ckpt.model, 4, 32, include=lambda name: name.startswith("layers.0."), target="xnnpack")
+    quantize_linear_(ckpt.model, 8, 32, include=lambda name: not name.startswith("layers.0."), target="xnnpack")
+    step = {"kind": "quantize", "method": "rtn", "bits": 4, "group_size": 32, "rules": ["layers.1=8", "lm_head=8"],
+            "target": "xnnpack"}
     return save_checkpoint(ckpt.model, ckpt.tokenizer, tmp_path_factory.mktemp("quant_et") / "mixed",
                            child_lineage(ckpt, step))
 
@@ -75,7 +98,7 @@ def packed_nibbles(codes: torch.Tensor) -> bytes:
     return (q[1::2] << 4 | q[::2]).numpy().tobytes()
 
 
-@pytest.mark.slow  # one XNNPACK lowering of 15 quantized linears (~2 min on two shared cores)
+@pytest.mark.slow  # one XNNPACK lowering of 15 quantized linears (~30 s on two shared cores)
 def test_quantized_pte_holds_our_codes_and_meets_parity(quantized_mixed, tmp_path):
     # execute
     out = tmp_path / "et"
@@ -100,15 +123,17 @@ def test_quantized_pte_holds_our_codes_and_meets_parity(quantized_mixed, tmp_pat
     assert all(top2[i, 1] - top2[i, 0] <= 2 * error[i] for i in flips), [(i, top2[i], error[i]) for i in flips]
     assert p["max_abs_logit_diff"] < 2e-2 * p["max_abs_reference_logit"], p  # measured 6-7e-3 (4 and 8 bits alone, Intel), 0.056 (mixed, AMD EPYC)
     stored = manifest["quantization"]["stored_as"]
-    assert stored["model.layers.0.mlp.down_proj"].startswith("8da4w")
+    assert stored["model.layers.0.mlp.down_proj"].startswith("8da4w: XNNPACK qd8-qb4w (1 plane, bf16 scales; max |dw| 0)")
     assert stored["model.layers.1.mlp.down_proj"].startswith("8da8w") and stored["lm_head"].startswith("8da8w")
     assert stored["model.embed_tokens"].endswith("lookup in portable ops (fp32 group scales)")
+    assert manifest["quantization"]["deviation"] == {"max_abs_dw": 0.0, "clamped_codes": 0, "exact": False}
+    assert manifest["options"]["input_pos"] == "start" and manifest["options"]["custom_ops"] == ["llama"]
     # assert: the program holds our codes as XNNPACK int4 planes (one for 4 bits, two for 8) and the bf16 scales
     blob = (out / "model.pte").read_bytes()
     model = load_checkpoint(quantized_mixed).model
     for layer, n_planes in ((0, 1), (1, 2)):
-        planes, _, _ = split_codes(model.layers[layer].mlp.down_proj)
-        assert len(planes) == n_planes
+        planes, clamped = split_codes(model.layers[layer].mlp.down_proj, exact=False)
+        assert len(planes) == n_planes and clamped == 0
         for codes, scales in planes:
             assert packed_nibbles(codes) in blob
             assert scales.to(torch.bfloat16).view(torch.int16).numpy().tobytes() in blob
@@ -135,3 +160,37 @@ def test_quantized_embedding_lookup_in_executorch_runtime_is_exact(tmp_path, bit
     (out,) = Runtime.get().load_program(tmp_path / "e.pte").load_method("forward").execute((ids,))
     # assert: bit for bit the fake-quant rows
     assert torch.equal(out, q(ids))
+
+
+@pytest.fixture(scope="module")
+def quantized_q4_0(float_checkpoint, tmp_path_factory):
+    """llama.cpp's Q4_0 rule (signed scales, the extreme of each group on -8) on layer 0 only."""
+    ckpt = load_checkpoint(float_checkpoint)
+    quantize_linear_(ckpt.model, 4, 32, include=lambda name: name.startswith("layers.0."))
+    step = {"kind": "quantize", "method": "rtn", "bits": 4, "group_size": 32, "rules": ["layers.1=skip", "lm_head=skip"]}
+    return save_checkpoint(ckpt.model, ckpt.tokenizer, tmp_path_factory.mktemp("quant_q40") / "q4_0",
+                           child_lineage(ckpt, step))
+
+
+@pytest.mark.slow  # two lowerings of 7 quantized linears (~10 s each)
+def test_codes_outside_xnnpack_are_clamped_and_measured_or_kept_with_exact(quantized_q4_0, tmp_path):
+    # execute: the fast default, then --exact
+    notices = []
+    fast = export(quantized_q4_0, tmp_path / "fast", ExportConfig(format="executorch", max_seq_len=64), log=notices.append)
+    exact = export(quantized_q4_0, tmp_path / "exact", ExportConfig(format="executorch", max_seq_len=64, exact=True))
+    # assert: the default clamps, says how much in the manifest and in one line, and still meets int4 parity
+    dev = fast["quantization"]["deviation"]
+    q = load_checkpoint(quantized_q4_0).model.layers[0].mlp.down_proj
+    assert dev["clamped_codes"] > 0 and dev["max_abs_dw"] >= float(q.scales.float().abs().min())
+    assert "1 plane" in fast["quantization"]["stored_as"]["model.layers.0.mlp.down_proj"]
+    assert any("codes outside XNNPACK's int4 range were clamped" in n and "--exact" in n for n in notices)
+    assert fast["parity"]["passed"] and fast["parity"]["kind"] == "int4"
+    # assert: --exact keeps every code (one more plane): only the bf16 scales move weights, by at most 2^-8 of them
+    dev = exact["quantization"]["deviation"]
+    assert dev["clamped_codes"] == 0 and dev["exact"] is True
+    largest = max(float(m.dequantize().abs().max()) for m in load_checkpoint(quantized_q4_0).model.modules()
+                  if isinstance(m, QuantizedLinear))
+    assert 0 < dev["max_abs_dw"] <= 2 ** -8 * largest
+    assert "2 planes" in exact["quantization"]["stored_as"]["model.layers.0.mlp.down_proj"]
+    assert exact["parity"]["passed"]
+    assert exact["parity"]["max_abs_logit_diff"] < fast["parity"]["max_abs_logit_diff"]

@@ -1,0 +1,213 @@
+"""Module swaps that put our one Transformer into the form ExecuTorch's fast kernels run.
+
+- **Attention** (`swap_attention_`): each layer's Attention becomes `CustomOpAttention`, whose static cache is
+  `(1, max_seq, n_kv_heads, head_dim)` (the layout of ExecuTorch's LLM custom ops) written in place by
+  `llama::update_cache` and read by `llama::custom_sdpa` (causal, grouped-query, from `start_pos`): the same ops
+  ExecuTorch's own Llama export uses. The program's forward is `StartPosDecoder`: `tokens (1, T)` and
+  `input_pos (1,)` holding the first position, the convention of ExecuTorch's Llama runner.
+- **Quantized Linears** (`XnnpackGroupLinear`): our codes as XNNPACK's dynamically quantized group-wise int4
+  fully-connected (`qd8-f32-qb4w`: int8 per-token asymmetric activations, int4 weights, one bf16 scale per
+  (row, group)), through torchao's `choose_qparams / quantize / dequantize_affine` pattern the partitioner
+  lowers. That kernel needs every scale > 0 and codes in [-8, 7], so a group with scale s < 0 is stored as
+  (|s|, -code) (exact), an all-zero group as (1, 0), and:
+    4 bits: -code = +8 does not fit. The fast form clamps it to 7 (|dw| = |s| on that weight); `exact`
+            adds a second plane with codes {0, 1} at the same scales (twice the weight bytes of that Linear).
+    8 bits: code = 16 * hi + lo, two int4 planes with scales 16|s| and |s|; hi = 8 (codes >= 120 after
+            folding) is clamped to 7 in the fast form, or (`exact`) a third plane holds it.
+  Codes quantized with `target=xnnpack` (models/quant.py) always fit: no clamp, no extra plane.
+  The serializer stores the scales in bf16 (8 significant bits; ours are fp16 with 11): scales that bf16 does
+  not hold move each weight by at most 2^-8 of its value (round to nearest); `target=xnnpack` scales are
+  bf16-exact.
+  `deviation(model)` measures both (max |dw| over every weight) for the manifest.
+- **Quantized token embedding** (`ExecuTorchEmbedding`): a lookup of our codes in portable ops (embedding,
+  bitwise and / shift, cast, mul) that every ExecuTorch runtime has; only the looked-up rows are unpacked.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.llama import Attention, Transformer, apply_rope
+from models.quant import QuantizedEmbedding, QuantizedLinear, replace_module_
+
+
+def _load_custom_ops() -> None:
+    """Register ExecuTorch's LLM custom ops (`torch.ops.llama.*`) with torch, for export."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class CustomOpKVCache(nn.Module):
+    """The static cache in the custom ops' layout `(1, max_seq, n_kv_heads, head_dim)`."""
+
+    def __init__(self, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape = (1, max_seq_len, n_kv_heads, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+
+class CustomOpAttention(Attention):
+    """Attention through `llama::update_cache` + `llama::custom_sdpa` (export only; batch 1)."""
+
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D): no transposes
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = self.norm_qk(q, k)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (T, 1, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache = self.kv_cache
+        start = input_pos[0].item()
+        torch._check(start >= 0)
+        torch._check(start + T <= cache.k_cache.shape[1])
+        torch.ops.llama.update_cache(k.to(cache.k_cache.dtype), cache.k_cache, start)
+        torch.ops.llama.update_cache(v.to(cache.v_cache.dtype), cache.v_cache, start)
+        y = torch.ops.llama.custom_sdpa(q, cache.k_cache, cache.v_cache, start, None, 0.0, True)
+        return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
+
+
+def swap_attention_(model: Transformer, max_seq_len: int, dtype: torch.dtype) -> None:
+    """Every layer's attention through the custom ops, with a cache of `max_seq_len` positions."""
+    _load_custom_ops()
+    for layer in model.layers:
+        attn = layer.self_attn
+        attn.__class__ = CustomOpAttention  # same parameters and submodules; only forward differs
+        attn.kv_cache = CustomOpKVCache(attn.n_kv_heads, max_seq_len, attn.head_dim, dtype)
+
+
+class StartPosDecoder(nn.Module):
+    """`forward(tokens (1, T), input_pos (1,)) -> logits (1, T, V)` in fp32: T tokens from position input_pos[0]."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], dtype=torch.long) + input_pos
+        return self.model(tokens, positions).float()
+
+
+# ----------------------------------------------------------------------------- quantized Linears
+
+
+def split_codes(q: QuantizedLinear, exact: bool) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """Our codes as int4 planes `(codes int8 (out, in) in [-8, 7], scales fp32 (out, in/g) > 0)` whose sum is
+    `q.dequantize()` (before bf16 scales) when `exact` or when nothing had to be clamped; and the number of codes
+    clamped (0 when `exact`)."""
+    out_f, in_f = q.qweight.shape
+    s = q.scales.float()  # (out, ng), signed
+    c = q.qweight.to(torch.int32).reshape(out_f, s.shape[1], q.group_size)
+    c = torch.where((s < 0)[..., None], -c, c).masked_fill((s == 0)[..., None], 0)
+    pos = s.abs().masked_fill(s == 0, 1.0)
+    if q.bits == 4:
+        digits = [(c, pos)]
+    else:
+        lo = torch.remainder(c + 8, 16) - 8
+        digits = [(torch.div(c - lo, 16, rounding_mode="floor"), pos * 16), (lo, pos)]
+    first, first_scale = digits[0]  # only the leading digit can leave [-8, 7] (by +1: +8)
+    kept = first.clamp(-8, 7)
+    over = first - kept  # 0 or 1
+    planes = [(kept, first_scale)] + digits[1:]
+    n_over = int(over.count_nonzero())
+    if n_over and exact:
+        planes.append((over, first_scale))
+    planes = [(p.reshape(out_f, in_f).to(torch.int8), sc) for p, sc in planes]
+    return planes, 0 if exact else n_over
+
+
+def dq8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """int8 asymmetric per-token quantize-dequantize, as torchao's 8da configs write it (the pattern
+    XNNPACK fuses into its dynamically quantized input)."""
+    from torchao.quantization.quant_primitives import (MappingType, choose_qparams_affine, dequantize_affine,
+                                                       quantize_affine)
+
+    block = (1,) * (x.dim() - 1) + (x.shape[-1],)
+    scale, zero = choose_qparams_affine(x, MappingType.ASYMMETRIC, block, torch.int8, -128, 127,
+                                        zero_point_dtype=torch.int8)
+    q = quantize_affine(x, block, scale, zero, torch.int8, -128, 127)
+    return dequantize_affine(q, block, scale, zero, torch.int8, -128, 127, output_dtype=x.dtype)
+
+
+class XnnpackGroupLinear(nn.Module):
+    """A QuantizedLinear as XNNPACK's qd8-f32-qb4w planes (see the module docstring)."""
+
+    def __init__(self, q: QuantizedLinear, exact: bool = False):
+        super().__init__()
+        planes, self.clamped = split_codes(q, exact)
+        self.group_size, self.n_planes = q.group_size, len(planes)
+        for i, (codes, scales) in enumerate(planes):
+            self.register_buffer(f"codes{i}", codes)
+            self.register_buffer(f"scales{i}", scales)
+            self.register_buffer(f"zeros{i}", torch.zeros(scales.shape, dtype=torch.int8))
+        bias = getattr(q, "bias", None)  # Qwen2's q/k/v: float, added after the planes
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def stored_weight(self) -> torch.Tensor:
+        """The float weight the program computes with (scales rounded to bf16 as the serializer stores them)."""
+        w = 0
+        for i in range(self.n_planes):
+            s = getattr(self, f"scales{i}").to(torch.bfloat16).float().repeat_interleave(self.group_size, dim=1)
+            w = w + getattr(self, f"codes{i}").float() * s
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchao.quantization.quant_primitives import dequantize_affine
+
+        y = None
+        for i in range(self.n_planes):  # each plane is its own dynamically quantized linear
+            w = dequantize_affine(getattr(self, f"codes{i}"), (1, self.group_size), getattr(self, f"scales{i}"),
+                                  getattr(self, f"zeros{i}"), torch.int8, -8, 7, output_dtype=x.dtype)
+            part = F.linear(dq8_per_token(x), w)
+            y = part if y is None else y + part
+        return y if self.bias is None else y + self.bias
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+class ExecuTorchEmbedding(nn.Module):
+    """A QuantizedEmbedding as a lookup in portable ops: 4-bit codes packed two per byte (`code + 8`, even
+    column in the low nibble), 8-bit as int8, scales fp32 (exact widening of ours); the looked-up rows are
+    unpacked as `(float) code * scale`, exactly the fake-quant value."""
+
+    def __init__(self, q: QuantizedEmbedding):
+        super().__init__()
+        self.bits, self.group_size = q.bits, q.group_size
+        codes = q.qweight.detach()
+        if q.bits == 4:
+            u = (codes.to(torch.int16) + 8).to(torch.uint8)  # (V, dim) in [0, 15]
+            codes = u[:, 0::2] | (u[:, 1::2] << 4)  # (V, dim / 2)
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scales", q.scales.detach().float())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.codes)  # (..., dim) int8, or (..., dim / 2) packed uint8
+        if self.bits == 4:
+            pairs = torch.stack([torch.bitwise_and(rows, 15), torch.bitwise_right_shift(rows, 4)], dim=-1)
+            codes = pairs.flatten(-2).to(torch.float32) - 8.0  # (..., dim)
+        else:
+            codes = rows.to(torch.float32)
+        scales = F.embedding(ids, self.scales)  # (..., dim / g)
+        return (codes.unflatten(-1, (-1, self.group_size)) * scales.unsqueeze(-1)).flatten(-2)
+
+
+def swap_quantized_(model: nn.Module, exact: bool = False) -> dict[str, dict]:
+    """Replace every QuantizedLinear by its XnnpackGroupLinear and a QuantizedEmbedding by its
+    ExecuTorchEmbedding; per swapped Linear what it became: planes, codes clamped, max |dw| against our weights."""
+    out = {}
+    for name in [n for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]:
+        m = model.get_submodule(name)
+        if isinstance(m, QuantizedEmbedding):
+            replace_module_(model, name, ExecuTorchEmbedding(m))
+            continue
+        x = XnnpackGroupLinear(m, exact)
+        dw = float((x.stored_weight() - m.dequantize(torch.float32)).abs().max())
+        out[name] = {"bits": m.bits, "planes": x.n_planes, "clamped_codes": x.clamped, "max_abs_dw": dw}
+        replace_module_(model, name, x)
+    return out
