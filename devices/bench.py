@@ -4,8 +4,9 @@
   bench agent (`python -m devices.agent`), so its peak RSS and warm-up are its own;
 - `ssh://...` (or a profile with one): the agent zipapp (`devices.pack`) and the artifact are
   pushed to a scratch directory, run with the device's Python, the JSON result pulled back;
-- `adb://...`: the artifact is pushed to /data/local/tmp, the profile's native runner (llama.cpp's
-  `llama-bench`) runs it, its JSON output is pulled back and parsed (`devices.native`).
+- `adb://...`: the artifact is pushed to /data/local/tmp, the profile's native runner runs it (llama.cpp's
+  `llama-bench` a GGUF, ExecuTorch's Llama runner `llama_main` a .pte, once per repetition with a prompt of
+  `prompt_len` tokens of the artifact's own tokenizer), its output is pulled back and parsed (`devices.native`).
 
 Integrity: before anything is pushed, the artifact passes `edgesmith verify`'s checks (runtimes.verify:
 manifest, confinement, sizes, sha256, format headers, tokenizer); after the push, `sha256sum` on the
@@ -40,14 +41,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from devices import roofline
-from devices.native import (LLAMA_BENCH_OPTIONS, llama_bench_argv, llama_bench_options, llama_bench_run_options,
-                            parse_llama_bench)
+from devices.native import (LLAMA_BENCH_OPTIONS, LLAMA_MAIN_OPTIONS, llama_bench_argv, llama_bench_options,
+                            llama_bench_run_options, llama_main_argv, parse_llama_bench, parse_llama_main)
 from devices.pack import build_agent
 from devices.profiles import DeviceProfile, list_profiles, load_profile
 from devices.transports import AdbTransport, LocalTransport, SshTransport, Transport, run_streaming, transport_for
 from models.atomic import write_bytes_atomic, write_text_atomic
 from models.checkpoint import sha256_file
 from models.errors import EdgesmithError
+from models.tokenizer import Tokenizer
 from runtimes.artifact import artifact_bytes, read_manifest
 from runtimes.verify import require_verified
 from runtimes.loader import backend_class, backends_for, option_names
@@ -130,7 +132,9 @@ def per_artifact_options(artifacts: Sequence, manifests: list[dict], options: di
     takes_by = []
     for a, m in zip(artifacts, manifests):
         fmt = m.get("format")
-        if native:
+        if native and fmt == "executorch":
+            takes, who = LLAMA_MAIN_OPTIONS, f"{fmt} (llama_main)"
+        elif native:
             takes, who = LLAMA_BENCH_OPTIONS, f"{fmt} (llama-bench)"
         else:
             names = backends_for(fmt) if isinstance(fmt, str) else []
@@ -139,7 +143,7 @@ def per_artifact_options(artifacts: Sequence, manifests: list[dict], options: di
             takes, who = option_names(backend_class(names[0]).__init__), f"{fmt} ({names[0]})"
         takes_by.append(who + " takes " + (", ".join(FLAGS.get(o, o) for o in takes if o in FLAGS) or "none"))
         mine = {k: v for k, v in options.items() if k in takes}
-        if native:  # checked here, before any push (the agent's backends check theirs on the device)
+        if native and fmt != "executorch":  # checked here, before any push (the agent's backends check theirs there)
             llama_bench_options(m, mine, str(a))
         taken |= set(mine)
         rows.append(mine)
@@ -309,11 +313,14 @@ class SshRunner:
 
 
 class AdbRunner:
-    """Artifact pushed to /data/local/tmp/edgesmith, the profile's llama-bench run on it, output pulled."""
+    """Artifact pushed to /data/local/tmp/edgesmith, the profile's native runner (llama-bench for GGUF,
+    ExecuTorch's llama_main for a .pte) run on it, output pulled."""
 
     def __init__(self, transport: AdbTransport, profile, tmp: Path, python, timeout_s, on_line):
         self.t, self.tmp, self.timeout_s = transport, tmp, timeout_s
         self.runner = (profile.native_runner if profile and profile.native_runner else "/data/local/tmp/llama-bench")
+        self.et_runner = (profile.executorch_runner if profile and profile.executorch_runner
+                          else "/data/local/tmp/llama_main")
 
     def __enter__(self):
         self.workdir = self.t.mkdtemp(timeout=min(self.timeout_s, 60))
@@ -323,9 +330,11 @@ class AdbRunner:
         return False
 
     def run(self, path: Path, m: dict, prompt_len: int, gen_len: int, repeat: int, options: dict) -> dict:
+        if m.get("format") == "executorch":
+            return self.run_pte(path, m, prompt_len, gen_len, repeat, options)
         if m.get("format") != "gguf":
-            raise EdgesmithError(f"{path}: adb bench runs GGUF artifacts through llama-bench; this one is "
-                                 f"{m.get('format')!r} (allowed: gguf)")
+            raise EdgesmithError(f"{path}: adb bench runs GGUF artifacts through llama-bench and .pte through "
+                                 f"ExecuTorch's llama_main; this one is {m.get('format')!r} (allowed: gguf, executorch)")
         remote = self.t.push(path, self.workdir, timeout=self.timeout_s)
         verify_pushed(self.t, path, remote, _manifest_hashes(m), self.timeout_s)
         out = f"{self.workdir}/llama-bench-{path.name}.json"
@@ -337,6 +346,42 @@ class AdbRunner:
         return {"runs": parse_llama_bench(text, prompt_len, gen_len), "runner": "llama-bench",
                 "backend": "llama.cpp (llama-bench)", "run_options": given if ran is None else ran,
                 "threads": (given if ran is None else ran).get("n_threads")}
+
+    def run_pte(self, path: Path, m: dict, prompt_len: int, gen_len: int, repeat: int, options: dict) -> dict:
+        if m.get("options", {}).get("input_pos") != "start":
+            raise EdgesmithError(f"{path}: this .pte takes every position in input_pos (exported before the "
+                                 "custom-op programs); ExecuTorch's llama_main needs a re-export")
+        remote = self.t.push(path, self.workdir, timeout=self.timeout_s)
+        verify_pushed(self.t, path, remote, _manifest_hashes(m), self.timeout_s)
+        prompt = prompt_text(Tokenizer.load(path), prompt_len - 1)  # llama_main adds the BOS
+        texts = []
+        for i in range(repeat):
+            out = f"{self.workdir}/llama-main-{path.name}-{i}.txt"
+            argv = llama_main_argv(self.et_runner, f"{remote}/{m['entry']}", f"{remote}/tokenizer.json", prompt,
+                                   prompt_len + gen_len, options)
+            self.t.check(self.t.run_to_file(argv, out, self.timeout_s), f"{self.et_runner} on {path.name}")
+            texts.append(self.t.pull(out, self.tmp, timeout=self.timeout_s).read_text())
+        return {"runs": parse_llama_main(texts), "runner": "llama_main", "backend": "executorch (llama_main)",
+                "run_options": dict(options), "threads": options.get("n_threads")}
+
+
+def prompt_text(tokenizer: Tokenizer, n: int) -> str:
+    """Plain text (letters and spaces: safe on any shell) that `tokenizer` encodes to exactly `n` tokens, or
+    the longest such text below `n` it reaches, for a runner that takes text: words while they fit, then
+    letters one at a time."""
+    words = "the value of each item in the list is returned by the function".split()
+    text = ""
+    for i in range(4 * n + 8):
+        longer = (text + " " + words[i % len(words)]).strip()
+        if len(tokenizer.encode(longer)) > n:
+            break
+        text = longer
+    for ch in " abcdefghijklmnopqrstuvwxyz" * (n + 1):
+        if len(tokenizer.encode(text)) == n:
+            break
+        if len(tokenizer.encode(text + ch)) <= n:
+            text += ch
+    return text
 
 
 # ----------------------------------------------------------------------------- output

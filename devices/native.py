@@ -1,4 +1,5 @@
-"""Native runners on a device: llama.cpp's `llama-bench` command line and its output.
+"""Native runners on a device: llama.cpp's `llama-bench` and ExecuTorch's Llama runner (`llama_main`), their
+command lines and their output.
 
 `llama_bench_argv` builds the command (`-p` prompt tokens, `-n` generated tokens, `-r`
 repetitions, `-o json`); `parse_llama_bench` reads its JSON output (an array with one object per
@@ -11,6 +12,14 @@ decode tok/s. llama-bench does not report memory: peak RSS stays unknown (None).
 Runtime options map onto llama-bench's flags where it has one: `n_threads` `-t N`, `flash_attn` `-fa 0|1`,
 `kv_cache` `-ctk T -ctv T`; any other option is refused in one line (llama-bench has no such knob).
 What a run used is read back from llama-bench's own JSON (`n_threads`, `flash_attn`, `type_k`), not assumed.
+
+ExecuTorch's runner (examples/models/llama/main.cpp, built for Android as the README says) takes a text prompt,
+`--seq_len` (prompt + generated tokens), `--temperature 0` (greedy), `--num_bos 1`, `--warmup` (one discarded
+run in the same process) and `--cpu_threads N` (`n_threads`, its only option here), and prints one
+`PyTorchObserver {...}` line of its own statistics (extension/llm/runner/stats.h): prefill tok/s =
+prompt_tokens / (prompt_eval_end_ms - inference_start_ms), decode tok/s = generated_tokens /
+(inference_end_ms - prompt_eval_end_ms), TTFT = first_token_ms - inference_start_ms. One process per
+repetition; no memory figure (peak RSS stays None).
 """
 
 from __future__ import annotations
@@ -117,3 +126,47 @@ def _markdown(text: str, test: str) -> list[float] | None:
             if m:
                 return [float(m.group(1))]
     return None
+
+
+# ----------------------------------------------------------------------------- ExecuTorch's llama_main
+
+LLAMA_MAIN_OPTIONS = ("n_threads",)
+
+
+def llama_main_argv(runner: str, model: str, tokenizer: str, prompt: str, seq_len: int,
+                    options: dict | None = None) -> list[str]:
+    """The llama_main command line (greedy, one BOS, a warmup run first); `options`: n_threads only."""
+    options = options or {}
+    for key, value in options.items():
+        if key not in LLAMA_MAIN_OPTIONS:
+            raise EdgesmithError(f"ExecuTorch's llama_main has no option {key!r}; allowed: {', '.join(LLAMA_MAIN_OPTIONS)}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EdgesmithError(f"n_threads {value!r} must be a positive integer")
+    argv = [runner, "--model_path", model, "--tokenizer_path", tokenizer, "--prompt", prompt,
+            "--seq_len", str(seq_len), "--temperature", "0", "--num_bos", "1", "--warmup"]
+    if options.get("n_threads"):
+        argv += ["--cpu_threads", str(options["n_threads"])]
+    return argv
+
+
+def parse_llama_main(texts: list[str]) -> dict:
+    """The runs of llama_main outputs (one per repetition) from their `PyTorchObserver {...}` lines."""
+    runs = {"prefill_tok_s": [], "decode_tok_s": [], "ttft_ms": [], "peak_rss_mb": []}
+    for text in texts:
+        line = next((ln for ln in reversed(text.splitlines()) if ln.startswith("PyTorchObserver ")), None)
+        try:
+            st = json.loads(line[len("PyTorchObserver "):]) if line else None
+            prefill_ms = st["prompt_eval_end_ms"] - st["inference_start_ms"]
+            decode_ms = st["inference_end_ms"] - st["prompt_eval_end_ms"]
+            ttft_ms = st["first_token_ms"] - st["inference_start_ms"]
+            prompt, generated = int(st["prompt_tokens"]), int(st["generated_tokens"])
+        except (TypeError, ValueError, KeyError, json.JSONDecodeError):
+            tail = " | ".join(text.strip().splitlines()[-3:])[:300] or "(no output)"
+            raise EdgesmithError(f"llama_main output has no PyTorchObserver statistics: {tail}") from None
+        if prefill_ms <= 0 or decode_ms <= 0 or generated < 1:
+            raise EdgesmithError(f"llama_main statistics cannot be timed (prefill {prefill_ms} ms, decode "
+                                 f"{decode_ms} ms, {generated} tokens generated)")
+        runs["prefill_tok_s"].append(prompt / prefill_ms * 1e3)
+        runs["decode_tok_s"].append(generated / decode_ms * 1e3)
+        runs["ttft_ms"].append(float(ttft_ms))
+    return runs

@@ -33,7 +33,7 @@ GIB = 1 << 30
 
 _REQUIRED = ("name", "kind", "os", "arch", "ram_gib", "bandwidth_gb_s", "peak_tflops", "formats", "precisions",
              "transport", "sources")
-_OPTIONAL = ("description", "cores", "ram_budget_fraction", "native_runner", "python")
+_OPTIONAL = ("description", "cores", "ram_budget_fraction", "native_runner", "executorch_runner", "python")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class DeviceProfile:
     precisions: tuple[str, ...]  # preferred order
     transport: str  # "local", "ssh://user@host[:port]" or "adb://SERIAL"
     native_runner: str | None = None  # llama.cpp's llama-bench on the device (adb bench)
+    executorch_runner: str | None = None  # ExecuTorch's llama_main on the device (adb bench of a .pte)
     sources: tuple[str, ...] = ()
     description: str = ""
     cores: int | None = None
@@ -94,7 +95,8 @@ class DeviceProfile:
                 "ram_budget_fraction": self.ram_budget_fraction, "bandwidth_bytes_s": self.bandwidth_bytes_s,
                 "peak_flops": dict(self.peak_flops), "formats": list(self.formats),
                 "precisions": list(self.precisions), "transport": self.transport,
-                "native_runner": self.native_runner, "python": self.python, "sources": list(self.sources),
+                "native_runner": self.native_runner, "executorch_runner": self.executorch_runner,
+                "python": self.python, "sources": list(self.sources),
                 "measured": dict(self.measured)}
 
 
@@ -154,6 +156,9 @@ def profile_from_toml(path: Path) -> DeviceProfile:
     for key in ("name", "kind", "os", "arch", "transport"):
         if not isinstance(d[key], str):
             raise EdgesmithError(f"{path}: {key} {d[key]!r} must be a string")
+    for key in ("native_runner", "executorch_runner"):
+        if key in d and not isinstance(d[key], str):
+            raise EdgesmithError(f"{path}: {key} {d[key]!r} must be a string")
     tflops = {k: (v * 1e12 if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
               for k, v in d["peak_tflops"].items()}
     try:
@@ -161,7 +166,7 @@ def profile_from_toml(path: Path) -> DeviceProfile:
             name=d["name"], kind=d["kind"], os=d["os"], arch=d["arch"], ram_bytes=int(d["ram_gib"] * GIB),
             bandwidth_bytes_s=float(d["bandwidth_gb_s"]) * 1e9, peak_flops=tflops, formats=tuple(d["formats"]),
             precisions=tuple(d["precisions"]), transport=d["transport"], native_runner=d.get("native_runner"),
-            sources=tuple(d["sources"]), description=d.get("description", ""), cores=d.get("cores"),
+            executorch_runner=d.get("executorch_runner"), sources=tuple(d["sources"]), description=d.get("description", ""), cores=d.get("cores"),
             ram_budget_fraction=float(d.get("ram_budget_fraction", 0.8)), python=d.get("python", "python3"))
     except EdgesmithError as e:
         raise EdgesmithError(f"{path}: {e}") from None

@@ -116,6 +116,35 @@ def test_adb_bench_through_fake_adb(artifact, tmp_path, monkeypatch):
     assert r["decode_bound_tok_s"] is None  # a bare adb URI has no profile and no agent to measure
 
 
+def test_adb_bench_runs_a_pte_with_executorchs_llama_runner(artifact, tmp_path, monkeypatch):
+    # setup: the FAKE adb answers llama_main with made-up statistics (prefill 16 tokens in 10 ms, 15 in 50 ms)
+    log, root = tmp_path / "adb.log", tmp_path / "device"
+    root.mkdir()
+    monkeypatch.setenv("PATH", f"{FAKE_ADB}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_ADB_LOG", str(log))
+    monkeypatch.setenv("FAKE_ADB_ROOT", str(root))
+    pte = artifact("executorch")
+    # execute
+    [r] = bench([pte], "adb://R5CW1234", prompt_len=16, gen_len=16, repeat=2, options={"n_threads": 4})
+    # assert: pushed, checked, then llama_main once per repetition with a 15-token prompt (+ its BOS) of the
+    # artifact's own tokenizer, greedy, seq_len = prompt + generated, the thread count as --cpu_threads
+    wd = "/data/local/tmp/edgesmith"
+    issued = [json.loads(line) for line in log.read_text().splitlines()]
+    assert issued[1] == ["-s", "R5CW1234", "push", str(pte), f"{wd}/"] and issued[2][3].startswith("sha256sum ")
+    runs = [c for c in issued if c[2] == "shell" and "llama_main" in c[3]]
+    assert len(runs) == 2
+    words = __import__("shlex").split(runs[0][3])
+    assert words[:5] == ["/data/local/tmp/llama_main", "--model_path", f"{wd}/executorch/model.pte",
+                         "--tokenizer_path", f"{wd}/executorch/tokenizer.json"]
+    assert words[7:] == ["--seq_len", "32", "--temperature", "0", "--num_bos", "1", "--warmup", "--cpu_threads", "4",
+                         ">", f"{wd}/llama-main-executorch-0.txt"]
+    from models.tokenizer import Tokenizer
+    assert len(Tokenizer.load(pte).encode(words[6])) == 15
+    assert r["runner"] == "llama_main" and r["peak_rss_mb"] is None
+    assert r["prefill_tok_s"]["median"] == pytest.approx(1600.0) and r["decode_tok_s"]["median"] == pytest.approx(300.0)
+    assert r["ttft_ms"]["median"] == pytest.approx(11.0)
+
+
 def test_adb_profile_gives_the_roofline_and_refuses_other_formats(artifact, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{FAKE_ADB}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_ADB_LOG", str(tmp_path / "adb.log"))
