@@ -27,7 +27,7 @@ from models.atomic import replace_dir, temp_dir_for, write_text_atomic  # noqa: 
 from models.confine import confined, read_json, sha256_file  # noqa: F401 (re-exported)
 from models.errors import EdgesmithError
 from models.headers import check_safetensors
-from models.llama import ModelConfig, Transformer
+from models.llama import ModelConfig, Transformer, check_rope_scaling
 from models.lowrank import apply_lowrank_meta_, lowrank_meta
 from models.quant import apply_quantization_meta_, quantization_meta, quantized_numel
 from models.tokenizer import Tokenizer
@@ -68,7 +68,7 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> 
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": None if cfg.rope_scaling is None else dict(cfg.rope_scaling),
         "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
@@ -96,7 +96,7 @@ _MAX_SIZE = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size":
 
 # Fields of a HF config our model cannot represent, with the one value it can (a sliding window: every layer
 # attends to the whole context, so only a window no shorter than the context, or none, is the same model).
-_FIXED = {"hidden_act": "silu", "mlp_bias": False, "rope_scaling": None, "use_sliding_window": False}
+_FIXED = {"hidden_act": "silu", "mlp_bias": False, "use_sliding_window": False}
 # family -> the switches its architecture implies
 _IMPLIED = {"llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True}}
 
@@ -117,7 +117,20 @@ def from_hf_config(d: dict, source: str) -> ModelConfig:
             type(window) is int and window >= _or(d.get("max_position_embeddings"), 2048)):
         raise EdgesmithError(f"{source}: sliding_window={window!r:.40} is not supported (every layer attends to the "
                              "whole context); allowed: null or at least max_position_embeddings")
-    switches = _IMPLIED[model_type]
+    switches = dict(_IMPLIED[model_type])
+    scaling = d.get("rope_scaling")
+    if scaling is not None:
+        if not isinstance(scaling, dict):
+            raise EdgesmithError(f"{source}: rope_scaling={scaling!r:.60} must be an object or null")
+        scaling = {("rope_type" if k == "type" else k): v for k, v in scaling.items()}  # older configs: "type"
+        if scaling.get("rope_type") == "default":
+            scaling = None
+        else:
+            try:
+                check_rope_scaling(scaling)
+            except EdgesmithError as e:
+                raise EdgesmithError(f"{source}: {e}") from None
+            switches["rope_scaling"] = tuple(sorted(scaling.items()))
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     for key in required:
         if key not in d:

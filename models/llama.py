@@ -15,6 +15,7 @@ knows nothing about tokenizers, files, devices or kernels (it imports nothing of
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,10 @@ class ModelConfig:
     family: str = "llama"
     attention_bias: bool = False
     qk_norm: bool = False
+    # RoPE frequency scaling as transformers' config writes it, held as sorted (key, value) pairs (a frozen
+    # config): rope_type "linear" (factor) or "llama3" (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings: Llama-3.1 / 3.2). None: plain RoPE.
+    rope_scaling: tuple | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -81,6 +86,8 @@ class ModelConfig:
             raise EdgesmithError(f"ModelConfig.rope_theta: {self.rope_theta!r} must be positive")
         if not 0 < self.norm_eps < 1:
             raise EdgesmithError(f"ModelConfig.norm_eps: {self.norm_eps!r} must be in (0, 1)")
+        if self.rope_scaling is not None:
+            check_rope_scaling(dict(self.rope_scaling))
 
     @property
     def head_dim(self) -> int:
@@ -88,9 +95,11 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for name in ("head_dim_override", "family", "attention_bias", "qk_norm"):  # defaults: serialized as before
+        for name in ("head_dim_override", "family", "attention_bias", "qk_norm", "rope_scaling"):  # defaults: as before
             if d[name] == FIELD_DEFAULTS[name]:
                 del d[name]
+        if "rope_scaling" in d:
+            d["rope_scaling"] = dict(self.rope_scaling)
         return d
 
     @classmethod
@@ -99,11 +108,33 @@ class ModelConfig:
         unknown = sorted(set(d) - fields)
         if unknown:
             raise EdgesmithError(f"{source}: unknown ModelConfig field {unknown[0]!r}; allowed: {', '.join(sorted(fields))}")
+        if isinstance(d.get("rope_scaling"), dict):
+            d = {**d, "rope_scaling": tuple(sorted(d["rope_scaling"].items()))}
         return cls(**d)
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+
+
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(s: dict) -> None:
+    """One line naming the key when a rope_scaling is not one we represent."""
+    kind = s.get("rope_type")
+    if kind not in ROPE_SCALINGS:
+        raise EdgesmithError(f"rope_scaling: rope_type={kind!r:.40} is not supported; allowed: {', '.join(ROPE_SCALINGS)}")
+    for key in ROPE_SCALINGS[kind]:
+        v = s.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise EdgesmithError(f"rope_scaling: {key}={v!r:.40} must be a positive finite number")
+    extra = sorted(set(s) - {"rope_type", *ROPE_SCALINGS[kind]})
+    if extra:
+        raise EdgesmithError(f"rope_scaling: {extra[0]}={s[extra[0]]!r:.40} is not supported for rope_type {kind!r}")
+    if kind == "llama3" and not s["high_freq_factor"] > s["low_freq_factor"]:
+        raise EdgesmithError("rope_scaling: high_freq_factor must be greater than low_freq_factor")
 
 
 def _divisors(n: int) -> str:
@@ -139,9 +170,29 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables `(max_seq_len, head_dim)` in HF's layout: frequencies repeated in halves."""
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None = None) -> torch.Tensor:
+    """Inverse frequencies `(head_dim / 2,)`, scaled as transformers scales them ("linear": all divided by the
+    factor; "llama3": long wavelengths divided, short ones kept, a smooth blend between)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    s = dict(scaling)
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    old = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / s["low_freq_factor"], old / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+    smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    blended = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                scaling: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables `(max_seq_len, head_dim)` in HF's layout: frequencies repeated in halves."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling)
     freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.int64).float(), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
@@ -268,7 +319,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.causal_mask: torch.Tensor | None = None

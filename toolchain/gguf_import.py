@@ -75,6 +75,14 @@ def read_config(reader, path: Path) -> ModelConfig:
     key_length = get("attention.key_length", False)
     names = {t.name for t in reader.tensors}
     tokens = _field(reader, "tokenizer.ggml.tokens", path)
+    kind, scaling = get("rope.scaling.type", False), None
+    if "rope_freqs.weight" in names:
+        raise EdgesmithError(f"{path}: tensor 'rope_freqs.weight' (per-frequency RoPE factors, Llama-3.1's scaling) "
+                             "is not supported by import-gguf; import the transformers directory with import-hf")
+    if kind == "linear":
+        scaling = (("factor", float(get("rope.scaling.factor"))), ("rope_type", "linear"))
+    elif kind not in (None, "none"):
+        raise EdgesmithError(f"{path}: {arch}.rope.scaling.type {kind!r:.40} is not supported; allowed: none, linear")
     try:
         return ModelConfig(
             vocab_size=get("vocab_size", False) or len(tokens), dim=dim, n_layers=get("block_count"),
@@ -84,7 +92,8 @@ def read_config(reader, path: Path) -> ModelConfig:
             norm_eps=float(get("attention.layer_norm_rms_epsilon")),
             tie_embeddings="output.weight" not in names,
             head_dim_override=key_length if key_length and key_length * heads != dim else None,
-            family=FAMILY[arch], attention_bias="blk.0.attn_q.bias" in names, qk_norm=arch == "qwen3")
+            family=FAMILY[arch], attention_bias="blk.0.attn_q.bias" in names, qk_norm=arch == "qwen3",
+            rope_scaling=scaling)
     except (EdgesmithError, TypeError, ValueError) as e:
         raise EdgesmithError(f"{path}: its hyperparameters do not make a model ({e})") from None
 

@@ -1,5 +1,6 @@
 """Model families as switches of the one model (issue 21): Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm), Mistral,
-SmolLM (a Llama with tied embeddings), each built by transformers itself, tiny and random, no downloads."""
+SmolLM (a Llama with tied embeddings), Llama-3.1/3.2's and linear RoPE scaling, each built by transformers itself,
+tiny and random, no downloads."""
 
 import json
 
@@ -22,6 +23,11 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32, "tie_word_embeddings": True}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
     "smollm": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
+    # Llama-3.1 / 3.2's frequency scaling (an original context of 32 of 128, so every band is in play) and linear
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", {"rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}}),
+    "linear": ("LlamaConfig", "LlamaForCausalLM", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
 }
 
 
@@ -100,7 +106,7 @@ def test_a_family_decodes_through_the_torch_runtime_as_its_full_forward(imported
     ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "use_sliding_window=True"),
     ("mistral", {"sliding_window": 16}, "sliding_window=16"),
     ("qwen3", {"attention_bias": True}, "attention_bias=True"),
-    ("smollm", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling="),
+    ("smollm", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling: rope_type='dynamic'"),
 ])
 def test_what_a_family_config_asks_that_the_model_cannot_represent_is_refused_in_one_line(
         tokenizer, tmp_path, family, overrides, field):

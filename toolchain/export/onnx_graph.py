@@ -223,7 +223,7 @@ def plain_graph(model, precision: str, max_seq_len: int) -> onnx.ModelProto:
     cfg = model.config
     quantized = any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for m in model.modules())
     b = Builder(precision, fused=False, opset=OPSET_QDQ if quantized else OPSET)
-    cos_t, sin_t = rope_tables(cfg.head_dim, max_seq_len, cfg.rope_theta)
+    cos_t, sin_t = rope_tables(cfg.head_dim, max_seq_len, cfg.rope_theta, cfg.rope_scaling)
     P = dim_of(b, "past_key_values.0.key", 2)
     T = dim_of(b, "input_ids", 1)
     total = b.op("Add", [P, T])
@@ -279,7 +279,7 @@ def fused_attention(b: Builder, cfg: ModelConfig, h: str, i: int, attn, pos_ids:
 def fused_graph(model, precision: str, max_seq_len: int) -> onnx.ModelProto:
     cfg = model.config
     b = Builder(precision, fused=True)
-    cos_t, sin_t = rope_tables(cfg.head_dim, max_seq_len, cfg.rope_theta)
+    cos_t, sin_t = rope_tables(cfg.head_dim, max_seq_len, cfg.rope_theta, cfg.rope_scaling)
     half = cfg.head_dim // 2  # contrib RotaryEmbedding takes the non-repeated half of HF's tables
     b.init("cos_cache", cos_t[:, :half].numpy().astype(b.dtype))
     b.init("sin_cache", sin_t[:, :half].numpy().astype(b.dtype))

@@ -52,7 +52,8 @@ def family_checkpoints(tmp_path_factory, tokenizer):
 
 
 CASES = [(f, fmt) for f in ("qwen2", "qwen3", "mistral", "smollm") for fmt in ("gguf", "onnx", "onnx-plain")] + \
-        [("qwen2", "executorch"), ("qwen3", "executorch")]
+        [("qwen2", "executorch"), ("qwen3", "executorch")] + \
+        [("llama3", "gguf"), ("llama3", "onnx"), ("llama3", "executorch"), ("linear", "gguf"), ("linear", "onnx")]
 
 
 @pytest.mark.parametrize("family, fmt", CASES)

@@ -32,7 +32,7 @@ import torch
 
 from models.checkpoint import Checkpoint
 from models.errors import EdgesmithError
-from models.llama import ModelConfig, Transformer
+from models.llama import ModelConfig, Transformer, rope_frequencies
 from models.lowrank import LowRankLinear
 from models.quant import Int8KVAttention, QuantizedEmbedding, QuantizedLinear
 from models.tokenizer import Tokenizer
@@ -183,6 +183,9 @@ def write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, precision: 
         raise EdgesmithError(f"gguf: {cfg.n_heads} heads x head_dim {cfg.head_dim} != dim {cfg.dim} (a head-pruned "
                              "Qwen2): llama.cpp's qwen2 architecture takes q/k/v as dim-wide; export it to onnx or "
                              "executorch")
+    if dict(cfg.rope_scaling or {}).get("rope_type") == "llama3" and ARCH[cfg.family] != "llama":
+        raise EdgesmithError(f"gguf: rope_scaling llama3 on a {cfg.family} model: llama.cpp reads its frequency "
+                             "factors (rope_freqs) for the llama architecture; export it to onnx or executorch")
 
     w = gguf.GGUFWriter(str(path), arch=ARCH[cfg.family])
     w.add_name(name)
@@ -197,6 +200,10 @@ def write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, precision: 
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_theta)
+    scaling = dict(cfg.rope_scaling or {})
+    if scaling.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(file_type(model, precision))
@@ -213,6 +220,10 @@ def write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, precision: 
     w.add_add_bos_token(False)  # our callers put <|bos|> themselves, as everywhere else
     for tname, (array, raw_dtype) in gguf_tensors(model, precision).items():
         w.add_tensor(tname, array, raw_dtype=raw_dtype)
+    if scaling.get("rope_type") == "llama3":  # llama.cpp divides each frequency by its factor (rope_freqs)
+        base = rope_frequencies(cfg.head_dim, cfg.rope_theta)
+        w.add_tensor("rope_freqs.weight", (base / rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+                     .numpy().astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)
