@@ -84,11 +84,15 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("P
 
 
 def measured(argv: list[str], log: Path, timeout: float, cwd: Path | None = None) -> dict:
-    """Run `argv` (output to `log`); its wall seconds and peak RSS (GB) from its own rusage (`os.wait4`:
-    the child and the children it waited for, the maximum, not a sum)."""
+    """Run `argv` (output to `log`); its wall seconds and peak RSS (GB). The RSS comes from GNU time's report of
+    its own child: a child of this process inherits this process's high-water mark through fork and exec (Linux
+    keeps the larger of the old and new maxrss at exec), so `os.wait4`'s ru_maxrss here would report this
+    process's peak (the fitted model's 7.7 GB) for every row."""
+    rss_file = log.with_suffix(".maxrss")
     with open(log, "w") as f:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=ENV, start_new_session=True)
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *argv], stdout=f,
+                                stderr=subprocess.STDOUT, cwd=cwd, env=ENV, start_new_session=True)
         killed = False
         while True:
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
@@ -103,7 +107,8 @@ def measured(argv: list[str], log: Path, timeout: float, cwd: Path | None = None
     if proc.returncode != 0:
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])[-600:]
         raise RuntimeError(f"{'timed out: ' if killed else ''}exit {proc.returncode}: {' '.join(argv)}\n    {tail}")
-    return {"wall_s": wall, "peak_rss_gb": ru.ru_maxrss * 1024 / 1e9, "command": " ".join(argv)}
+    kb = int(rss_file.read_text().split()[-1])  # GNU time's %M: kilobytes
+    return {"wall_s": wall, "peak_rss_gb": kb * 1024 / 1e9, "command": " ".join(argv)}
 
 
 def edgesmith(*args: str) -> list[str]:
