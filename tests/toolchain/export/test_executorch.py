@@ -164,15 +164,16 @@ def test_quantized_embedding_lookup_in_executorch_runtime_is_exact(tmp_path, bit
 
 @pytest.fixture(scope="module")
 def quantized_q4_0(float_checkpoint, tmp_path_factory):
-    """llama.cpp's Q4_0 rule (signed scales, the extreme of each group on -8) on layer 0 only."""
+    """llama.cpp's Q4_0 rule (signed scales, the extreme of each group on -8) on one Linear (one partition)."""
     ckpt = load_checkpoint(float_checkpoint)
-    quantize_linear_(ckpt.model, 4, 32, include=lambda name: name.startswith("layers.0."))
-    step = {"kind": "quantize", "method": "rtn", "bits": 4, "group_size": 32, "rules": ["layers.1=skip", "lm_head=skip"]}
+    quantize_linear_(ckpt.model, 4, 32, include=lambda name: name == "layers.0.mlp.down_proj")
+    step = {"kind": "quantize", "method": "rtn", "bits": 4, "group_size": 32,
+            "rules": ["layers.0.mlp.down_proj=4", ".*=skip"]}
     return save_checkpoint(ckpt.model, ckpt.tokenizer, tmp_path_factory.mktemp("quant_q40") / "q4_0",
                            child_lineage(ckpt, step))
 
 
-@pytest.mark.slow  # two lowerings of 7 quantized linears (~10 s each)
+@pytest.mark.slow  # two lowerings of one quantized Linear
 def test_codes_outside_xnnpack_are_clamped_and_measured_or_kept_with_exact(quantized_q4_0, tmp_path):
     # execute: the fast default, then --exact
     notices = []
