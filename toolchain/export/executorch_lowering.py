@@ -123,15 +123,16 @@ def split_codes(q: QuantizedLinear, exact: bool) -> tuple[list[tuple[torch.Tenso
 
 def dq8_per_token(x: torch.Tensor) -> torch.Tensor:
     """int8 asymmetric per-token quantize-dequantize, as torchao's 8da configs write it (the pattern
-    XNNPACK fuses into its dynamically quantized input)."""
-    from torchao.quantization.quant_primitives import (MappingType, choose_qparams_affine, dequantize_affine,
-                                                       quantize_affine)
+    XNNPACK fuses into its dynamically quantized input). The registered ops themselves (`torch.ops.torchao.*`),
+    not their public wrappers: those are decorated `@torch.no_grad()`, and every grad-mode region in a traced graph
+    is split out and inlined again by torch.export (two per Linear: 14 of 17 s of a 6-layer export, quadratic in
+    the number of regions)."""
+    from torchao.quantization.quant_primitives import _choose_qparams_affine, _quantize_affine, dequantize_affine
 
-    block = (1,) * (x.dim() - 1) + (x.shape[-1],)
-    scale, zero = choose_qparams_affine(x, MappingType.ASYMMETRIC, block, torch.int8, -128, 127,
-                                        zero_point_dtype=torch.int8)
-    q = quantize_affine(x, block, scale, zero, torch.int8, -128, 127)
-    return dequantize_affine(q, block, scale, zero, torch.int8, -128, 127, output_dtype=x.dtype)
+    block = [1] * (x.dim() - 1) + [x.shape[-1]]
+    scale, zero = _choose_qparams_affine(x, "ASYMMETRIC", block, torch.int8, -128, 127, None, None, torch.int8)
+    q = _quantize_affine(x, block, scale, zero, torch.int8, -128, 127)
+    return dequantize_affine(q, tuple(block), scale, zero, torch.int8, -128, 127, output_dtype=x.dtype)
 
 
 class XnnpackGroupLinear(nn.Module):
