@@ -10,6 +10,7 @@ import models.checkpoint as checkpoint
 from models.checkpoint import child_lineage, load_checkpoint, resolve_lineage, save_checkpoint
 from models.errors import EdgesmithError
 from models.llama import Transformer
+from models.quant import quantize_embedding_, quantize_linear_
 
 STEP = {"kind": "train", "steps": 0}
 
@@ -34,8 +35,32 @@ def test_round_trip_exact(tiny_config, tokenizer, tmp_path, tie):
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert (ckpt.model.lm_head.weight is ckpt.model.embed_tokens.weight) == tie
+    assert torch.equal(ckpt.model.rope_cos, model.rope_cos) and torch.equal(ckpt.model.rope_sin, model.rope_sin)
     assert sorted(p.name for p in path.iterdir()) == [
         "config.json", "edgesmith.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_a_quantized_checkpoint_loads_without_building_its_float_linears(tiny_model, tokenizer, tmp_path,
+                                                                          monkeypatch):
+    # setup: every Linear and the embedding at 4 bits
+    quantize_linear_(tiny_model, 4, 32)
+    quantize_embedding_(tiny_model, 4, 32)
+    path = save_checkpoint(tiny_model, tokenizer, tmp_path / "q", child_lineage(None, STEP))
+    initialised = []
+    normal = torch.nn.init.normal_
+
+    def spy(tensor, *args, **kwargs):
+        if not tensor.is_meta:
+            initialised.append(tuple(tensor.shape))
+        return normal(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", spy)
+    # execute
+    ckpt = load_checkpoint(path)
+    # assert: no float weight was allocated and randomly initialised only to be replaced; the model is the one saved
+    assert initialised == []
+    ids = torch.tensor([[1, 5, 9, 14]])
+    assert torch.equal(ckpt.model(ids), tiny_model(ids))
 
 
 def test_lineage_and_versions(saved, tiny_model, tokenizer, tmp_path):
