@@ -98,22 +98,29 @@ def _ask(request: dict, timeout: float) -> dict | None:
         return answer
 
 
+LIBRARIES = {"llama": ("executorch.extension.llm.custom_ops", "custom_ops_aot_lib",
+                        "`llama::update_cache` / `llama::custom_sdpa`"),
+             "quantized": ("executorch.kernels.quantized", "quantized_ops_aot_lib",
+                           "`quantized_decomposed::embedding_4bit` / `embedding_byte`")}
+
+
 def load_custom_ops(names) -> None:
-    """Register the ExecuTorch kernels of the custom op libraries a program names (manifest
-    `options.custom_ops`; "llama": ExecuTorch's LLM ops, `llama::update_cache` / `llama::custom_sdpa`) in this
-    process, before the program loads. Loading the library twice is harmless."""
+    """Register the ExecuTorch kernels of the op libraries a program names (manifest `options.custom_ops`; "llama":
+    ExecuTorch's LLM ops, "quantized": its quantized kernels) in this process, before the program loads. Loading
+    a library twice is harmless."""
     import importlib.util
 
     import torch
 
     for name in names:
-        if name != "llama":
-            raise EdgesmithError(f"custom_ops: unknown library {name!r}; known: llama")
-        spec = importlib.util.find_spec("executorch.extension.llm.custom_ops")
-        libs = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*custom_ops_aot_lib.*")) if spec else []
+        if name not in LIBRARIES:
+            raise EdgesmithError(f"custom_ops: unknown library {name!r}; known: {', '.join(LIBRARIES)}")
+        package, stem, ops = LIBRARIES[name]
+        spec = importlib.util.find_spec(package)
+        libs = sorted(Path(next(iter(spec.submodule_search_locations))).glob(f"*{stem}.*")) if spec else []
         if not libs:
-            raise EdgesmithError("this ExecuTorch install has no LLM custom ops library "
-                                 "(executorch/extension/llm/custom_ops/libcustom_ops_aot_lib)")
+            raise EdgesmithError(f"this ExecuTorch install has no {name} ops library ({package.replace('.', '/')}/"
+                                 f"lib{stem}), which the program calls ({ops})")
         torch.ops.load_library(str(libs[0]))
 
 

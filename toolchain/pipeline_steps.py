@@ -253,7 +253,8 @@ def _quantized(recipe: Recipe) -> bool:
 def _export_step(recipe: Recipe, run_dir: Path, fmt: str, precision: str, in_key: str, ckpt: Path) -> Step:
     e = recipe.export
     options = {"format": fmt, "precision": precision, "max_seq_len": e.max_seq_len, "fuse": e.fuse,
-               **({"exact": True} if e.exact and fmt == "executorch" else {})}
+               **({"exact": True} if e.exact and fmt == "executorch" else {}),
+               **({"portable_embedding": True} if e.portable_embedding and fmt == "executorch" else {})}
     key = digest({"step": "export", "input": in_key, **options})
 
     def run(tmp: Path) -> dict:

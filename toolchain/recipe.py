@@ -79,6 +79,7 @@ class ExportSettings:
     max_seq_len: int | None = None
     fuse: bool = True
     exact: bool = False  # executorch: codes outside XNNPACK's int4 range kept by an extra plane, not clamped
+    portable_embedding: bool = False  # executorch: quantized embedding in portable ops, not the quantized kernels
 
 
 @dataclass(frozen=True)

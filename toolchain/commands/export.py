@@ -12,7 +12,8 @@ from toolchain.export.spec import PRECISIONS
 
 def run(args: argparse.Namespace) -> None:
     cfg = ExportConfig(format=args.format, precision=args.precision, max_seq_len=args.max_seq_len,
-                       fuse=not args.no_fuse, exact=args.exact, force=args.force, target=args.target)
+                       fuse=not args.no_fuse, exact=args.exact,
+                       portable_embedding=args.portable_embedding, force=args.force, target=args.target)
     m = export(args.checkpoint, args.out, cfg)
     total = sum(f["bytes"] for f in m["files"].values())
     print(f"exported {args.checkpoint} -> {args.out} ({m['format']}, {m['precision']}, {total / 1e6:.2f} MB, "
@@ -40,6 +41,8 @@ def register(sub) -> None:
     x.add_argument("--no-fuse", action="store_true", help="onnx: plain standard-op graph instead of contrib ops")
     x.add_argument("--exact", action="store_true", help="executorch: keep codes XNNPACK's int4 kernel cannot hold "
                    "with one more plane per Linear (slower) instead of clamping them")
+    x.add_argument("--portable-embedding", action="store_true", help="executorch: a quantized token embedding as a "
+                   "lookup in portable ops, for a runtime built without ExecuTorch's quantized kernels")
     x.add_argument("--target", default=None, metavar="DEVICE", help="device profile the artifact is for: recorded "
                    "in the manifest, and the planner says whether it fits (see `edgesmith devices list`)")
     x.add_argument("--force", action="store_true", help="replace --out if it exists")

@@ -33,6 +33,7 @@ class ExportConfig:
     max_seq_len: int | None = None  # None: the model's
     fuse: bool = True  # ONNX: contrib-op graph; False: the plain standard-op graph
     exact: bool = False  # ExecuTorch: codes XNNPACK's int4 kernel cannot hold get one more plane (else clamped)
+    portable_embedding: bool = False  # ExecuTorch: a quantized embedding in portable ops (else its quantized kernels)
     force: bool = False
     parity_positions: int = 32
     greedy_steps: int = 32

@@ -19,8 +19,11 @@
   not hold move each weight by at most 2^-8 of its value (round to nearest); `target=xnnpack` scales are
   bf16-exact.
   `deviation(model)` measures both (max |dw| over every weight) for the manifest.
-- **Quantized token embedding** (`ExecuTorchEmbedding`): a lookup of our codes in portable ops (embedding,
-  bitwise and / shift, cast, mul) that every ExecuTorch runtime has; only the looked-up rows are unpacked.
+- **Quantized token embedding** (`ExecuTorchEmbedding`): our codes through ExecuTorch's quantized kernels
+  (`quantized_decomposed::embedding_4bit` / `embedding_byte`, what export_llama's `-E` writes; the runtime must
+  have them: the manifest's `options.custom_ops` names "quantized"), or with `portable=True` a lookup in portable
+  ops (embedding, bitwise and / shift, cast, mul) that every ExecuTorch runtime has. Either way only the
+  looked-up rows are unpacked, as `(float) code * scale`: exactly the fake-quant value.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.llama import Attention, Transformer, apply_rope
+from models.llama import Attention, RMSNorm, Transformer
 from models.quant import QuantizedEmbedding, QuantizedLinear, replace_module_
 
 
 def _load_custom_ops() -> None:
-    """Register ExecuTorch's LLM custom ops (`torch.ops.llama.*`) with torch, for export."""
+    """Register ExecuTorch's LLM custom ops (`torch.ops.llama.*`) and its quantized ops
+    (`torch.ops.quantized_decomposed.embedding_*`) with torch, for export."""
+    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
 
 
@@ -61,7 +66,7 @@ class CustomOpAttention(Attention):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = self.norm_qk(q, k)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (T, 1, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rope_by_matmul(q, cos, sin, self.rotate_half), rope_by_matmul(k, cos, sin, self.rotate_half)
         cache = self.kv_cache
         start = input_pos[0].item()
         torch._check(start >= 0)
@@ -72,13 +77,46 @@ class CustomOpAttention(Attention):
         return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
 
 
+def rotate_half_matrix(head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """W `(D, D)` with `x @ W.T == cat(-x2, x1)` (HF's rotate-half): one 1 or -1 per row, so the product is exact."""
+    half = head_dim // 2
+    w = torch.zeros(head_dim, head_dim, dtype=dtype)
+    w[torch.arange(half), torch.arange(half) + half] = -1
+    w[torch.arange(half) + half, torch.arange(half)] = 1
+    return w
+
+
+def rope_by_matmul(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate_half: torch.Tensor) -> torch.Tensor:
+    """models.llama.apply_rope with the halves swapped by a matmul: XNNPACK takes a matmul into the partition around
+    it, while the slices of `chunk` (dynamic sequence length) would end it."""
+    return x * cos.to(x.dtype) + F.linear(x, rotate_half) * sin.to(x.dtype)
+
+
+class XnnpackRMSNorm(RMSNorm):
+    """RMSNorm with its mean of squares as a sum by a matmul with a row of ones, then a division: the norm stays
+    inside the XNNPACK partition around it (XNNPACK's mean takes only 4-D inputs, and the reshapes to get there
+    are symbolic with a dynamic sequence length, which ends a partition too). Export only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        ms = F.linear(h * h, self.row_of_ones) / self.width  # (..., 1); a tensor: a Python int becomes a constant
+        # the program copies on every call
+        return self.weight * (h * torch.rsqrt(ms + self.eps)).to(x.dtype)
+
+
 def swap_attention_(model: Transformer, max_seq_len: int, dtype: torch.dtype) -> None:
-    """Every layer's attention through the custom ops, with a cache of `max_seq_len` positions."""
+    """Every layer's attention through the custom ops, with a cache of `max_seq_len` positions; every RMSNorm as
+    XnnpackRMSNorm. Between the custom ops a layer is then one XNNPACK partition."""
     _load_custom_ops()
     for layer in model.layers:
         attn = layer.self_attn
         attn.__class__ = CustomOpAttention  # same parameters and submodules; only forward differs
         attn.kv_cache = CustomOpKVCache(attn.n_kv_heads, max_seq_len, attn.head_dim, dtype)
+        attn.register_buffer("rotate_half", rotate_half_matrix(attn.head_dim, dtype), persistent=False)
+    for norm in [m for m in model.modules() if type(m) is RMSNorm]:
+        norm.__class__ = XnnpackRMSNorm
+        norm.register_buffer("row_of_ones", torch.ones(1, norm.weight.shape[0]), persistent=False)
+        norm.register_buffer("width", torch.tensor([float(norm.weight.shape[0])]), persistent=False)
 
 
 class StartPosDecoder(nn.Module):
@@ -175,21 +213,30 @@ class XnnpackGroupLinear(nn.Module):
 
 
 class ExecuTorchEmbedding(nn.Module):
-    """A QuantizedEmbedding as a lookup in portable ops: 4-bit codes packed two per byte (`code + 8`, even
-    column in the low nibble), 8-bit as int8, scales fp32 (exact widening of ours); the looked-up rows are
-    unpacked as `(float) code * scale`, exactly the fake-quant value."""
+    """A QuantizedEmbedding as a lookup of its codes (see the module docstring): 4-bit codes packed two per byte as
+    `code + 8` (the quantized kernel: even column in the high nibble; portable: in the low one), 8-bit as int8,
+    scales fp32 (exact widening of ours)."""
 
-    def __init__(self, q: QuantizedEmbedding):
+    def __init__(self, q: QuantizedEmbedding, portable: bool = False):
         super().__init__()
-        self.bits, self.group_size = q.bits, q.group_size
+        if not portable:
+            _load_custom_ops()
+        self.bits, self.group_size, self.portable = q.bits, q.group_size, portable
         codes = q.qweight.detach()
         if q.bits == 4:
             u = (codes.to(torch.int16) + 8).to(torch.uint8)  # (V, dim) in [0, 15]
-            codes = u[:, 0::2] | (u[:, 1::2] << 4)  # (V, dim / 2)
+            even, odd = u[:, 0::2], u[:, 1::2]
+            codes = even | (odd << 4) if portable else (even << 4) | odd  # (V, dim / 2)
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scales", q.scales.detach().float())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.portable:
+            if self.bits == 4:
+                return torch.ops.quantized_decomposed.embedding_4bit.dtype(self.codes, self.scales, None, -8, 7, ids,
+                                                                           dtype=torch.float32)
+            return torch.ops.quantized_decomposed.embedding_byte.dtype(self.codes, self.scales, None, -128, 127, ids,
+                                                                       dtype=torch.float32)
         rows = F.embedding(ids, self.codes)  # (..., dim) int8, or (..., dim / 2) packed uint8
         if self.bits == 4:
             pairs = torch.stack([torch.bitwise_and(rows, 15), torch.bitwise_right_shift(rows, 4)], dim=-1)
@@ -200,14 +247,14 @@ class ExecuTorchEmbedding(nn.Module):
         return (codes.unflatten(-1, (-1, self.group_size)) * scales.unsqueeze(-1)).flatten(-2)
 
 
-def swap_quantized_(model: nn.Module, exact: bool = False) -> dict[str, dict]:
+def swap_quantized_(model: nn.Module, exact: bool = False, portable_embedding: bool = False) -> dict[str, dict]:
     """Replace every QuantizedLinear by its XnnpackGroupLinear and a QuantizedEmbedding by its
     ExecuTorchEmbedding; per swapped Linear what it became: planes, codes clamped, max |dw| against our weights."""
     out = {}
     for name in [n for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]:
         m = model.get_submodule(name)
         if isinstance(m, QuantizedEmbedding):
-            replace_module_(model, name, ExecuTorchEmbedding(m))
+            replace_module_(model, name, ExecuTorchEmbedding(m, portable_embedding))
             continue
         x = XnnpackGroupLinear(m, exact)
         dw = float((x.stored_weight() - m.dequantize(torch.float32)).abs().max())

@@ -100,6 +100,9 @@ def packed_nibbles(codes: torch.Tensor) -> bytes:
 
 @pytest.mark.slow  # one XNNPACK lowering of 15 quantized linears (~30 s on two shared cores)
 def test_quantized_pte_holds_our_codes_and_meets_parity(quantized_mixed, tmp_path):
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.exir.schema import DelegateCall
+
     # execute
     out = tmp_path / "et"
     manifest = export(quantized_mixed, out, ExportConfig(format="executorch", max_seq_len=64))
@@ -125,9 +128,9 @@ def test_quantized_pte_holds_our_codes_and_meets_parity(quantized_mixed, tmp_pat
     stored = manifest["quantization"]["stored_as"]
     assert stored["model.layers.0.mlp.down_proj"].startswith("8da4w: XNNPACK qd8-qb4w (1 plane, bf16 scales; max |dw| 0)")
     assert stored["model.layers.1.mlp.down_proj"].startswith("8da8w") and stored["lm_head"].startswith("8da8w")
-    assert stored["model.embed_tokens"].endswith("lookup in portable ops (fp32 group scales)")
+    assert stored["model.embed_tokens"] == "packed int4: quantized_decomposed::embedding_4bit (fp32 group scales)"
     assert manifest["quantization"]["deviation"] == {"max_abs_dw": 0.0, "clamped_codes": 0, "exact": False}
-    assert manifest["options"]["input_pos"] == "start" and manifest["options"]["custom_ops"] == ["llama"]
+    assert manifest["options"]["input_pos"] == "start" and manifest["options"]["custom_ops"] == ["llama", "quantized"]
     # assert: the program holds our codes as XNNPACK int4 planes (one for 4 bits, two for 8) and the bf16 scales
     blob = (out / "model.pte").read_bytes()
     model = load_checkpoint(quantized_mixed).model
@@ -140,12 +143,22 @@ def test_quantized_pte_holds_our_codes_and_meets_parity(quantized_mixed, tmp_pat
     # assert: and the embedding's codes (4-bit: two per byte) and scales
     emb = ExecuTorchEmbedding(model.embed_tokens)
     assert emb.codes.numpy().tobytes() in blob and emb.scales.numpy().tobytes() in blob
+    # assert: few, large XNNPACK partitions: each layer's quantized Linears and the element-wise ops between them
+    # run as at most two delegate calls (before and after the custom attention ops), plus the head's
+    forward = next(plan for plan in deserialize_pte_binary(blob).program.execution_plan if plan.name == "forward")
+    calls = sum(isinstance(ins.instr_args, DelegateCall) for chain in forward.chains for ins in chain.instructions)
+    assert calls <= 2 * model.config.n_layers + 1, calls
 
 
+@pytest.mark.parametrize("portable", [False, True], ids=["quantized-kernel", "portable"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_embedding_lookup_in_executorch_runtime_is_exact(tmp_path, bits):
+def test_quantized_embedding_lookup_in_executorch_runtime_is_exact(tmp_path, bits, portable):
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     from executorch.runtime import Runtime
+
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    from runtimes.probe import load_custom_ops
 
     # setup: RTN codes with an all-zero row group and signed 4-bit scales
     torch.manual_seed(0)
@@ -154,12 +167,17 @@ def test_quantized_embedding_lookup_in_executorch_runtime_is_exact(tmp_path, bit
     q = QuantizedEmbedding.from_float(table, bits, 32)
     ids = torch.tensor([[0, 1, 39, 7, 7]])
     # execute: the swapped module alone, lowered and run by executorch.runtime
-    exported = torch.export.export(ExecuTorchEmbedding(q), (ids,), strict=False)
+    exported = torch.export.export(ExecuTorchEmbedding(q, portable), (ids,), strict=False)
     program = to_edge_transform_and_lower(exported, compile_config=EdgeCompileConfig(_check_ir_validity=False))
     (tmp_path / "e.pte").write_bytes(program.to_executorch().buffer)
+    load_custom_ops([] if portable else ["quantized"])
     (out,) = Runtime.get().load_program(tmp_path / "e.pte").load_method("forward").execute((ids,))
-    # assert: bit for bit the fake-quant rows
+    # assert: bit for bit the fake-quant rows, through the kernel asked for
     assert torch.equal(out, q(ids))
+    ops = {op.name for plan in deserialize_pte_binary((tmp_path / "e.pte").read_bytes()).program.execution_plan
+           for op in plan.operators}
+    kernel = "quantized_decomposed::embedding_4bit" if bits == 4 else "quantized_decomposed::embedding_byte"
+    assert (kernel in ops) != portable, ops
 
 
 @pytest.fixture(scope="module")
