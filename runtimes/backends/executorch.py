@@ -4,7 +4,8 @@ Checks the manifest's sha256 values and the program's header against the file's 
 (runtimes.headers.pte_header), loads the program with ExecuTorch's full flatbuffer verification
 (`Verification.InternalConsistency`, asked for explicitly: `executorch.runtime` defaults to it, its
 pybindings' `_load_program` to `Minimal`, which checks only the identifier) and its
-`forward(tokens (1, T), input_pos)` (T dynamic in 1..max_seq_len): `input_pos` `(1,)` holding the first
+`forward(tokens (1, T), input_pos)` (T dynamic in 1..`options.max_tokens_per_call`, longer calls go in chunks of
+that many; artifacts from before take max_seq_len): `input_pos` `(1,)` holding the first
 position (manifest `options.input_pos = "start"`, the Llama runner's convention, what our exporter writes)
 or `(T,)` every position (artifacts from before). The kernels of the custom op libraries the manifest names
 (`options.custom_ops`: "llama", ExecuTorch's LLM ops) are loaded before the program. The KV cache lives in
@@ -76,11 +77,16 @@ class ExecuTorchSession(Session):
             raise EdgesmithError(f"{program}: ExecuTorch could not load the program "
                                  f"({type(e).__name__}: {' '.join(str(e).split())[:200]}){native}") from None
         self.program_path = program
+        self.per_call = int(options.get("max_tokens_per_call", options["max_seq_len"]))  # longer: in chunks
         super().__init__(int(manifest["options"]["max_seq_len"]), int(manifest["model"]["vocab_size"]), tokenizer,
                          manifest, directory)
         self.run_options = {"n_threads": n_threads} if n_threads is not None else {}  # else ExecuTorch's own pool
 
     def _forward(self, ids: list[int], start: int, all_logits: bool) -> np.ndarray:
+        if len(ids) > self.per_call:  # the program takes at most this many tokens per call: prefill in chunks
+            n = self.per_call
+            parts = [self._forward(ids[i:i + n], start + i, all_logits) for i in range(0, len(ids), n)]
+            return np.concatenate(parts) if all_logits else parts[-1]
         tokens = torch.tensor([ids], dtype=torch.long)
         input_pos = positions(start, len(ids), self.input_pos)
         try:

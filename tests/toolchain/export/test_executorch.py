@@ -1,7 +1,10 @@
 """ExecuTorch export: XNNPACK-lowered .pte with the static KV cache as mutable buffers written by ExecuTorch's
 LLM custom ops; quantized checkpoints as 8da4w / 8da8w from our codes (int4 planes, bf16 group scales; codes
 outside the kernel's range clamped and measured, or held by one more plane with --exact; target=xnnpack codes
-bit for bit), a quantized token embedding as an exact lookup in portable ops."""
+bit for bit), a quantized token embedding as an exact lookup through ExecuTorch's quantized kernels or portable ops;
+each layer between the custom attention ops one XNNPACK delegate call."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -9,17 +12,23 @@ import torch
 
 import runtimes
 from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint
+from models.llama import Transformer
 from models.quant import QuantizedEmbedding, QuantizedLinear, quantize_embedding_, quantize_linear_
+from tests.conftest import TEXT
+from tests.toolchain.export.conftest import fit
 from toolchain.export import ExportConfig, export
 from toolchain.export.executorch_lowering import ExecuTorchEmbedding, XnnpackGroupLinear, split_codes
-from toolchain.export.parity import parity_ids, reference_logits, runtime_greedy, torch_threads
+from toolchain.export.parity import PARITY_TEXT, parity_ids, reference_logits, runtime_greedy, torch_threads
 
 
 @pytest.mark.slow  # lowering to XNNPACK takes 15-50 s per export on two shared cores
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_pte_runs_in_executorch_runtime_with_parity(float_checkpoint, tmp_path, precision):
+def test_pte_runs_in_executorch_runtime_with_parity(float_checkpoint, tmp_path, precision, monkeypatch):
+    import toolchain.export.formats.executorch as executorch_format
     from runtimes.backends.executorch import ExecuTorchBackend
 
+    # setup: at most 16 tokens per call, so the parity check's 63-token prefill goes in chunks
+    monkeypatch.setattr(executorch_format, "MAX_TOKENS_PER_CALL", 16)
     # execute
     out = tmp_path / "et"
     manifest = export(float_checkpoint, out, ExportConfig(format="executorch", precision=precision, max_seq_len=64))
@@ -28,12 +37,16 @@ def test_pte_runs_in_executorch_runtime_with_parity(float_checkpoint, tmp_path, 
     assert p["passed"] and p["greedy_matched"] == 32 and p["argmax_agreement"] == 1.0
     assert p["max_abs_logit_diff"] < (1e-4 if precision == "fp32" else 1e-2) * p["max_abs_reference_logit"]
     assert {"model.pte", "tokenizer.json"} <= set(manifest["files"])
+    assert manifest["options"]["max_tokens_per_call"] == 16 and manifest["options"]["max_seq_len"] == 64
     assert manifest["versions"]["executorch"] != "not installed"
     # assert: the cache persists in the program's buffers: prefill 5 + decode 3 == prefill 8
     rt = ExecuTorchBackend(out)
     ids = [1, 40, 41, 42, 43, 44, 45, 46]
     steps = [rt.prefill(ids[:5])[-1]] + [rt.decode(t) for t in ids[5:]]
     np.testing.assert_allclose(np.stack(steps), rt.prefill(ids)[4:], atol=1e-4 if precision == "fp32" else 2e-2)
+    # assert: the runner's metadata: 16 tokens per call (its prefiller chunks longer prompts), a 64-position cache
+    method = rt.program.load_method("get_max_seq_len"), rt.program.load_method("get_max_context_len")
+    assert [int(m.execute(())[0]) for m in method] == [16, 64]
 
 
 def planes_weight(planes, out_f, group):
@@ -181,14 +194,19 @@ def test_quantized_embedding_lookup_in_executorch_runtime_is_exact(tmp_path, bit
 
 
 @pytest.fixture(scope="module")
-def quantized_q4_0(float_checkpoint, tmp_path_factory):
-    """llama.cpp's Q4_0 rule (signed scales, the extreme of each group on -8) on one Linear (one partition)."""
-    ckpt = load_checkpoint(float_checkpoint)
-    quantize_linear_(ckpt.model, 4, 32, include=lambda name: name == "layers.0.mlp.down_proj")
+def quantized_q4_0(tokenizer, tiny_config, tmp_path_factory):
+    """llama.cpp's Q4_0 rule (signed scales, the extreme of each group on -8) on one Linear of a one-layer model
+    (two lowerings of it: half the graph of the two-layer one)."""
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(tiny_config, n_layers=1))
+    tokens = np.array(tokenizer.encode(TEXT + PARITY_TEXT * 20), dtype=np.uint16)
+    with torch_threads(1):
+        fit(model, tokens)
+    quantize_linear_(model, 4, 32, include=lambda name: name == "layers.0.mlp.down_proj")
     step = {"kind": "quantize", "method": "rtn", "bits": 4, "group_size": 32,
             "rules": ["layers.0.mlp.down_proj=4", ".*=skip"]}
-    return save_checkpoint(ckpt.model, ckpt.tokenizer, tmp_path_factory.mktemp("quant_q40") / "q4_0",
-                           child_lineage(ckpt, step))
+    return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("quant_q40") / "q4_0",
+                           {"parent": None, "passes": [{"kind": "train"}, step]})
 
 
 @pytest.mark.slow  # two lowerings of one quantized Linear

@@ -50,6 +50,9 @@ from toolchain.export.spec import FormatSpec, quantization_scheme, refuse_int8_k
 FILE = "model.pte"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 STAGES = ("prepare", "export", "lower", "serialize")
+# Tokens per call: prompts are prefilled in chunks of this many. The program's activations (the (1, T, vocab)
+# logits first: 131 MB at vocab 32000 and T 1024) are planned for it rather than for the whole cache.
+MAX_TOKENS_PER_CALL = 128
 EMBEDDING_STORED_AS = {(4, False): "packed int4: quantized_decomposed::embedding_4bit (fp32 group scales)",
                        (8, False): "int8: quantized_decomposed::embedding_byte (fp32 group scales)",
                        (4, True): "packed int4 lookup in portable ops (fp32 group scales)",
@@ -65,8 +68,9 @@ def stored_as(bits: int, info: dict) -> str:
 
 
 def metadata(model: Transformer, tokenizer, max_seq_len: int) -> dict:
-    """The constant methods ExecuTorch's Llama runner reads."""
-    return {"get_max_seq_len": max_seq_len, "get_max_context_len": max_seq_len,
+    """The constant methods ExecuTorch's Llama runner reads: `get_max_seq_len` is the most tokens per call (its
+    prefiller chunks longer prompts), `get_max_context_len` the cache's length."""
+    return {"get_max_seq_len": min(MAX_TOKENS_PER_CALL, max_seq_len), "get_max_context_len": max_seq_len,
             "get_n_layers": model.config.n_layers, "get_vocab_size": model.config.vocab_size,
             "use_kv_cache": True, "use_sdpa_with_kv_cache": True, "enable_dynamic_shape": True,
             "get_bos_id": tokenizer.bos_id, "get_eos_ids": [tokenizer.eos_id]}
@@ -92,7 +96,7 @@ def export_program(model: Transformer, precision: str, max_seq_len: int, exact: 
     # calls per token instead of 83 with a per-Linear quantized partitioner first, decode @128 +23-33 %, lowering
     # -30 %, the same logits bit for bit).
     partitioners = [XnnpackPartitioner()]
-    seq = torch.export.Dim("seq", min=1, max=max_seq_len)
+    seq = torch.export.Dim("seq", min=1, max=min(MAX_TOKENS_PER_CALL, max_seq_len))
     example = (torch.zeros(1, 3, dtype=torch.long), torch.tensor([0], dtype=torch.long))
     with torch.no_grad():
         bar.update(); bar.set_postfix_str(STAGES[1])
@@ -149,6 +153,7 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
     kernels = isinstance(ckpt.model.embed_tokens, QuantizedEmbedding) and not cfg.portable_embedding
     return {"entry": FILE, "notice": notice, "quantization": quant,
             "options": {"backend": "xnnpack", "method": "forward", "input_pos": "start",
+                        "max_tokens_per_call": min(MAX_TOKENS_PER_CALL, max_seq_len),
                         "custom_ops": ["llama", "quantized"] if kernels else ["llama"]}}
 
 
