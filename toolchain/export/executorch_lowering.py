@@ -106,7 +106,7 @@ class XnnpackRMSNorm(RMSNorm):
 
 def swap_attention_(model: Transformer, max_seq_len: int, dtype: torch.dtype) -> None:
     """Every layer's attention through the custom ops, with a cache of `max_seq_len` positions; every RMSNorm as
-    XnnpackRMSNorm. Between the custom ops a layer is then one XNNPACK partition."""
+    XnnpackRMSNorm. A layer is then two XNNPACK partitions."""
     _load_custom_ops()
     for layer in model.layers:
         attn = layer.self_attn
