@@ -253,28 +253,6 @@ def worker(spec: dict) -> dict:
             "run_rss_mb": peak_rss_mb(), "run_options": getattr(r, "run_options", {"n_threads": spec["threads"]})}
 
 
-def interleaved_worker(spec: dict) -> dict:
-    """Every row of `spec["rows"]` ({key: timing spec}) loaded in this one process and timed in turn, repeat by
-    repeat: each row's timing as `worker` reports it, but with the machine's drifts (this VM's neighbours, its
-    clock) spread over all rows alike. ExecuTorch rows only (one thread pool)."""
-    runners, runs = {}, {}
-    for key, s in spec["rows"].items():
-        runners[key] = open_runner(s)
-        runs[key] = {n: [] for n in spec["contexts"]}
-    ids = prompt_ids(spec["vocab"], max(spec["contexts"]))
-    for r in runners.values():
-        time_run(r, ids[:16], 4)  # warm-up: lazy allocations, thread pool
-    for _ in range(spec["repeats"]):
-        for key, r in runners.items():
-            for n in spec["contexts"]:
-                runs[key][n].append(time_run(r, ids[:n], spec["decode_tokens"]))
-    short = spec["contexts"][0]
-    return {key: {"prefill_tok_s": short / statistics.median(p for p, _ in v[short]),
-                  "decode_tok_s": {str(n): 1 / statistics.median(d for _, d in runs_n) for n, runs_n in v.items()},
-                  "run_rss_mb": None, "run_options": getattr(runners[key], "run_options", {"n_threads": spec["threads"]}),
-                  "interleaved": True} for key, v in runs.items()}
-
-
 def check_worker(spec: dict) -> dict:
     """Logits of export_llama's fp32 program vs our torch model's full forward: a prefill of 16 tokens, then
     8 decode steps; max |diff| / max |logit| over those positions, and whether every argmax agrees."""
@@ -292,7 +270,7 @@ def check_worker(spec: dict) -> dict:
 def in_worker(spec: dict, timeout: int) -> dict:
     try:
         return run_json([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], timeout,
-                        f"timing of {spec.get('path', 'the interleaved rows')}", env=ENV)
+                        f"timing of {spec['path']}", env=ENV)
     except EdgesmithError as e:
         return {"error": str(e)[:300]}
 
@@ -425,8 +403,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="export the anchor in fp32 too and compare its logits with our torch model's")
     p.add_argument("--threads", type=int, default=None, help="threads of every runtime (default: each one's own)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--interleave", action="store_true", help="also time the ExecuTorch rows (ours, anchor) in one "
-                   "process, in turn repeat by repeat (this machine drifts by 15-40 %% between processes)")
     p.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per context")
     p.add_argument("--contexts", default="128,896", help="short,long prompt lengths (prefill tok/s: the short one)")
     p.add_argument("--keep", default=None, metavar="DIR", help="build (or reuse) checkpoints and artifacts here")
@@ -440,8 +416,7 @@ def main() -> None:
     args = parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        run = {"check": check_worker, "interleave": interleaved_worker}.get(spec["kind"], worker)
-        print(json.dumps(run(spec)), flush=True)
+        print(json.dumps(check_worker(spec) if spec["kind"] == "check" else worker(spec)), flush=True)
         return
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] + (["ours-fp32"] if args.fp32 else [])
     if any(r not in ROWS for r in rows):
@@ -489,25 +464,6 @@ def main() -> None:
             tqdm.write(f"{key}: export {m['wall_s']:.1f} s, peak RSS {m['peak_rss_gb']:.2f} GB; " + (
                 t["error"] if "error" in t else f"decode {' / '.join(f'{v:.1f}' for v in t['decode_tok_s'].values())} "
                 f"tok/s, load average {os.getloadavg()[0]:.2f}"))
-            if args.json:
-                Path(args.json).write_text(json.dumps({"args": vars(args), "config": c, "n_params": n_params,
-                                                       "fp32_checkpoint_bytes": fp32_bytes, "results": results},
-                                                      indent=1))
-        if args.interleave:
-            et = {k: {"kind": "pte" if k == "anchor" else "session", "path": cache[k]["artifact"],
-                      "threads": args.threads} for k in ("ours", "anchor") if k in cache and "timing" in results.get(k, {})}
-            both = in_worker({"kind": "interleave", "rows": et, "vocab": c["vocab"], "contexts": contexts,
-                              "decode_tokens": args.decode_tokens, "repeats": args.repeats,
-                              "threads": args.threads}, args.timeout)
-            for k, t in ({} if "error" in both else both).items():
-                results[f"{k}-interleaved"] = {"export": results[k]["export"], "timing": t}
-                print(f"{k} (interleaved): prefill {t['prefill_tok_s']:.1f}, decode "
-                      f"{' / '.join(f'{v:.1f}' for v in t['decode_tok_s'].values())} tok/s")
-            if "error" in both:
-                print(f"interleaved timing: {both['error']}")
-            elif len(both) == 2:
-                ours, theirs = (both[k]["decode_tok_s"] for k in ("ours", "anchor"))
-                print("interleaved ours / export_llama decode " + ", ".join(f"@{n} {ours[n] / theirs[n]:.2f}" for n in ours))
             if args.json:
                 Path(args.json).write_text(json.dumps({"args": vars(args), "config": c, "n_params": n_params,
                                                        "fp32_checkpoint_bytes": fp32_bytes, "results": results},
