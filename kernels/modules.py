@@ -117,8 +117,14 @@ class _FusedAttend:
     def attend(self, q, k, v, input_pos, mask):
         # (B, nh, T, hd) as a view of (B, T, nh, hd) memory: the caller's transpose + reshape copies nothing
         scale = q.shape[-1] ** -0.5
+        window = self.window if self.window is not None and k.shape[2] > self.window else None
         if input_pos is not None and q.shape[2] == 1:
+            if window is not None:  # a sliding layer reads the last `window` live keys
+                start = int(input_pos[-1]) + 1 - window
+                k, v, input_pos = k[:, :, start:], v[:, :, start:], input_pos - start
             return _ops().decode_attention(q, k, v, input_pos, scale)
+        if window is not None:  # the kernels are causal only: a sliding prefill goes through SDPA with its mask
+            return super().attend(q, k, v, input_pos, mask)
         return _ops().flash_attention(q, k, v, input_pos, scale)
 
 

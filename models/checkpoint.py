@@ -84,7 +84,18 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> 
     }
     if cfg.family == "qwen2":  # Qwen2's q/k/v always carry a bias: its config has no field for it
         del d["attention_bias"], d["mlp_bias"]
+    if cfg.sliding_window is not None:
+        d.update(hf_window_fields(cfg))
     return d
+
+
+def hf_window_fields(cfg: ModelConfig) -> dict:
+    """A sliding window as the family's config writes it: Mistral's on every layer, Qwen's per layer."""
+    if cfg.family == "mistral":
+        return {"sliding_window": cfg.sliding_window}
+    types = ["sliding_attention" if cfg.window_of(i) else "full_attention" for i in range(cfg.n_layers)]
+    return {"use_sliding_window": True, "sliding_window": cfg.sliding_window, "layer_types": types,
+            "max_window_layers": types.index("sliding_attention")}
 
 
 # The largest value each size field may take: far beyond any model this tool deploys (a 405B Llama has
@@ -94,9 +105,8 @@ _MAX_SIZE = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size":
              "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 10, "head_dim": 1 << 12, "num_key_value_heads": 1 << 10,
              "max_position_embeddings": 1 << 21}
 
-# Fields of a HF config our model cannot represent, with the one value it can (a sliding window: every layer
-# attends to the whole context, so only a window no shorter than the context, or none, is the same model).
-_FIXED = {"hidden_act": "silu", "mlp_bias": False, "use_sliding_window": False}
+# Fields of a HF config our model cannot represent, with the one value it can.
+_FIXED = {"hidden_act": "silu", "mlp_bias": False}
 # family -> the switches its architecture implies
 _IMPLIED = {"llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True}}
 
@@ -112,12 +122,7 @@ def from_hf_config(d: dict, source: str) -> ModelConfig:
     for key, allowed in fixed.items():
         if d.get(key, allowed) != allowed:
             raise EdgesmithError(f"{source}: {key}={d[key]!r:.60} is not supported; allowed: {allowed!r}")
-    window = d.get("sliding_window")
-    if window is not None and d.get("use_sliding_window", model_type == "mistral") and not (
-            type(window) is int and window >= _or(d.get("max_position_embeddings"), 2048)):
-        raise EdgesmithError(f"{source}: sliding_window={window!r:.40} is not supported (every layer attends to the "
-                             "whole context); allowed: null or at least max_position_embeddings")
-    switches = dict(_IMPLIED[model_type])
+    switches = {**_IMPLIED[model_type], **window_switches(d, model_type, source)}
     scaling = d.get("rope_scaling")
     if scaling is not None:
         if not isinstance(scaling, dict):
@@ -158,6 +163,30 @@ def from_hf_config(d: dict, source: str) -> ModelConfig:
         )
     except EdgesmithError as e:
         raise EdgesmithError(f"{source}: {e}") from None
+
+
+def window_switches(d: dict, model_type: str, source: str) -> dict:
+    """`sliding_window` and `sliding_layers` from a HF config: Mistral's window is on every layer; Qwen's only with
+    use_sliding_window, on the layers `layer_types` names (or those from max_window_layers on, as older configs say)."""
+    window = d.get("sliding_window")
+    if window is None or model_type == "llama" or (model_type != "mistral" and not d.get("use_sliding_window")):
+        return {}
+    if type(window) is not int or window <= 0:
+        raise EdgesmithError(f"{source}: sliding_window={window!r:.40} must be a positive integer or null")
+    n = d.get("num_hidden_layers")
+    types = d.get("layer_types")
+    if types is None and model_type != "mistral":
+        first = d.get("max_window_layers") or 0
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n if type(n) is int else 0)]
+    if types is None:
+        return {"sliding_window": window}
+    if not isinstance(types, list) or len(types) != n or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise EdgesmithError(f"{source}: layer_types={types!r:.60} must list 'sliding_attention' or 'full_attention' "
+                             "for each of num_hidden_layers")
+    layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    if not layers:
+        return {}
+    return {"sliding_window": window, "sliding_layers": None if len(layers) == n else layers}
 
 
 def _or(value, default):

@@ -51,6 +51,11 @@ class ModelConfig:
     # config): rope_type "linear" (factor) or "llama3" (factor, low_freq_factor, high_freq_factor,
     # original_max_position_embeddings: Llama-3.1 / 3.2). None: plain RoPE.
     rope_scaling: tuple | None = None
+    # Sliding-window attention (Mistral, Phi-3, Qwen2's upper layers): a layer in `sliding_layers` (None: every
+    # layer) attends to the last `sliding_window` positions, itself included, as transformers masks it. With a
+    # static cache this is a mask (a cache no longer than the window needs none). None: full attention.
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -88,6 +93,28 @@ class ModelConfig:
             raise EdgesmithError(f"ModelConfig.norm_eps: {self.norm_eps!r} must be in (0, 1)")
         if self.rope_scaling is not None:
             check_rope_scaling(dict(self.rope_scaling))
+        w = self.sliding_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
+            raise EdgesmithError(f"ModelConfig.sliding_window: {w!r} must be a positive integer or None")
+        if w is not None and self.family not in WINDOWED:
+            raise EdgesmithError(f"ModelConfig.sliding_window: the {self.family} family has none; allowed for: "
+                                 f"{', '.join(WINDOWED)}")
+        if self.sliding_layers is not None:
+            layers = self.sliding_layers
+            if self.family == "mistral":
+                raise EdgesmithError("ModelConfig.sliding_layers: Mistral's window is on every layer (None)")
+            if w is None:
+                raise EdgesmithError("ModelConfig.sliding_layers: set without a sliding_window")
+            if (not isinstance(layers, tuple) or any(type(i) is not int or not 0 <= i < self.n_layers for i in layers)
+                    or list(layers) != sorted(set(layers))):
+                raise EdgesmithError(f"ModelConfig.sliding_layers: {layers!r:.60} must be increasing layer indices "
+                                     f"in 0..{self.n_layers - 1}")
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`, or None where it attends to the whole context."""
+        if self.sliding_window is None or (self.sliding_layers is not None and layer not in self.sliding_layers):
+            return None
+        return self.sliding_window
 
     @property
     def head_dim(self) -> int:
@@ -95,11 +122,14 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for name in ("head_dim_override", "family", "attention_bias", "qk_norm", "rope_scaling"):  # defaults: as before
+        for name in ("head_dim_override", "family", "attention_bias", "qk_norm", "rope_scaling", "sliding_window",
+                     "sliding_layers"):  # defaults: as before
             if d[name] == FIELD_DEFAULTS[name]:
                 del d[name]
         if "rope_scaling" in d:
             d["rope_scaling"] = dict(self.rope_scaling)
+        if "sliding_layers" in d:
+            d["sliding_layers"] = list(self.sliding_layers)
         return d
 
     @classmethod
@@ -110,10 +140,13 @@ class ModelConfig:
             raise EdgesmithError(f"{source}: unknown ModelConfig field {unknown[0]!r}; allowed: {', '.join(sorted(fields))}")
         if isinstance(d.get("rope_scaling"), dict):
             d = {**d, "rope_scaling": tuple(sorted(d["rope_scaling"].items()))}
+        if isinstance(d.get("sliding_layers"), list):
+            d = {**d, "sliding_layers": tuple(d["sliding_layers"])}
         return cls(**d)
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+WINDOWED = ("mistral", "qwen2", "qwen3")  # families whose config.json holds a sliding window
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
@@ -206,9 +239,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window = cfg.window_of(layer)  # sliding window (None: the whole context); the mask comes with it
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
@@ -252,7 +286,10 @@ class Attention(nn.Module):
             # Eager, cached: k/v are the live prefix. SDPA reads each KV head once for its query group
             # (enable_gqa: the same kernel and sums as over repeated K/V); one query at the last live
             # position sees every key, so it needs no mask.
+            # A sliding layer's one query sees the window's last keys: a slice of the live prefix, no mask either.
             last = q.shape[2] == 1 and k.shape[2] == int(input_pos[-1]) + 1
+            if last and self.window is not None:
+                k, v = k[:, :, -self.window:], v[:, :, -self.window:]
             mask = None if last else mask[..., : k.shape[2]]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_rep > 1)
         if n_rep > 1:  # training, evaluation and traced graphs: the plain ops every exporter knows
@@ -289,10 +326,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
@@ -309,12 +346,20 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
+def window_mask(S: int, window: int | None, device=None) -> torch.Tensor | None:
+    """`(S, S)` bool: key j visible to query i iff i - window < j <= i (transformers' sliding-window mask); None
+    where no sliding window or it never binds (window >= S: plain causal)."""
+    if window is None or window >= S:
+        return None
+    return torch.ones(S, S, dtype=torch.bool, device=device).tril().triu(1 - window)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -323,6 +368,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.causal_mask: torch.Tensor | None = None
+        self.window_mask: torch.Tensor | None = None  # (S, S): causal and within the sliding window
         self.apply(self._init_weights)
 
     @staticmethod
@@ -344,6 +390,7 @@ class Transformer(nn.Module):
             attn = layer.self_attn
             attn.kv_cache = KVCache(batch_size, attn.n_kv_heads, S, attn.head_dim, dtype).to(device)
         self.causal_mask = torch.tril(torch.ones(S, S, dtype=torch.bool, device=device))
+        self.window_mask = window_mask(S, self.config.sliding_window, device)
 
     def reset_cache(self) -> None:
         for layer in self.layers:
@@ -368,12 +415,14 @@ class Transformer(nn.Module):
             if T > self.config.max_seq_len:
                 raise EdgesmithError(f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}")
             cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
+            window = window_mask(T, self.config.sliding_window, tokens.device)  # None: causal over T
         else:
             if self.causal_mask is None:
                 raise EdgesmithError("forward with input_pos needs a KV cache: call setup_cache() first")
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
             mask = self.causal_mask[input_pos].view(1, 1, T, -1)  # (1, 1, T, S): key j visible iff j <= pos
+            window = mask if self.window_mask is None else self.window_mask[input_pos].view(1, 1, T, -1)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask)
+            x = layer(x, cos, sin, input_pos, mask if layer.self_attn.window is None else window)
         return self.lm_head(self.norm(x))
 

@@ -388,7 +388,7 @@ class Int8KVAttention(Attention):
 
     def __init__(self, attn: Attention, k_scale: torch.Tensor, v_scale: torch.Tensor):
         nn.Module.__init__(self)
-        self.n_heads, self.n_kv_heads, self.head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim, self.window = attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.window
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         if hasattr(attn, "q_norm"):
             self.q_norm, self.k_norm = attn.q_norm, attn.k_norm

@@ -28,6 +28,10 @@ FAMILIES = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32}}),
     "linear": ("LlamaConfig", "LlamaForCausalLM", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    # sliding windows shorter than the 40-token test sequence: Mistral's on every layer, Qwen2's on layer 1 only
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}),
+    "qwen2-window": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 12,
+                                                         "max_window_layers": 1}),
 }
 
 
@@ -82,29 +86,51 @@ def test_a_family_checkpoint_stays_loadable_by_transformers_as_that_family(impor
         assert torch.allclose(again(TOKENS).logits, hf(TOKENS).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral-window", "qwen2-window"])
 @pytest.mark.parametrize("kernels", ["reference", "fused"])
 def test_a_family_decodes_through_the_torch_runtime_as_its_full_forward(imported, family, kernels):
-    # setup: greedy continuation by transformers' full forward
+    # setup: greedy continuation by transformers' full forward (a windowed family decodes past its window)
     hf, path = imported(family)
-    prompt = TOKENS[0, :12].tolist()
+    prompt, steps = TOKENS[0, :12].tolist(), 8 if "window" not in family else 20
     ids = list(prompt)
     with torch.no_grad():
-        for _ in range(8):
+        for _ in range(steps):
             ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
     # execute: prefill + cached decodes through the session
     session = runtimes.load(path, kernels=kernels)
     logits = session.prefill(prompt)
     got = [int(np.argmax(logits[-1]))]
-    for _ in range(7):
+    for _ in range(steps - 1):
         got.append(int(np.argmax(session.decode(got[-1]))))
     # assert
     assert got == ids[len(prompt):]
 
 
+@pytest.mark.parametrize("family", ["mistral-window", "qwen2-window"])
+def test_a_sliding_window_is_kept_and_changes_what_a_layer_sees(imported, family):
+    # setup
+    hf, path = imported(family)
+    cfg = load_checkpoint(path, with_model=False).config
+    # execute: the same weights with the window lifted
+    model = load_checkpoint(path).model
+    import dataclasses
+    from models.llama import Transformer
+    unwindowed = Transformer(dataclasses.replace(cfg, sliding_window=None, sliding_layers=None))
+    unwindowed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        windowed, full = model(TOKENS), unwindowed(TOKENS)
+    # assert: the window is the config's, equal up to it, different past it
+    want = {"mistral-window": (16, None), "qwen2-window": (12, (1,))}[family]
+    assert (cfg.sliding_window, cfg.sliding_layers) == want
+    w = want[0]
+    assert torch.allclose(windowed[:, :w], full[:, :w], atol=1e-5)
+    assert not torch.allclose(windowed[:, w:], full[:, w:], atol=1e-3)
+
+
 @pytest.mark.parametrize("family, overrides, field", [
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "use_sliding_window=True"),
-    ("mistral", {"sliding_window": 16}, "sliding_window=16"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "layer_types": ["chunked_attention", "full_attention"]},
+     "layer_types=['chunked_attention', 'full_attention']"),
+    ("mistral", {"sliding_window": -4}, "sliding_window=-4"),
     ("qwen3", {"attention_bias": True}, "attention_bias=True"),
     ("smollm", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling: rope_type='dynamic'"),
 ])

@@ -208,7 +208,11 @@ def pruned_layers_state(model: Transformer, cfg, calib: torch.Tensor):
         _, i, rest = key.split(".", 2)
         if int(i) in keep:
             state[f"layers.{keep.index(int(i))}.{rest}"] = v
-    return state, {"n_layers": len(keep)}, imp, keep
+    changes = {"n_layers": len(keep)}
+    if model.config.sliding_layers is not None:  # the kept sliding layers under their new indices
+        windowed = tuple(keep.index(i) for i in sorted(keep) if i in model.config.sliding_layers)
+        changes.update(sliding_layers=windowed or None, sliding_window=model.config.sliding_window if windowed else None)
+    return state, changes, imp, keep
 
 
 def _component_params(model: Transformer, method: str) -> int:

@@ -73,7 +73,13 @@ class CustomOpAttention(Attention):
         torch._check(start + T <= cache.k_cache.shape[1])
         torch.ops.llama.update_cache(k.to(cache.k_cache.dtype), cache.k_cache, start)
         torch.ops.llama.update_cache(v.to(cache.v_cache.dtype), cache.v_cache, start)
-        y = torch.ops.llama.custom_sdpa(q, cache.k_cache, cache.v_cache, start, None, 0.0, True)
+        if self.window is not None and self.window < cache.k_cache.shape[1]:
+            # A sliding layer: the model's window mask rows `(T, S)` as an additive mask (ExecuTorch's own
+            # ring-buffer attention passes its mask the same way; start_pos is then unused).
+            bias = torch.where(mask.view(T, -1), 0.0, float("-inf")).to(q.dtype)
+            y = torch.ops.llama.custom_sdpa(q, cache.k_cache, cache.v_cache, 0, bias, 0.0, False)
+        else:
+            y = torch.ops.llama.custom_sdpa(q, cache.k_cache, cache.v_cache, start, None, 0.0, True)
         return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
 
 

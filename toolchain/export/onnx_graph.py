@@ -233,12 +233,18 @@ def plain_graph(model, precision: str, max_seq_len: int) -> onnx.ModelProto:
     sin = b.op("Gather", [b.init("rope_sin", sin_t.numpy().astype(b.dtype)), pos], axis=0)
     key_pos = b.op("Range", [b.init("zero", np.array(0, dtype=np.int64)), total, one])
     visible = b.op("LessOrEqual", [b.op("Unsqueeze", [key_pos, b.ints(0)]), b.op("Unsqueeze", [pos, b.ints(1)])])
-    mask = b.op("Where", [visible, b.scalar(0.0, np.float32), b.scalar(float("-inf"), np.float32)])  # (T, S)
+    zero, minus_inf = b.scalar(0.0, np.float32), b.scalar(float("-inf"), np.float32)
+    mask = b.op("Where", [visible, zero, minus_inf])  # (T, S)
+    if cfg.sliding_window is not None:  # a sliding layer's keys: also pos - window < j
+        near = b.op("Greater", [b.op("Unsqueeze", [key_pos, b.ints(0)]),
+                                b.op("Unsqueeze", [b.op("Sub", [pos, b.ints(cfg.sliding_window)]), b.ints(1)])])
+        window = b.op("Where", [b.op("And", [visible, near]), zero, minus_inf])
     x = b.embedding("input_ids", model.embed_tokens)
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
         h = b.rms_norm(x, b.weight(f"{p}.input_layernorm.weight", layer.input_layernorm.weight), cfg.norm_eps)
-        x = b.op("Add", [x, plain_attention(b, cfg, h, i, layer.self_attn, cos, sin, mask)])
+        layer_mask = mask if layer.self_attn.window is None else window
+        x = b.op("Add", [x, plain_attention(b, cfg, h, i, layer.self_attn, cos, sin, layer_mask)])
         h = b.rms_norm(x, b.weight(f"{p}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight),
                        cfg.norm_eps)
         x = b.op("Add", [x, b.mlp(h, f"{p}.mlp", layer)])
@@ -272,7 +278,9 @@ def fused_attention(b: Builder, cfg: ModelConfig, h: str, i: int, attn, pos_ids:
              [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
               "total_sequence_length"], n_out=3, domain=MS,
              outputs=[f"{p}.gqa_out", f"present.{i}.key", f"present.{i}.value"],
-             num_heads=nh, kv_num_heads=nkv, scale=float(hd ** -0.5))
+             num_heads=nh, kv_num_heads=nkv, scale=float(hd ** -0.5),
+             # a sliding layer: the last `window` keys, the query's own included, as transformers counts them
+             **({} if attn.window is None else {"local_window_size": attn.window}))
     return b.linear(y[0], f"{p}.o_proj", attn.o_proj)
 
 

@@ -53,7 +53,8 @@ def family_checkpoints(tmp_path_factory, tokenizer):
 
 CASES = [(f, fmt) for f in ("qwen2", "qwen3", "mistral", "smollm") for fmt in ("gguf", "onnx", "onnx-plain")] + \
         [("qwen2", "executorch"), ("qwen3", "executorch")] + \
-        [("llama3", "gguf"), ("llama3", "onnx"), ("llama3", "executorch"), ("linear", "gguf"), ("linear", "onnx")]
+        [("llama3", "gguf"), ("llama3", "onnx"), ("llama3", "executorch"), ("linear", "gguf"), ("linear", "onnx")] + \
+        [(f, fmt) for f in ("mistral-window", "qwen2-window") for fmt in ("onnx", "onnx-plain", "executorch")]
 
 
 @pytest.mark.parametrize("family, fmt", CASES)
@@ -147,3 +148,41 @@ def test_quantizing_qwen2_keeps_its_biases_float_and_its_quality(family_checkpoi
     else:
         assert torch.equal(attn.q_proj.bias, ref.q_proj.bias)
     assert report["quality"]["kl"] < 0.05, report["quality"]
+
+
+@pytest.mark.parametrize("family", ["mistral-window", "qwen2-window"])
+def test_gguf_of_a_sliding_window_is_exact_within_it_and_refused_past_it(family_checkpoints, tmp_path, family):
+    # setup: llama.cpp's llama and qwen2 architectures have no sliding window
+    ckpt = family_checkpoints(family)
+    window = load_checkpoint(ckpt, with_model=False).config.sliding_window
+    # execute / assert: past the window, one line and no output
+    with pytest.raises(EdgesmithError, match=rf"^gguf: sliding_window={window} binds past {window} tokens .* "
+                                             rf"--max-seq-len {window} "):
+        export(ckpt, tmp_path / "past", ExportConfig(format="gguf"), log=lambda line: None)
+    assert not (tmp_path / "past").exists()
+    # within it, the same numbers
+    cfg = ExportConfig(format="gguf", max_seq_len=window, parity_positions=window // 2, greedy_steps=window // 2)
+    with torch_threads(1):
+        manifest = export(ckpt, tmp_path / "within", cfg, log=lambda line: None)
+    assert manifest["parity"]["passed"] and manifest["options"]["max_seq_len"] == window
+
+
+@pytest.mark.parametrize("dropped", [0, 1])
+def test_layer_pruning_keeps_each_kept_layers_window(family_checkpoints, tmp_path, monkeypatch, dropped):
+    import toolchain.compress.prune_structured as prune
+    transformers = pytest.importorskip("transformers")
+    # setup: Qwen2 with its window on layer 1 of 2; the layer scored lowest is the one dropped
+    ckpt = family_checkpoints("qwen2-window")
+    monkeypatch.setattr(prune, "layer_importance", lambda model, calib: torch.tensor([1.0, 1.0]).index_fill(
+        0, torch.tensor([dropped]), 0.0))
+    # execute
+    compress_checkpoint(ckpt, tmp_path / "pruned", [parse_pass("prune:method=layers,ratio=0.5")],
+                        calib_seq_len=64, eval_seq_len=64, eval_tokens=2048)
+    pruned = load_checkpoint(tmp_path / "pruned")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", torch_dtype=torch.float32).eval()
+    tokens = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(1))
+    # assert: the kept layer keeps its window (or its full attention), and transformers computes the same model
+    assert pruned.config.n_layers == 1
+    assert pruned.config.window_of(0) == (12 if dropped == 0 else None)
+    with torch.no_grad():
+        assert torch.allclose(pruned.model(tokens), hf(tokens).logits, atol=1e-4)

@@ -187,6 +187,12 @@ def write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, precision: 
         raise EdgesmithError(f"gguf: rope_scaling llama3 on a {cfg.family} model: llama.cpp reads its frequency "
                              "factors (rope_freqs) for the llama architecture; export it to onnx or executorch")
 
+    window = cfg.sliding_window
+    if window is not None and window < max_seq_len:
+        raise EdgesmithError(f"gguf: sliding_window={window} binds past {window} tokens of this {cfg.family} model and "
+                             f"llama.cpp's {ARCH[cfg.family]} architecture attends to the whole context; export with "
+                             f"--max-seq-len {window} (the window never binds), or to onnx or executorch")
+
     w = gguf.GGUFWriter(str(path), arch=ARCH[cfg.family])
     w.add_name(name)
     w.add_context_length(max_seq_len)
