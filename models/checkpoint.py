@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from models.atomic import replace_dir, temp_dir_for, write_text_atomic  # noqa: F401 (re-exported)
 from models.confine import confined, read_json, sha256_file  # noqa: F401 (re-exported)
 from models.errors import EdgesmithError
+from models.fused import fuse_hf, split_hf
 from models.headers import check_safetensors
 from models.llama import ModelConfig, Transformer, check_rope_scaling, rope_tables
 from models.lowrank import apply_lowrank_meta_, lowrank_meta
@@ -49,11 +50,13 @@ HF_FAMILIES = {
     "mistral": ("MistralForCausalLM", {"sliding_window": None}),
     "qwen2": ("Qwen2ForCausalLM", {"use_sliding_window": False, "sliding_window": None, "max_window_layers": 0}),
     "qwen3": ("Qwen3ForCausalLM", {"use_sliding_window": False, "sliding_window": None, "max_window_layers": 0}),
+    "phi3": ("Phi3ForCausalLM", {"sliding_window": None, "partial_rotary_factor": 1.0, "resid_pdrop": 0.0,
+                                 "embd_pdrop": 0.0}),
 }
 
 
 def to_hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dict:
-    """The config.json transformers loads as the checkpoint's own family (Llama, Mistral, Qwen2, Qwen3)."""
+    """The config.json transformers loads as the checkpoint's own family (Llama, Mistral, Qwen2, Qwen3, Phi-3)."""
     arch, extra = HF_FAMILIES[cfg.family]
     d = {
         "architectures": [arch],
@@ -84,6 +87,8 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> 
     }
     if cfg.family == "qwen2":  # Qwen2's q/k/v always carry a bias: its config has no field for it
         del d["attention_bias"], d["mlp_bias"]
+    if cfg.family == "phi3":  # the context its RoPE was trained for (Phi3Config requires it)
+        d["original_max_position_embeddings"] = cfg.max_seq_len
     if cfg.sliding_window is not None:
         d.update(hf_window_fields(cfg))
     return d
@@ -91,7 +96,7 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> 
 
 def hf_window_fields(cfg: ModelConfig) -> dict:
     """A sliding window as the family's config writes it: Mistral's on every layer, Qwen's per layer."""
-    if cfg.family == "mistral":
+    if cfg.family in ("mistral", "phi3"):
         return {"sliding_window": cfg.sliding_window}
     types = ["sliding_attention" if cfg.window_of(i) else "full_attention" for i in range(cfg.n_layers)]
     return {"use_sliding_window": True, "sliding_window": cfg.sliding_window, "layer_types": types,
@@ -106,9 +111,9 @@ _MAX_SIZE = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size":
              "max_position_embeddings": 1 << 21}
 
 # Fields of a HF config our model cannot represent, with the one value it can.
-_FIXED = {"hidden_act": "silu", "mlp_bias": False}
+_FIXED = {"hidden_act": "silu", "mlp_bias": False, "partial_rotary_factor": 1.0}
 # family -> the switches its architecture implies
-_IMPLIED = {"llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True}}
+_IMPLIED = {"llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True}, "phi3": {}}
 
 
 def from_hf_config(d: dict, source: str) -> ModelConfig:
@@ -169,13 +174,14 @@ def window_switches(d: dict, model_type: str, source: str) -> dict:
     """`sliding_window` and `sliding_layers` from a HF config: Mistral's window is on every layer; Qwen's only with
     use_sliding_window, on the layers `layer_types` names (or those from max_window_layers on, as older configs say)."""
     window = d.get("sliding_window")
-    if window is None or model_type == "llama" or (model_type != "mistral" and not d.get("use_sliding_window")):
+    every_layer = model_type in ("mistral", "phi3")
+    if window is None or model_type == "llama" or (not every_layer and not d.get("use_sliding_window")):
         return {}
     if type(window) is not int or window <= 0:
         raise EdgesmithError(f"{source}: sliding_window={window!r:.40} must be a positive integer or null")
     n = d.get("num_hidden_layers")
     types = d.get("layer_types")
-    if types is None and model_type != "mistral":
+    if types is None and not every_layer:
         first = d.get("max_window_layers") or 0
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(n if type(n) is int else 0)]
     if types is None:
@@ -238,7 +244,7 @@ def save_checkpoint(model: Transformer, tokenizer: Tokenizer, out: str | Path, l
         if model.config.tie_embeddings:
             state.pop("lm_head.weight", None)  # HF stores a tied head once, as the embedding (a quantized
             # tied head, models.quant.TiedQuantizedHead, has no tensors of its own)
-        tensors = {hf_name(k): v.detach().contiguous().cpu() for k, v in state.items()}
+        tensors = fuse_hf({hf_name(k): v.detach().contiguous().cpu() for k, v in state.items()}, model.config)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         dtype = model.embed_tokens.weight.dtype
         (tmp / "config.json").write_text(json.dumps(to_hf_config(model.config, tokenizer, dtype), indent=2) + "\n")
@@ -291,6 +297,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def load_state_dict_(model: Transformer, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Copy HF-named tensors into the model, naming any missing, unexpected or mis-shaped tensor."""
     expected = model.state_dict()
+    tensors = split_hf(tensors, model.config, source)  # Phi-3's qkv_proj / gate_up_proj (models/fused.py)
     if model.config.tie_embeddings:
         expected.pop("lm_head.weight", None)
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}  # some writers store it anyway
@@ -394,7 +401,7 @@ def expected_tensors(config: ModelConfig, meta: dict, source: str) -> dict[str, 
     state = model.state_dict()
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    return {hf_name(k): (v.dtype, tuple(v.shape)) for k, v in state.items()}
+    return {k: (v.dtype, tuple(v.shape)) for k, v in fuse_hf({hf_name(k): v for k, v in state.items()}, config).items()}
 
 
 _TORCH = {torch.int8: "I8", torch.float16: "F16"}

@@ -1,4 +1,4 @@
-"""Import a Llama, Mistral, Qwen2 or Qwen3 directory saved by Hugging Face `transformers` as an edgesmith checkpoint.
+"""Import a Llama, Mistral, Qwen2, Qwen3 or Phi-3 directory saved by Hugging Face `transformers` as an edgesmith checkpoint.
 
 Reads `config.json`, the safetensors weights (one file or shards with an index) and
 `tokenizer.json`; refuses pickle weights. Exporting the other way needs no code: our checkpoints

@@ -101,8 +101,9 @@ class ModelConfig:
                                  f"{', '.join(WINDOWED)}")
         if self.sliding_layers is not None:
             layers = self.sliding_layers
-            if self.family == "mistral":
-                raise EdgesmithError("ModelConfig.sliding_layers: Mistral's window is on every layer (None)")
+            if self.family in ("mistral", "phi3"):
+                raise EdgesmithError(f"ModelConfig.sliding_layers: the {self.family} family's window is on every "
+                                     "layer (None)")
             if w is None:
                 raise EdgesmithError("ModelConfig.sliding_layers: set without a sliding_window")
             if (not isinstance(layers, tuple) or any(type(i) is not int or not 0 <= i < self.n_layers for i in layers)
@@ -145,8 +146,8 @@ class ModelConfig:
         return cls(**d)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-WINDOWED = ("mistral", "qwen2", "qwen3")  # families whose config.json holds a sliding window
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+WINDOWED = ("mistral", "qwen2", "qwen3", "phi3")  # families whose config.json holds a sliding window
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 

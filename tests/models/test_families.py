@@ -28,10 +28,13 @@ FAMILIES = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32}}),
     "linear": ("LlamaConfig", "LlamaForCausalLM", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    # Phi-3: q/k/v and gate/up stored fused (qkv_proj, gate_up_proj), split at import, fused again at save
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
     # sliding windows shorter than the 40-token test sequence: Mistral's on every layer, Qwen2's on layer 1 only
     "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}),
     "qwen2-window": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 12,
                                                          "max_window_layers": 1}),
+    "phi3-window": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "sliding_window": 16}),
 }
 
 
@@ -86,7 +89,7 @@ def test_a_family_checkpoint_stays_loadable_by_transformers_as_that_family(impor
         assert torch.allclose(again(TOKENS).logits, hf(TOKENS).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral-window", "qwen2-window"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3", "mistral-window", "qwen2-window", "phi3-window"])
 @pytest.mark.parametrize("kernels", ["reference", "fused"])
 def test_a_family_decodes_through_the_torch_runtime_as_its_full_forward(imported, family, kernels):
     # setup: greedy continuation by transformers' full forward (a windowed family decodes past its window)
@@ -132,6 +135,9 @@ def test_a_sliding_window_is_kept_and_changes_what_a_layer_sees(imported, family
      "layer_types=['chunked_attention', 'full_attention']"),
     ("mistral", {"sliding_window": -4}, "sliding_window=-4"),
     ("qwen3", {"attention_bias": True}, "attention_bias=True"),
+    ("phi3", {"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+    ("phi3", {"rope_scaling": {"type": "longrope", "long_factor": [1.0] * 8, "short_factor": [1.0] * 8},
+              "original_max_position_embeddings": 64}, "rope_scaling: rope_type='longrope'"),
     ("smollm", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling: rope_type='dynamic'"),
 ])
 def test_what_a_family_config_asks_that_the_model_cannot_represent_is_refused_in_one_line(

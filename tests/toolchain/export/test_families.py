@@ -51,8 +51,8 @@ def family_checkpoints(tmp_path_factory, tokenizer):
     return get
 
 
-CASES = [(f, fmt) for f in ("qwen2", "qwen3", "mistral", "smollm") for fmt in ("gguf", "onnx", "onnx-plain")] + \
-        [("qwen2", "executorch"), ("qwen3", "executorch")] + \
+CASES = [(f, fmt) for f in ("qwen2", "qwen3", "mistral", "smollm", "phi3") for fmt in ("gguf", "onnx", "onnx-plain")] + \
+        [("qwen2", "executorch"), ("qwen3", "executorch"), ("phi3", "executorch")] + \
         [("llama3", "gguf"), ("llama3", "onnx"), ("llama3", "executorch"), ("linear", "gguf"), ("linear", "onnx")] + \
         [(f, fmt) for f in ("mistral-window", "qwen2-window") for fmt in ("onnx", "onnx-plain", "executorch")]
 
@@ -75,7 +75,7 @@ def test_a_family_exports_with_parity_and_runs_greedy_as_torch(family_checkpoint
 
 # ExecuTorch for Qwen2 only (its biases after XNNPACK's planes); Qwen3's norm is no Linear: the fp32 case covers it
 @pytest.mark.parametrize("family, fmt", [("qwen2", "gguf"), ("qwen2", "onnx"), ("qwen2", "executorch"),
-                                         ("qwen3", "gguf"), ("qwen3", "onnx")])
+                                         ("qwen3", "gguf"), ("qwen3", "onnx"), ("phi3", "gguf")])
 def test_a_4bit_gptq_child_of_a_family_exports_with_parity(family_checkpoints, tmp_path, family, fmt):
     # setup
     ckpt = family_checkpoints(family, quantized=True)
@@ -92,13 +92,15 @@ def test_gguf_names_each_family_as_llama_cpp_does(family_checkpoints, tmp_path):
 
     # setup / execute
     archs, names = {}, {}
-    for family in ("qwen2", "qwen3", "mistral"):
+    for family in ("qwen2", "qwen3", "mistral", "phi3"):
         export(family_checkpoints(family), tmp_path / family, ExportConfig(format="gguf"), log=lambda line: None)
         reader = gguf.GGUFReader(str(tmp_path / family / "model.gguf"))
         archs[family] = reader.fields["general.architecture"].contents()
         names[family] = {t.name for t in reader.tensors}
     # assert: llama.cpp's architectures and tensor names (convert_hf_to_gguf.py writes Mistral as llama)
-    assert archs == {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}
+    assert archs == {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "phi3"}
+    assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= names["phi3"]
+    assert not any(n.endswith(("attn_q.weight", "ffn_gate.weight")) for n in names["phi3"])
     assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names["qwen2"]
     assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"} <= names["qwen3"]
     assert not any("bias" in n or "_norm.weight" in n and "attn_q" in n for n in names["mistral"])
@@ -150,7 +152,7 @@ def test_quantizing_qwen2_keeps_its_biases_float_and_its_quality(family_checkpoi
     assert report["quality"]["kl"] < 0.05, report["quality"]
 
 
-@pytest.mark.parametrize("family", ["mistral-window", "qwen2-window"])
+@pytest.mark.parametrize("family", ["mistral-window", "qwen2-window", "phi3-window"])
 def test_gguf_of_a_sliding_window_is_exact_within_it_and_refused_past_it(family_checkpoints, tmp_path, family):
     # setup: llama.cpp's llama and qwen2 architectures have no sliding window
     ckpt = family_checkpoints(family)

@@ -1,10 +1,11 @@
 """GGUF export for llama.cpp: the family's llama.cpp architecture, F32 / F16 tensors, the tokenizer embedded.
 
 Tensor names and metadata follow llama.cpp's architecture for the family (`llama` for Llama and
-Mistral, `qwen2`, `qwen3`: q/k/v biases and q/k norms under their names there). Our attention uses Hugging
+Mistral, `qwen2`, `qwen3`: q/k/v biases and q/k norms under their names there; `phi3`: q/k/v as one
+`attn_qkv` and gate/up as one `ffn_up`, rows appended, codes too). Our attention uses Hugging
 Face's rotate-half RoPE while llama.cpp's llama RoPE rotates adjacent pairs, so for `llama` the rows of
 q_proj / k_proj are permuted per head the way llama.cpp's convert_hf_to_gguf.py does
-(`LlamaModel.permute`: reshape (heads, 2, hd/2, in), swap axes 1 and 2); qwen2 and qwen3 use NEOX
+(`LlamaModel.permute`: reshape (heads, 2, hd/2, in), swap axes 1 and 2); qwen2, qwen3 and phi3 use NEOX
 rotation, which is rotate-half, and are written as they are. The tokenizer goes in as
 byte-level BPE with its merges (`tokenizer.ggml.model = "gpt2"`, pre-tokenizer `"gpt-2"`), padded
 with unused tokens up to the model's vocab_size. Norm weights stay F32 at every precision, as
@@ -52,8 +53,10 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 # family -> llama.cpp architecture (convert_hf_to_gguf.py: Mistral is written as llama; Qwen2/3 are their own,
 # with NEOX rotary embeddings, i.e. Hugging Face's rotate-half: their q/k rows are not permuted)
-ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-NEOX = ("qwen2", "qwen3")
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+NEOX = ("qwen2", "qwen3", "phi3")
+# llama.cpp's phi3 reads q/k/v as one attn_qkv and gate/up as one ffn_up (gate rows first), as Phi-3 stores them
+FUSED_NAMES = {"phi3": {"q": "attn_qkv", "k": "attn_qkv", "v": "attn_qkv", "gate": "ffn_up", "up": "ffn_up"}}
 
 
 def tensor_map(cfg: ModelConfig) -> dict[str, str]:
@@ -72,6 +75,9 @@ def tensor_map(cfg: ModelConfig) -> dict[str, str]:
         per_layer.update({f"self_attn.{x}_proj.bias": f"attn_{x}.bias" for x in "qkv"})
     if cfg.qk_norm:
         per_layer.update({"self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"})
+    for part, fused in FUSED_NAMES.get(cfg.family, {}).items():  # several of ours into one of theirs, in row order
+        ours = f"self_attn.{part}_proj.weight" if part in "qkv" else f"mlp.{part}_proj.weight"
+        per_layer[ours] = f"{fused}.weight"
     for i in range(cfg.n_layers):
         for ours, theirs in per_layer.items():
             names[f"layers.{i}.{ours}"] = f"blk.{i}.{theirs}"
@@ -124,17 +130,23 @@ def gguf_tensors(model: Transformer, precision: str) -> dict[str, tuple[np.ndarr
             if heads:  # rows move together with their scales; blocks run along the input, so they stay whole
                 qweight, scales = permute_rope_rows(qweight, heads), permute_rope_rows(scales, heads)
             if module.bits == 4:
-                out[name] = (pack_q4_0(qweight, scales), gguf.GGMLQuantizationType.Q4_0)
+                tensor = (pack_q4_0(qweight, scales), gguf.GGMLQuantizationType.Q4_0)
             else:
-                out[name] = (pack_q8_0(qweight, scales), gguf.GGMLQuantizationType.Q8_0)
-            continue
-        # A low-rank pair is multiplied back: llama.cpp's llama architecture has no factorized Linear.
-        w = module.dense_weight() if isinstance(module, LowRankLinear) and ours.endswith(".weight") \
-            else state[ours].detach().float()
-        if heads:
-            w = permute_rope_rows(w, heads)
-        dtype = np.float16 if precision == "fp16" and w.dim() == 2 else np.float32
-        out[name] = (w.numpy().astype(dtype), None)
+                tensor = (pack_q8_0(qweight, scales), gguf.GGMLQuantizationType.Q8_0)
+        else:
+            # A low-rank pair is multiplied back: llama.cpp's llama architecture has no factorized Linear.
+            w = module.dense_weight() if isinstance(module, LowRankLinear) and ours.endswith(".weight") \
+                else state[ours].detach().float()
+            if heads:
+                w = permute_rope_rows(w, heads)
+            dtype = np.float16 if precision == "fp16" and w.dim() == 2 else np.float32
+            tensor = (w.numpy().astype(dtype), None)
+        if name in out:  # a fused tensor (phi3's attn_qkv, ffn_up): rows appended; a GGUF tensor has one type
+            if out[name][1] != tensor[1] or out[name][0].dtype != tensor[0].dtype:
+                raise EdgesmithError(f"{ours}: {name} holds q/k/v (or gate/up) as one tensor of one type in "
+                                     f"llama.cpp's {ARCH[cfg.family]}; quantize them alike")
+            tensor = (np.concatenate([out[name][0], tensor[0]]), tensor[1])
+        out[name] = tensor
     return out
 
 
@@ -183,6 +195,10 @@ def write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, precision: 
         raise EdgesmithError(f"gguf: {cfg.n_heads} heads x head_dim {cfg.head_dim} != dim {cfg.dim} (a head-pruned "
                              "Qwen2): llama.cpp's qwen2 architecture takes q/k/v as dim-wide; export it to onnx or "
                              "executorch")
+    if cfg.family == "phi3" and cfg.n_heads * cfg.head_dim != cfg.dim:
+        raise EdgesmithError(f"gguf: {cfg.n_heads} heads x head_dim {cfg.head_dim} != dim {cfg.dim} (a head-pruned "
+                             "Phi-3): llama.cpp's phi3 architecture takes attention as dim-wide; export it to onnx or "
+                             "executorch")
     if dict(cfg.rope_scaling or {}).get("rope_type") == "llama3" and ARCH[cfg.family] != "llama":
         raise EdgesmithError(f"gguf: rope_scaling llama3 on a {cfg.family} model: llama.cpp reads its frequency "
                              "factors (rope_freqs) for the llama architecture; export it to onnx or executorch")
@@ -211,6 +227,9 @@ def write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, precision: 
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(scaling["factor"]))
     w.add_layer_norm_rms_eps(cfg.norm_eps)
+    if cfg.family == "phi3":  # the keys llama.cpp's converter writes for Phi-3 (a window never binds here)
+        w.add_rope_scaling_orig_ctx_len(max_seq_len)
+        w.add_sliding_window(cfg.sliding_window or 0)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(file_type(model, precision))
     tokens, types, merges = vocab_for_gguf(tokenizer, cfg.vocab_size)
