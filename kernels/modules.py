@@ -116,7 +116,9 @@ class _FusedAttend:
 
     def attend(self, q, k, v, input_pos, mask):
         # (B, nh, T, hd) as a view of (B, T, nh, hd) memory: the caller's transpose + reshape copies nothing
-        scale = q.shape[-1] ** -0.5
+        if self.softcap is not None:  # the kernels do not soft-cap (Gemma-2)
+            return super().attend(q, k, v, input_pos, mask)
+        scale = self.scale
         window = self.window if self.window is not None and k.shape[2] > self.window else None
         if input_pos is not None and q.shape[2] == 1:
             if window is not None:  # a sliding layer reads the last `window` live keys
@@ -142,7 +144,7 @@ class FusedMLP(MLP):
         return super().gate_up(x) if joint is None else joint
 
     def act(self, gate, up):
-        return _ops().swiglu(gate, up)
+        return super().act(gate, up) if self.gelu else _ops().swiglu(gate, up)  # the kernel is SwiGLU's
 
 
 class FusedLinear(nn.Linear):

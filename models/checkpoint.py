@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from models.atomic import replace_dir, temp_dir_for, write_text_atomic  # noqa: F401 (re-exported)
 from models.confine import confined, read_json, sha256_file  # noqa: F401 (re-exported)
 from models.errors import EdgesmithError
-from models.fused import fuse_hf, split_hf
+from models.layout import fuse_hf, split_hf
 from models.headers import check_safetensors
 from models.llama import ModelConfig, Transformer, check_rope_scaling, rope_tables
 from models.lowrank import apply_lowrank_meta_, lowrank_meta
@@ -52,7 +52,11 @@ HF_FAMILIES = {
     "qwen3": ("Qwen3ForCausalLM", {"use_sliding_window": False, "sliding_window": None, "max_window_layers": 0}),
     "phi3": ("Phi3ForCausalLM", {"sliding_window": None, "partial_rotary_factor": 1.0, "resid_pdrop": 0.0,
                                  "embd_pdrop": 0.0}),
+    "gemma2": ("Gemma2ForCausalLM", {}),
+    "gemma3": ("Gemma3ForCausalLM", {"use_bidirectional_attention": False}),
 }
+MODEL_TYPES = {"gemma3": "gemma3_text"}  # family -> config.json model_type, where they differ
+GEMMA = ("gemma2", "gemma3")
 
 
 def to_hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dict:
@@ -60,7 +64,7 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> 
     arch, extra = HF_FAMILIES[cfg.family]
     d = {
         "architectures": [arch],
-        "model_type": cfg.family,
+        "model_type": MODEL_TYPES.get(cfg.family, cfg.family),
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.ffn_dim,
@@ -89,6 +93,13 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> 
         del d["attention_bias"], d["mlp_bias"]
     if cfg.family == "phi3":  # the context its RoPE was trained for (Phi3Config requires it)
         d["original_max_position_embeddings"] = cfg.max_seq_len
+    if cfg.family in GEMMA:
+        del d["hidden_act"], d["mlp_bias"]
+        d.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+                 attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap,
+                 sliding_window=cfg.max_seq_len, layer_types=["full_attention"] * cfg.n_layers)
+        if cfg.family == "gemma3":
+            d["rope_local_base_freq"] = cfg.rope_local_theta or cfg.rope_theta
     if cfg.sliding_window is not None:
         d.update(hf_window_fields(cfg))
     return d
@@ -99,6 +110,8 @@ def hf_window_fields(cfg: ModelConfig) -> dict:
     if cfg.family in ("mistral", "phi3"):
         return {"sliding_window": cfg.sliding_window}
     types = ["sliding_attention" if cfg.window_of(i) else "full_attention" for i in range(cfg.n_layers)]
+    if cfg.family in GEMMA:
+        return {"sliding_window": cfg.sliding_window, "layer_types": types}
     return {"use_sliding_window": True, "sliding_window": cfg.sliding_window, "layer_types": types,
             "max_window_layers": types.index("sliding_attention")}
 
@@ -113,21 +126,26 @@ _MAX_SIZE = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size":
 # Fields of a HF config our model cannot represent, with the one value it can.
 _FIXED = {"hidden_act": "silu", "mlp_bias": False, "partial_rotary_factor": 1.0}
 # family -> the switches its architecture implies
-_IMPLIED = {"llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True}, "phi3": {}}
+_IMPLIED = {"llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True}, "phi3": {},
+            "gemma2": {}, "gemma3": {"qk_norm": True}}
+_GEMMA_FIXED = {"hidden_activation": "gelu_pytorch_tanh", "use_bidirectional_attention": False}
 
 
 def from_hf_config(d: dict, source: str) -> ModelConfig:
     """Map a HF config.json of a supported family to ModelConfig; name the field when ours cannot represent it."""
-    model_type = d.get("model_type")
-    if model_type not in HF_FAMILIES:
-        raise EdgesmithError(f"{source}: model_type={model_type!r:.40} is not supported; allowed: "
-                             f"{', '.join(repr(f) for f in HF_FAMILIES)}")
+    model_types = {MODEL_TYPES.get(f, f): f for f in HF_FAMILIES}
+    if d.get("model_type") not in model_types:
+        raise EdgesmithError(f"{source}: model_type={d.get('model_type')!r:.40} is not supported; allowed: "
+                             f"{', '.join(repr(t) for t in model_types)}")
+    model_type = model_types[d["model_type"]]  # our family name from here on
     # attention_bias in Llama, Mistral and Qwen3 biases o_proj too; our switch is Qwen2's (q/k/v only)
     fixed = _FIXED if model_type == "qwen2" else {**_FIXED, "attention_bias": False}
+    if model_type in GEMMA:  # Gemma names its activation hidden_activation
+        fixed = {**{k: v for k, v in fixed.items() if k != "hidden_act"}, **_GEMMA_FIXED}
     for key, allowed in fixed.items():
         if d.get(key, allowed) != allowed:
             raise EdgesmithError(f"{source}: {key}={d[key]!r:.60} is not supported; allowed: {allowed!r}")
-    switches = {**_IMPLIED[model_type], **window_switches(d, model_type, source)}
+    switches = {**_IMPLIED[model_type], **window_switches(d, model_type, source), **gemma_switches(d, model_type)}
     scaling = d.get("rope_scaling")
     if scaling is not None:
         if not isinstance(scaling, dict):
@@ -163,8 +181,9 @@ def from_hf_config(d: dict, source: str) -> ModelConfig:
             vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
             n_heads=heads, n_kv_heads=d.get("num_key_value_heads") or heads, ffn_dim=d["intermediate_size"],
             max_seq_len=_or(d.get("max_position_embeddings"), 2048), rope_theta=float(_or(d.get("rope_theta"), 10000.0)),
-            norm_eps=float(_or(d.get("rms_norm_eps"), 1e-6)), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-            head_dim_override=override, family=model_type, **switches,
+            norm_eps=float(_or(d.get("rms_norm_eps"), 1e-6)), tie_embeddings=bool(d.get("tie_word_embeddings", model_type in GEMMA)),
+            head_dim_override=override, family=model_type, **switches,  # a missing tie_word_embeddings is the
+            # family's default in transformers (True for Gemma: save_pretrained drops it then)
         )
     except EdgesmithError as e:
         raise EdgesmithError(f"{source}: {e}") from None
@@ -175,12 +194,15 @@ def window_switches(d: dict, model_type: str, source: str) -> dict:
     use_sliding_window, on the layers `layer_types` names (or those from max_window_layers on, as older configs say)."""
     window = d.get("sliding_window")
     every_layer = model_type in ("mistral", "phi3")
-    if window is None or model_type == "llama" or (not every_layer and not d.get("use_sliding_window")):
+    if window is None or model_type == "llama" or (model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window")):
         return {}
     if type(window) is not int or window <= 0:
         raise EdgesmithError(f"{source}: sliding_window={window!r:.40} must be a positive integer or null")
     n = d.get("num_hidden_layers")
     types = d.get("layer_types")
+    if types is None and model_type in GEMMA:  # older configs: every 2nd layer (Gemma-2) or 6th (Gemma-3) is full
+        pattern = 2 if model_type == "gemma2" else d.get("sliding_window_pattern") or 6
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n if type(n) is int else 0)]
     if types is None and not every_layer:
         first = d.get("max_window_layers") or 0
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(n if type(n) is int else 0)]
@@ -193,6 +215,18 @@ def window_switches(d: dict, model_type: str, source: str) -> dict:
     if not layers:
         return {}
     return {"sliding_window": window, "sliding_layers": None if len(layers) == n else layers}
+
+
+def gemma_switches(d: dict, family: str) -> dict:
+    """Gemma-2/3's switches from their config (models/llama.py ModelConfig)."""
+    if family not in GEMMA:
+        return {}
+    switches = {"hidden_act": "gelu_tanh", "embed_scale": True, "sandwich_norms": True,
+                "query_pre_attn_scalar": d.get("query_pre_attn_scalar"), "attn_softcap": d.get("attn_logit_softcapping"),
+                "final_softcap": d.get("final_logit_softcapping")}
+    if family == "gemma3":
+        switches["rope_local_theta"] = _or(d.get("rope_local_base_freq"), 10000.0)
+    return switches
 
 
 def _or(value, default):
@@ -297,7 +331,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def load_state_dict_(model: Transformer, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Copy HF-named tensors into the model, naming any missing, unexpected or mis-shaped tensor."""
     expected = model.state_dict()
-    tensors = split_hf(tensors, model.config, source)  # Phi-3's qkv_proj / gate_up_proj (models/fused.py)
+    tensors = split_hf(tensors, model.config, source)  # Phi-3's qkv_proj / gate_up_proj (models/layout.py)
     if model.config.tie_embeddings:
         expected.pop("lm_head.weight", None)
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}  # some writers store it anyway
@@ -383,8 +417,8 @@ def materialize_(model: Transformer) -> None:
                     new = torch.empty_like(t, device="cpu")
                     done[id(t)] = torch.nn.Parameter(new, t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
                 table[key] = done[id(t)]
-    cfg = model.config
-    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+    for name, table in model.rope_buffers().items():
+        setattr(model, name, table)
 
 
 # ----------------------------------------------------------------------------- the header against the config

@@ -1,4 +1,4 @@
-"""Import a Llama, Mistral, Qwen2, Qwen3 or Phi-3 directory saved by Hugging Face `transformers` as an edgesmith checkpoint.
+"""Import a Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2 or Gemma-3 directory saved by Hugging Face `transformers` as an edgesmith checkpoint.
 
 Reads `config.json`, the safetensors weights (one file or shards with an index) and
 `tokenizer.json`; refuses pickle weights. Exporting the other way needs no code: our checkpoints
@@ -13,7 +13,8 @@ from models.checkpoint import (from_hf_config, load_state_dict_, read_json, read
                                save_checkpoint, sha256_file)
 from models.confine import confined
 from models.errors import EdgesmithError
-from models.llama import Transformer
+from models.layout import NORM_OFFSET
+from models.llama import RMSNorm, Transformer
 from models.tokenizer import Tokenizer
 
 
@@ -52,6 +53,10 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     load_state_dict_(model, tensors, src)
     dtype = next(iter(tensors.values())).dtype
     model = model.to(dtype)
+    if config.family in NORM_OFFSET:  # Gemma's 1 + w stays in fp32, the value transformers computes at run time
+        for m in model.modules():
+            if isinstance(m, RMSNorm):
+                m.float()
     step = {"kind": "import-hf", "source": str(src.resolve()),
             "config_sha256": sha256_file(src / "config.json")}
     return save_checkpoint(model, tokenizer, out, lineage={"parent": None, "passes": [step]})

@@ -24,6 +24,8 @@ from torch import nn
 
 from models.errors import EdgesmithError
 from models.kv_cache import KVCache, traced
+from models.rope import (ROPE_SCALINGS, apply_rope, check_rope_scaling,  # noqa: F401 (re-exported)
+                         rope_frequencies, rope_tables)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,18 @@ class ModelConfig:
     # static cache this is a mask (a cache no longer than the window needs none). None: full attention.
     sliding_window: int | None = None
     sliding_layers: tuple[int, ...] | None = None
+    # Gemma-2 / Gemma-3: GELU-tanh gated MLP ("gelu_tanh"; else "silu"), the embedding scaled by sqrt(dim), a norm
+    # after attention and after the MLP too ("sandwich"), queries scaled by query_pre_attn_scalar ** -0.5 (None:
+    # head_dim ** -0.5), tanh soft-capping of attention scores and of the final logits (None: off), and (Gemma-3)
+    # another RoPE base for the sliding layers. Gemma's norms compute x * (1 + w): a checkpoint holds w, our
+    # RMSNorm holds 1 + w (models/layout.py), so every runtime's norm is Llama's.
+    hidden_act: str = "silu"
+    embed_scale: bool = False
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    rope_local_theta: float | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -111,6 +125,22 @@ class ModelConfig:
                 raise EdgesmithError(f"ModelConfig.sliding_layers: {layers!r:.60} must be increasing layer indices "
                                      f"in 0..{self.n_layers - 1}")
 
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise EdgesmithError(f"ModelConfig.hidden_act: {self.hidden_act!r}; allowed: silu, gelu_tanh")
+        for name in ("embed_scale", "sandwich_norms"):
+            if not isinstance(getattr(self, name), bool):
+                raise EdgesmithError(f"ModelConfig.{name}: {getattr(self, name)!r} must be true or false")
+        for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap", "rope_local_theta"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v <= 0):
+                raise EdgesmithError(f"ModelConfig.{name}: {v!r} must be a positive number or None")
+
+    @property
+    def attn_scale(self) -> float:
+        """What each query-key product is multiplied by."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
     def window_of(self, layer: int) -> int | None:
         """The sliding window of layer `layer`, or None where it attends to the whole context."""
         if self.sliding_window is None or (self.sliding_layers is not None and layer not in self.sliding_layers):
@@ -124,7 +154,7 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         for name in ("head_dim_override", "family", "attention_bias", "qk_norm", "rope_scaling", "sliding_window",
-                     "sliding_layers"):  # defaults: as before
+                     "sliding_layers", *GEMMA_FIELDS):  # defaults: as before
             if d[name] == FIELD_DEFAULTS[name]:
                 del d[name]
         if "rope_scaling" in d:
@@ -146,29 +176,11 @@ class ModelConfig:
         return cls(**d)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-WINDOWED = ("mistral", "qwen2", "qwen3", "phi3")  # families whose config.json holds a sliding window
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+WINDOWED = ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+GEMMA_FIELDS = ("hidden_act", "embed_scale", "sandwich_norms", "query_pre_attn_scalar", "attn_softcap", "final_softcap",
+                "rope_local_theta")  # families whose config.json holds a sliding window
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-
-
-ROPE_SCALINGS = {"linear": ("factor",),
-                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-
-
-def check_rope_scaling(s: dict) -> None:
-    """One line naming the key when a rope_scaling is not one we represent."""
-    kind = s.get("rope_type")
-    if kind not in ROPE_SCALINGS:
-        raise EdgesmithError(f"rope_scaling: rope_type={kind!r:.40} is not supported; allowed: {', '.join(ROPE_SCALINGS)}")
-    for key in ROPE_SCALINGS[kind]:
-        v = s.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise EdgesmithError(f"rope_scaling: {key}={v!r:.40} must be a positive finite number")
-    extra = sorted(set(s) - {"rope_type", *ROPE_SCALINGS[kind]})
-    if extra:
-        raise EdgesmithError(f"rope_scaling: {extra[0]}={s[extra[0]]!r:.40} is not supported for rope_type {kind!r}")
-    if kind == "llama3" and not s["high_freq_factor"] > s["low_freq_factor"]:
-        raise EdgesmithError("rope_scaling: high_freq_factor must be greater than low_freq_factor")
 
 
 def _divisors(n: int) -> str:
@@ -204,39 +216,16 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None = None) -> torch.Tensor:
-    """Inverse frequencies `(head_dim / 2,)`, scaled as transformers scales them ("linear": all divided by the
-    factor; "llama3": long wavelengths divided, short ones kept, a smooth blend between)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if scaling is None:
-        return inv_freq
-    s = dict(scaling)
-    if s["rope_type"] == "linear":
-        return inv_freq / s["factor"]
-    old = s["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = old / s["low_freq_factor"], old / s["high_freq_factor"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
-    smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
-    blended = (1 - smooth) * scaled / s["factor"] + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, blended, scaled)
-
-
-def rope_tables(head_dim: int, max_seq_len: int, theta: float,
-                scaling: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables `(max_seq_len, head_dim)` in HF's layout: frequencies repeated in halves."""
-    inv_freq = rope_frequencies(head_dim, theta, scaling)
-    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.int64).float(), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `(B, nh, T, hd)`, cos/sin `(T, hd)`: rotate the two halves of each head."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+def softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tensor:
+    """Grouped-query attention with the scores soft-capped, `cap * tanh(s / cap)` before the mask (transformers'
+    Gemma-2). mask: bool `(..., T, >= S)` or None (causal, the last T of S positions)."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    T, S = q.shape[2], k.shape[2]
+    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / cap) * cap  # (B, nh, T, S)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T) if mask is None else mask[..., :S]
+    probs = scores.masked_fill(~mask, float("-inf")).float().softmax(-1).to(q.dtype)
+    return probs @ v
 
 
 class Attention(nn.Module):
@@ -244,6 +233,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.window = cfg.window_of(layer)  # sliding window (None: the whole context); the mask comes with it
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
@@ -283,6 +273,8 @@ class Attention(nn.Module):
     def attend(self, q, k, v, input_pos, mask):
         """Causal grouped-query attention of q `(B, nh, T, hd)` over k/v as read_kv returns them -> `(B, nh, T, hd)`."""
         n_rep = self.n_heads // self.n_kv_heads
+        if self.softcap is not None:  # Gemma-2: SDPA has no soft-capping
+            return softcapped_attention(q, k, v, mask, self.scale, self.softcap)
         if input_pos is not None and not traced():
             # Eager, cached: k/v are the live prefix. SDPA reads each KV head once for its query group
             # (enable_gqa: the same kernel and sums as over repeated K/V); one query at the last live
@@ -292,10 +284,10 @@ class Attention(nn.Module):
             if last and self.window is not None:
                 k, v = k[:, :, -self.window:], v[:, :, -self.window:]
             mask = None if last else mask[..., : k.shape[2]]
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_rep > 1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_rep > 1, scale=self.scale)
         if n_rep > 1:  # training, evaluation and traced graphs: the plain ops every exporter knows
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
         B, T, _ = x.shape
@@ -313,14 +305,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gelu = cfg.hidden_act == "gelu_tanh"
 
     def gate_up(self, x):
         """The gate and up projections of x (a variant may run them as one matmul)."""
         return self.gate_proj(x), self.up_proj(x)
 
     def act(self, gate, up):
-        """SwiGLU: silu(gate) * up."""
-        return F.silu(gate) * up
+        """SwiGLU: silu(gate) * up (Gemma: gelu_tanh(gate) * up)."""
+        return (F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up
 
     def forward(self, x):
         return self.down_proj(self.act(*self.gate_up(x)))
@@ -333,6 +326,9 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        if cfg.sandwich_norms:  # Gemma: post_attention_layernorm normalises the attention's output instead
+            self.pre_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def add_norm(self, a, x):
         """(post_attention_layernorm(x + a), x + a): the attention's residual add and the norm after it."""
@@ -340,6 +336,9 @@ class Block(nn.Module):
         return self.post_attention_layernorm(x), x
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
+        if hasattr(self, "pre_feedforward_layernorm"):  # Gemma's four norms
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         h, x = self.add_norm(self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask), x)
         return x + self.mlp(h)
 
@@ -365,12 +364,22 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        for name, table in self.rope_buffers().items():
+            self.register_buffer(name, table, persistent=False)
         self.causal_mask: torch.Tensor | None = None
         self.window_mask: torch.Tensor | None = None  # (S, S): causal and within the sliding window
         self.apply(self._init_weights)
+
+    def rope_buffers(self) -> dict[str, torch.Tensor]:
+        """The rope tables (computed, never stored): rope_cos / rope_sin, and for Gemma-3's sliding layers
+        rope_cos_local / rope_sin_local from their own base (no scaling)."""
+        cfg = self.config
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+        tables = {"rope_cos": cos, "rope_sin": sin}
+        if cfg.rope_local_theta is not None:
+            tables["rope_cos_local"], tables["rope_sin_local"] = rope_tables(cfg.head_dim, cfg.max_seq_len,
+                                                                             cfg.rope_local_theta)
+        return tables
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -412,18 +421,30 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
+        if self.config.embed_scale:  # Gemma: sqrt(dim), rounded to the activations' dtype as transformers does
+            x = x * torch.tensor(self.config.dim ** 0.5, dtype=x.dtype)
+        local = hasattr(self, "rope_cos_local")
         if input_pos is None:
             if T > self.config.max_seq_len:
                 raise EdgesmithError(f"sequence of {T} tokens exceeds max_seq_len {self.config.max_seq_len}")
             cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
             window = window_mask(T, self.config.sliding_window, tokens.device)  # None: causal over T
+            cos_l, sin_l = (self.rope_cos_local[:T], self.rope_sin_local[:T]) if local else (cos, sin)
         else:
             if self.causal_mask is None:
                 raise EdgesmithError("forward with input_pos needs a KV cache: call setup_cache() first")
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
             mask = self.causal_mask[input_pos].view(1, 1, T, -1)  # (1, 1, T, S): key j visible iff j <= pos
             window = mask if self.window_mask is None else self.window_mask[input_pos].view(1, 1, T, -1)
+            cos_l, sin_l = (self.rope_cos_local[input_pos], self.rope_sin_local[input_pos]) if local else (cos, sin)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask if layer.self_attn.window is None else window)
-        return self.lm_head(self.norm(x))
+            if layer.self_attn.window is None:
+                x = layer(x, cos, sin, input_pos, mask)
+            else:  # a sliding layer: its window, and Gemma-3's local rope
+                x = layer(x, cos_l, sin_l, input_pos, window)
+        logits = self.lm_head(self.norm(x))
+        if self.config.final_softcap is not None:  # Gemma-2: cap * tanh(logits / cap)
+            c = self.config.final_softcap
+            logits = torch.tanh(logits / c) * c
+        return logits
 

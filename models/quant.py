@@ -388,12 +388,12 @@ class Int8KVAttention(Attention):
 
     def __init__(self, attn: Attention, k_scale: torch.Tensor, v_scale: torch.Tensor):
         nn.Module.__init__(self)
-        self.n_heads, self.n_kv_heads, self.head_dim, self.window = attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.window
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        if hasattr(attn, "q_norm"):
-            self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
-        self.register_buffer("k_scale", k_scale.detach().float().clone().reshape(self.n_kv_heads))
-        self.register_buffer("v_scale", v_scale.detach().float().clone().reshape(self.n_kv_heads))
+        for name in ("n_heads", "n_kv_heads", "head_dim", "window", "scale", "softcap", "q_proj", "k_proj", "v_proj",
+                     "o_proj", "q_norm", "k_norm"):  # q_norm / k_norm: Qwen3's and Gemma-3's only
+            if hasattr(attn, name):
+                setattr(self, name, getattr(attn, name))
+        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+            self.register_buffer(name, t.detach().float().clone().reshape(self.n_kv_heads))
         self.kv_cache = None
 
     def _apply(self, fn, recurse=True):

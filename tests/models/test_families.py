@@ -35,6 +35,15 @@ FAMILIES = {
     "qwen2-window": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 12,
                                                          "max_window_layers": 1}),
     "phi3-window": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "sliding_window": 16}),
+    # Gemma: x * (1 + w) norms, four per layer, GELU-tanh, sqrt(dim) embedding scale, a query scalar other than
+    # head_dim; Gemma-2's soft-capping (caps low enough to bind), Gemma-3's q/k norms and local rope base; layer 0
+    # sliding (window 16), layer 1 full
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
+        "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 16, "attn_logit_softcapping": 5.0,
+        "final_logit_softcapping": 10.0, "pad_token_id": 0}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 16, "rope_local_base_freq": 100.0,
+        "layer_types": ["sliding_attention", "full_attention"], "pad_token_id": 0}),
 }
 
 
@@ -89,7 +98,8 @@ def test_a_family_checkpoint_stays_loadable_by_transformers_as_that_family(impor
         assert torch.allclose(again(TOKENS).logits, hf(TOKENS).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3", "mistral-window", "qwen2-window", "phi3-window"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3", "mistral-window", "qwen2-window", "phi3-window", "gemma2",
+                                    "gemma3"])
 @pytest.mark.parametrize("kernels", ["reference", "fused"])
 def test_a_family_decodes_through_the_torch_runtime_as_its_full_forward(imported, family, kernels):
     # setup: greedy continuation by transformers' full forward (a windowed family decodes past its window)
