@@ -2,7 +2,7 @@
 
 `resolve_model` accepts a `ModelConfig`, a named size (nano, micro, small), a well-known public
 shape (PUBLIC: Llama-2-7B, TinyLlama-1.1B, Llama-3.2-1B/3B, Llama-3.1-8B, Qwen2.5-0.5B, Qwen3-0.6B,
-SmolLM2-135M, from their published
+SmolLM2-135M, Mistral-7B, Phi-3-mini-4k, Gemma-2-2B, Gemma-3-1B / 270M, from their published
 config.json files), a checkpoint directory (config.json + edgesmith.json, whose quantization
 section gives each Linear's bits) or an exported artifact directory (manifest.json). Weights are
 never loaded. Counting bytes is `devices.planner`'s job.
@@ -43,6 +43,28 @@ PUBLIC: dict[str, ModelConfig] = {
                               head_dim_override=128, family="qwen3", qk_norm=True),
     "smollm2-135m": ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
                                 max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True),
+    # mistralai/Mistral-7B-v0.1, microsoft/Phi-3-mini-4k-instruct, google/gemma-2-2b, google/gemma-3-1b-pt,
+    # google/gemma-3-270m (plus their sliding_window, head_dim, query_pre_attn_scalar, soft-capping, layer pattern)
+    "mistral-7b": ModelConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                              max_seq_len=32768, family="mistral", sliding_window=4096),
+    "phi-3-mini-4k": ModelConfig(vocab_size=32064, dim=3072, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=8192,
+                                 max_seq_len=4096, family="phi3", sliding_window=2047),
+    "gemma-2-2b": ModelConfig(vocab_size=256000, dim=2304, n_layers=26, n_heads=8, n_kv_heads=4, ffn_dim=9216,
+                              max_seq_len=8192, norm_eps=1e-6, tie_embeddings=True, head_dim_override=256,
+                              family="gemma2", sliding_window=4096, sliding_layers=tuple(range(0, 26, 2)),
+                              hidden_act="gelu_tanh", embed_scale=True, sandwich_norms=True, query_pre_attn_scalar=256,
+                              attn_softcap=50.0, final_softcap=30.0),
+    "gemma-3-1b": ModelConfig(vocab_size=262144, dim=1152, n_layers=26, n_heads=4, n_kv_heads=1, ffn_dim=6912,
+                              max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=True,
+                              head_dim_override=256, family="gemma3", qk_norm=True, sliding_window=512,
+                              sliding_layers=tuple(i for i in range(26) if (i + 1) % 6), hidden_act="gelu_tanh",
+                              embed_scale=True, sandwich_norms=True, query_pre_attn_scalar=256, rope_local_theta=10000.0),
+    "gemma-3-270m": ModelConfig(vocab_size=262144, dim=640, n_layers=18, n_heads=4, n_kv_heads=1, ffn_dim=2048,
+                                max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=True,
+                                head_dim_override=256, family="gemma3", qk_norm=True, sliding_window=512,
+                                sliding_layers=tuple(i for i in range(18) if (i + 1) % 6), hidden_act="gelu_tanh",
+                                embed_scale=True, sandwich_norms=True, query_pre_attn_scalar=256,
+                                rope_local_theta=10000.0),
 }
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")

@@ -222,10 +222,11 @@ def softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tenso
     n_rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     T, S = q.shape[2], k.shape[2]
-    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / cap) * cap  # (B, nh, T, S)
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T) if mask is None else mask[..., :S]
-    probs = scores.masked_fill(~mask, float("-inf")).float().softmax(-1).to(q.dtype)
-    return probs @ v
+    bias = torch.where(mask, 0.0, float("-inf"))  # additive, from the mask alone: the exporters' graphs keep the
+    # score ops in one piece (a masked_fill between them splits an XNNPACK partition around it)
+    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / cap) * cap + bias  # (B, nh, T, S)
+    return scores.float().softmax(-1).to(q.dtype) @ v
 
 
 class Attention(nn.Module):

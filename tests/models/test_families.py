@@ -39,11 +39,14 @@ FAMILIES = {
     # head_dim; Gemma-2's soft-capping (caps low enough to bind), Gemma-3's q/k norms and local rope base; layer 0
     # sliding (window 16), layer 1 full
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
-        "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 16, "attn_logit_softcapping": 5.0,
+        "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 16, "attn_logit_softcapping": 5.0,
         "final_logit_softcapping": 10.0, "pad_token_id": 0}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
-        "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 16, "rope_local_base_freq": 100.0,
+        "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 16, "rope_local_base_freq": 100.0,
         "layer_types": ["sliding_attention", "full_attention"], "pad_token_id": 0}),
+    # a query scalar other than head_dim (Gemma-2 27B's dim / heads): our formats but llama.cpp's gemma3
+    "gemma3-scalar": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 16, "pad_token_id": 0}),
 }
 
 

@@ -106,8 +106,12 @@ def export(checkpoint: str | Path, out: str | Path, cfg: ExportConfig, log=print
         if reason is None:  # parity in the configuration every user path will run by default
             backend = spec.backend(tmp, **options)
             kind = parity_kind(ckpt, cfg.precision, is_quant_exact(spec, options))
+            lowered = spec.activations(ckpt) if kind == "fp32" else None
+            kind = lowered[0] if lowered else kind
             manifest["parity"] = check_parity(ckpt.model, backend, ckpt.tokenizer, kind, cfg.parity_positions,
                                               cfg.greedy_steps)
+            if lowered:
+                manifest["parity"]["kind_reason"] = lowered[1]
             manifest["parity"]["runtime"] = spec.runtime_package
             manifest["parity"]["runtime_options"] = backend.run_options
             manifest["parity"]["checked_file"] = manifest["options"].get("onnx_file", manifest["entry"])

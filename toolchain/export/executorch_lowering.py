@@ -28,11 +28,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.llama import Attention, RMSNorm, Transformer
+from models.llama import MLP, Attention, RMSNorm, Transformer, softcapped_attention
 from models.quant import QuantizedEmbedding, QuantizedLinear, replace_module_
 
 
@@ -73,13 +75,20 @@ class CustomOpAttention(Attention):
         torch._check(start + T <= cache.k_cache.shape[1])
         torch.ops.llama.update_cache(k.to(cache.k_cache.dtype), cache.k_cache, start)
         torch.ops.llama.update_cache(v.to(cache.v_cache.dtype), cache.v_cache, start)
-        if self.window is not None and self.window < cache.k_cache.shape[1]:
+        if self.softcap is not None:  # Gemma-2: custom_sdpa does not soft-cap; plain ops over the whole cache. The
+            # cache and q are read through index_select, which XNNPACK does not take: one partition would otherwise
+            # hold the projections (through q) and the attention after the cache update (a dependency cycle).
+            first = torch.zeros(1, dtype=torch.long)
+            k_all, v_all = (c.index_select(0, first).transpose(1, 2) for c in (cache.k_cache, cache.v_cache))
+            y = softcapped_attention(q.index_select(0, first).transpose(1, 2), k_all, v_all, mask, self.scale,
+                                     self.softcap).transpose(1, 2)
+        elif self.window is not None and self.window < cache.k_cache.shape[1]:
             # A sliding layer: the model's window mask rows `(T, S)` as an additive mask (ExecuTorch's own
             # ring-buffer attention passes its mask the same way; start_pos is then unused).
             bias = torch.where(mask.view(T, -1), 0.0, float("-inf")).to(q.dtype)
-            y = torch.ops.llama.custom_sdpa(q, cache.k_cache, cache.v_cache, 0, bias, 0.0, False)
+            y = torch.ops.llama.custom_sdpa(q, cache.k_cache, cache.v_cache, 0, bias, 0.0, False, self.scale)
         else:
-            y = torch.ops.llama.custom_sdpa(q, cache.k_cache, cache.v_cache, start, None, 0.0, True)
+            y = torch.ops.llama.custom_sdpa(q, cache.k_cache, cache.v_cache, start, None, 0.0, True, self.scale)
         return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -110,6 +119,16 @@ class XnnpackRMSNorm(RMSNorm):
         return self.weight * (h * torch.rsqrt(ms + self.eps)).to(x.dtype)
 
 
+class TanhGeluMLP(MLP):
+    """Gemma's gelu_tanh written out (0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), torch's formula): ExecuTorch
+    lowers aten.gelu to XNNPACK's GELU whatever its `approximate`, and XNNPACK's is the erf GELU, 1e-4 of the
+    logits away from the model on a tiny Gemma. Export only."""
+
+    def act(self, gate, up):
+        inner = (gate + 0.044715 * gate * gate * gate) * math.sqrt(2 / math.pi)
+        return 0.5 * gate * (1 + torch.tanh(inner)) * up
+
+
 def swap_attention_(model: Transformer, max_seq_len: int, dtype: torch.dtype) -> None:
     """Every layer's attention through the custom ops, with a cache of `max_seq_len` positions; every RMSNorm as
     XnnpackRMSNorm. A layer is then two XNNPACK partitions."""
@@ -119,6 +138,8 @@ def swap_attention_(model: Transformer, max_seq_len: int, dtype: torch.dtype) ->
         attn.__class__ = CustomOpAttention  # same parameters and submodules; only forward differs
         attn.kv_cache = CustomOpKVCache(attn.n_kv_heads, max_seq_len, attn.head_dim, dtype)
         attn.register_buffer("rotate_half", rotate_half_matrix(attn.head_dim, dtype), persistent=False)
+    for mlp in [m for m in model.modules() if type(m) is MLP and m.gelu]:
+        mlp.__class__ = TanhGeluMLP
     for norm in [m for m in model.modules() if type(m) is RMSNorm]:
         norm.__class__ = XnnpackRMSNorm
         norm.register_buffer("row_of_ones", torch.ones(1, norm.weight.shape[0]), persistent=False)

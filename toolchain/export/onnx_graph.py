@@ -24,6 +24,8 @@ registers the format.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import torch
@@ -157,8 +159,33 @@ class Builder:
     def mlp(self, h: str, p: str, layer) -> str:
         g = self.linear(h, f"{p}.gate_proj", layer.mlp.gate_proj)
         u = self.linear(h, f"{p}.up_proj", layer.mlp.up_proj)
-        act = self.op("Mul", [self.op("Mul", [g, self.op("Sigmoid", [g])]), u])
-        return self.linear(act, f"{p}.down_proj", layer.mlp.down_proj)
+        if layer.mlp.gelu:  # Gemma: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), torch's gelu "tanh"
+            inner = self.op("Mul", [self.op("Add", [g, self.op("Mul", [self.op("Mul", [self.op("Mul", [g, g]), g]),
+                                                                       self.scalar(0.044715)])]),
+                                    self.scalar(math.sqrt(2 / math.pi))])
+            half_g = self.op("Mul", [g, self.scalar(0.5)])
+            gate = self.op("Mul", [half_g, self.op("Add", [self.op("Tanh", [inner]), self.scalar(1.0)])])
+        else:
+            gate = self.op("Mul", [g, self.op("Sigmoid", [g])])
+        return self.linear(self.op("Mul", [gate, u]), f"{p}.down_proj", layer.mlp.down_proj)
+
+    def embed(self, ids: str, model) -> str:
+        """The token embedding, times sqrt(dim) in the model's dtype where the family scales it (Gemma)."""
+        x = self.embedding(ids, model.embed_tokens)
+        if model.config.embed_scale:
+            x = self.op("Mul", [x, self.scalar(float(torch.tensor(model.config.dim ** 0.5, dtype=torch.float32)))])
+        return x
+
+    def softcap(self, x: str, cap: float | None, dtype=None) -> str:
+        """cap * tanh(x / cap) (Gemma-2's attention scores and final logits); x where cap is None."""
+        if cap is None:
+            return x
+        return self.op("Mul", [self.op("Tanh", [self.op("Div", [x, self.scalar(cap, dtype)])]), self.scalar(cap, dtype)])
+
+    def logits(self, model, h: str, precision: str) -> None:
+        logits = self.softcap(self.linear(h, "lm_head", model.lm_head), model.config.final_softcap)
+        self.op("Cast", [logits], to=TensorProto.FLOAT, outputs=["logits"]) if precision != "fp32" else \
+            self.op("Identity", [logits], outputs=["logits"])
 
 
 def matmulnbits_weight(m) -> tuple[np.ndarray, np.ndarray]:
@@ -209,7 +236,8 @@ def plain_attention(b: Builder, cfg: ModelConfig, h: str, i: int, attn, cos: str
     scores = b.op("MatMul", [q5, k5])  # (B, nkv, rep, T, S)
     if b.precision != "fp32":
         scores = b.cast(scores, TensorProto.FLOAT)  # softmax in fp32, as SDPA's reference is
-    scores = b.op("Add", [b.op("Mul", [scores, b.scalar(hd ** -0.5, np.float32)]), mask])
+    scores = b.softcap(b.op("Mul", [scores, b.scalar(cfg.attn_scale, np.float32)]), cfg.attn_softcap, np.float32)
+    scores = b.op("Add", [scores, mask])
     probs = b.op("Softmax", [scores], axis=-1)
     if b.precision != "fp32":
         probs = b.cast(probs, b.onnx_t)
@@ -231,6 +259,11 @@ def plain_graph(model, precision: str, max_seq_len: int) -> onnx.ModelProto:
     pos = b.op("Range", [P, total, one])
     cos = b.op("Gather", [b.init("rope_cos", cos_t.numpy().astype(b.dtype)), pos], axis=0)  # (T, hd)
     sin = b.op("Gather", [b.init("rope_sin", sin_t.numpy().astype(b.dtype)), pos], axis=0)
+    cos_l, sin_l = cos, sin
+    if cfg.rope_local_theta is not None:  # Gemma-3's sliding layers: their own base
+        cos_lt, sin_lt = rope_tables(cfg.head_dim, max_seq_len, cfg.rope_local_theta)
+        cos_l = b.op("Gather", [b.init("rope_cos_local", cos_lt.numpy().astype(b.dtype)), pos], axis=0)
+        sin_l = b.op("Gather", [b.init("rope_sin_local", sin_lt.numpy().astype(b.dtype)), pos], axis=0)
     key_pos = b.op("Range", [b.init("zero", np.array(0, dtype=np.int64)), total, one])
     visible = b.op("LessOrEqual", [b.op("Unsqueeze", [key_pos, b.ints(0)]), b.op("Unsqueeze", [pos, b.ints(1)])])
     zero, minus_inf = b.scalar(0.0, np.float32), b.scalar(float("-inf"), np.float32)
@@ -239,19 +272,24 @@ def plain_graph(model, precision: str, max_seq_len: int) -> onnx.ModelProto:
         near = b.op("Greater", [b.op("Unsqueeze", [key_pos, b.ints(0)]),
                                 b.op("Unsqueeze", [b.op("Sub", [pos, b.ints(cfg.sliding_window)]), b.ints(1)])])
         window = b.op("Where", [b.op("And", [visible, near]), zero, minus_inf])
-    x = b.embedding("input_ids", model.embed_tokens)
+    x = b.embed("input_ids", model)
+
+    def norm(x: str, name: str) -> str:
+        return b.rms_norm(x, b.weight(f"{name}.weight", model.get_submodule(name).weight), cfg.norm_eps)
+
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
-        h = b.rms_norm(x, b.weight(f"{p}.input_layernorm.weight", layer.input_layernorm.weight), cfg.norm_eps)
-        layer_mask = mask if layer.self_attn.window is None else window
-        x = b.op("Add", [x, plain_attention(b, cfg, h, i, layer.self_attn, cos, sin, layer_mask)])
-        h = b.rms_norm(x, b.weight(f"{p}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight),
-                       cfg.norm_eps)
-        x = b.op("Add", [x, b.mlp(h, f"{p}.mlp", layer)])
-    h = b.rms_norm(x, b.weight("norm.weight", model.norm.weight), cfg.norm_eps)
-    logits = b.linear(h, "lm_head", model.lm_head)
-    b.op("Cast", [logits], to=TensorProto.FLOAT, outputs=["logits"]) if precision != "fp32" else \
-        b.op("Identity", [logits], outputs=["logits"])
+        h = norm(x, f"{p}.input_layernorm")
+        sliding = layer.self_attn.window is not None
+        a = plain_attention(b, cfg, h, i, layer.self_attn, *((cos_l, sin_l, window) if sliding else (cos, sin, mask)))
+        if cfg.sandwich_norms:  # Gemma: a norm on the attention's and on the MLP's output
+            x = b.op("Add", [x, norm(a, f"{p}.post_attention_layernorm")])
+            m = b.mlp(norm(x, f"{p}.pre_feedforward_layernorm"), f"{p}.mlp", layer)
+            x = b.op("Add", [x, norm(m, f"{p}.post_feedforward_layernorm")])
+            continue
+        x = b.op("Add", [x, a])
+        x = b.op("Add", [x, b.mlp(norm(x, f"{p}.post_attention_layernorm"), f"{p}.mlp", layer)])
+    b.logits(model, norm(x, "norm"), precision)
     cache = ["batch", cfg.n_kv_heads, "past_sequence_length", cfg.head_dim]
     present = ["batch", cfg.n_kv_heads, "total_sequence_length", cfg.head_dim]
     return finish(b, cfg, "edgesmith-plain", cache, present, extra_inputs=[], opset_ms=False)
@@ -260,7 +298,7 @@ def plain_graph(model, precision: str, max_seq_len: int) -> onnx.ModelProto:
 # ----------------------------------------------------------------------------- fused graph
 
 
-def fused_attention(b: Builder, cfg: ModelConfig, h: str, i: int, attn, pos_ids: str) -> str:
+def fused_attention(b: Builder, cfg: ModelConfig, h: str, i: int, attn, pos_ids: str, rope: str = "") -> str:
     nh, nkv, hd, p = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, f"layers.{i}.self_attn"
     q = b.linear(h, f"{p}.q_proj", attn.q_proj)
     k = b.linear(h, f"{p}.k_proj", attn.k_proj)
@@ -272,13 +310,14 @@ def fused_attention(b: Builder, cfg: ModelConfig, h: str, i: int, attn, pos_ids:
                      stash_type=1)
             return b.op("Reshape", [x, b.ints(0, 0, n * hd)])
         q, k = head_norm(q, nh, attn.q_norm, "q_norm"), head_norm(k, nkv, attn.k_norm, "k_norm")
-    q = b.op(ROTARY, [q, pos_ids, "cos_cache", "sin_cache"], domain=MS, interleaved=0, num_heads=nh)
-    k = b.op(ROTARY, [k, pos_ids, "cos_cache", "sin_cache"], domain=MS, interleaved=0, num_heads=nkv)
+    q = b.op(ROTARY, [q, pos_ids, f"cos_cache{rope}", f"sin_cache{rope}"], domain=MS, interleaved=0, num_heads=nh)
+    k = b.op(ROTARY, [k, pos_ids, f"cos_cache{rope}", f"sin_cache{rope}"], domain=MS, interleaved=0, num_heads=nkv)
     y = b.op(GQA,
              [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
               "total_sequence_length"], n_out=3, domain=MS,
              outputs=[f"{p}.gqa_out", f"present.{i}.key", f"present.{i}.value"],
-             num_heads=nh, kv_num_heads=nkv, scale=float(hd ** -0.5),
+             num_heads=nh, kv_num_heads=nkv, scale=float(cfg.attn_scale),
+             **({} if cfg.attn_softcap is None else {"softcap": float(cfg.attn_softcap)}),
              # a sliding layer: the last `window` keys, the query's own included, as transformers counts them
              **({} if attn.window is None else {"local_window_size": attn.window}))
     return b.linear(y[0], f"{p}.o_proj", attn.o_proj)
@@ -291,27 +330,38 @@ def fused_graph(model, precision: str, max_seq_len: int) -> onnx.ModelProto:
     half = cfg.head_dim // 2  # contrib RotaryEmbedding takes the non-repeated half of HF's tables
     b.init("cos_cache", cos_t[:, :half].numpy().astype(b.dtype))
     b.init("sin_cache", sin_t[:, :half].numpy().astype(b.dtype))
+    if cfg.rope_local_theta is not None:  # Gemma-3's sliding layers: their own base
+        cos_lt, sin_lt = rope_tables(cfg.head_dim, max_seq_len, cfg.rope_local_theta)
+        b.init("cos_cache_local", cos_lt[:, :half].numpy().astype(b.dtype))
+        b.init("sin_cache_local", sin_lt[:, :half].numpy().astype(b.dtype))
     T = dim_of(b, "input_ids", 1)
     total = b.cast("total_sequence_length", TensorProto.INT64)
     pos = b.op("Range", [b.op("Sub", [total, T]), total, b.init("one", np.array(1, dtype=np.int64))])
     pos_ids = b.op("Expand", [b.op("Unsqueeze", [pos, b.ints(0)]), b.op("Shape", ["input_ids"])])  # (B, T)
-    x = b.embedding("input_ids", model.embed_tokens)
+    x = b.embed("input_ids", model)
     eps = float(cfg.norm_eps)
-    w0 = b.weight("layers.0.input_layernorm.weight", model.layers[0].input_layernorm.weight)
-    h = b.op(NORM, [x, w0], axis=-1, epsilon=eps, stash_type=1)
+
+    def w(name: str) -> str:
+        return b.weight(f"{name}.weight", model.get_submodule(name).weight)
+
+    def norm(x: str, name: str) -> str:
+        return b.op(NORM, [x, w(name)], axis=-1, epsilon=eps, stash_type=1)
+
+    h = norm(x, "layers.0.input_layernorm")
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
-        a = fused_attention(b, cfg, h, i, layer.self_attn, pos_ids)
-        w = b.weight(f"{p}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight)
-        h, _, _, x = b.op(SKIP_NORM, [a, x, w], n_out=4, domain=MS, epsilon=eps)
+        rope = "_local" if cfg.rope_local_theta is not None and layer.self_attn.window is not None else ""
+        a = fused_attention(b, cfg, h, i, layer.self_attn, pos_ids, rope)
+        if cfg.sandwich_norms:  # Gemma: the attention's output normalised before the residual add
+            a = norm(a, f"{p}.post_attention_layernorm")
+        pre_mlp = f"{p}.pre_feedforward_layernorm" if cfg.sandwich_norms else f"{p}.post_attention_layernorm"
+        h, _, _, x = b.op(SKIP_NORM, [a, x, w(pre_mlp)], n_out=4, domain=MS, epsilon=eps)
         m = b.mlp(h, f"{p}.mlp", layer)
-        last = i + 1 == len(model.layers)
-        w = (b.weight("norm.weight", model.norm.weight) if last else
-             b.weight(f"layers.{i + 1}.input_layernorm.weight", model.layers[i + 1].input_layernorm.weight))
-        h, _, _, x = b.op(SKIP_NORM, [m, x, w], n_out=4, domain=MS, epsilon=eps)
-    logits = b.linear(h, "lm_head", model.lm_head)
-    b.op("Cast", [logits], to=TensorProto.FLOAT, outputs=["logits"]) if precision != "fp32" else \
-        b.op("Identity", [logits], outputs=["logits"])
+        if cfg.sandwich_norms:
+            m = norm(m, f"{p}.post_feedforward_layernorm")
+        nxt = "norm" if i + 1 == len(model.layers) else f"layers.{i + 1}.input_layernorm"
+        h, _, _, x = b.op(SKIP_NORM, [m, x, w(nxt)], n_out=4, domain=MS, epsilon=eps)
+    b.logits(model, h, precision)
     cache = ["batch", cfg.n_kv_heads, max_seq_len, cfg.head_dim]
     extra = [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]

@@ -37,6 +37,9 @@ class FormatSpec:
     # `runtimes.load` keyword arguments. The export checks parity in it and records it in the manifest, and every
     # path that loads the artifact (generate, eval, bench, the GUI) runs it unless the user overrides an option.
     runtime_options: Callable[[Checkpoint, Any], dict] = lambda ckpt, cfg: {}  # cfg: the ExportConfig
+    # Where the runtime computes part of a float model at a lower precision by design: `activations(ckpt)` -> (the
+    # precision whose parity threshold then applies, why), or None (llama.cpp's CPU GELU reads an fp16 table).
+    activations: Callable[[Checkpoint], tuple[str, str] | None] = lambda ckpt: None
     toolkit: str = ""  # the module that must import for this format to be exported here (recipe `optional`)
     estimate_s: float = 10.0  # rough seconds for a nano export on 2 cores, only for the pipeline's ETA
 

@@ -54,7 +54,9 @@ def family_checkpoints(tmp_path_factory, tokenizer):
 CASES = [(f, fmt) for f in ("qwen2", "qwen3", "mistral", "smollm", "phi3") for fmt in ("gguf", "onnx", "onnx-plain")] + \
         [("qwen2", "executorch"), ("qwen3", "executorch"), ("phi3", "executorch")] + \
         [("llama3", "gguf"), ("llama3", "onnx"), ("llama3", "executorch"), ("linear", "gguf"), ("linear", "onnx")] + \
-        [(f, fmt) for f in ("mistral-window", "qwen2-window") for fmt in ("onnx", "onnx-plain", "executorch")]
+        [(f, fmt) for f in ("mistral-window", "qwen2-window") for fmt in ("onnx", "onnx-plain", "executorch")] + \
+        [(f, fmt) for f in ("gemma2", "gemma3") for fmt in ("onnx", "onnx-plain", "gguf")] + \
+        [("gemma2", "executorch"), ("gemma3", "executorch"), ("gemma3-scalar", "onnx"), ("gemma3-scalar", "executorch")]
 
 
 @pytest.mark.parametrize("family, fmt", CASES)
@@ -188,3 +190,12 @@ def test_layer_pruning_keeps_each_kept_layers_window(family_checkpoints, tmp_pat
     assert pruned.config.window_of(0) == (12 if dropped == 0 else None)
     with torch.no_grad():
         assert torch.allclose(pruned.model(tokens), hf(tokens).logits, atol=1e-4)
+
+
+
+def test_gguf_refuses_a_query_scale_llama_cpp_does_not_compute(family_checkpoints, tmp_path):
+    # execute / assert: llama.cpp's gemma3 scales queries by 1/sqrt(head_dim); one line, nothing written
+    with pytest.raises(EdgesmithError, match=r"^gguf: query_pre_attn_scalar=24: llama.cpp's gemma3 scales queries by "
+                                             r"1/sqrt\(32\); export it to onnx or executorch$"):
+        export(family_checkpoints("gemma3-scalar"), tmp_path / "g", ExportConfig(format="gguf"), log=lambda line: None)
+    assert not (tmp_path / "g").exists()

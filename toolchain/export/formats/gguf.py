@@ -53,8 +53,10 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 # family -> llama.cpp architecture (convert_hf_to_gguf.py: Mistral is written as llama; Qwen2/3 are their own,
 # with NEOX rotary embeddings, i.e. Hugging Face's rotate-half: their q/k rows are not permuted)
-ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
-NEOX = ("qwen2", "qwen3", "phi3")
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma2",
+        "gemma3": "gemma3"}
+NEOX = ("qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+SWA = ("gemma2", "gemma3")  # llama.cpp architectures that apply a sliding window (per layer, from a pattern)
 # llama.cpp's phi3 reads q/k/v as one attn_qkv and gate/up as one ffn_up (gate rows first), as Phi-3 stores them
 FUSED_NAMES = {"phi3": {"q": "attn_qkv", "k": "attn_qkv", "v": "attn_qkv", "gate": "ffn_up", "up": "ffn_up"}}
 
@@ -71,6 +73,10 @@ def tensor_map(cfg: ModelConfig) -> dict[str, str]:
         "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
         "mlp.down_proj.weight": "ffn_down.weight",
     }
+    if cfg.sandwich_norms:  # Gemma: the norms after attention and around the MLP
+        per_layer.update({"post_attention_layernorm.weight": "post_attention_norm.weight",
+                          "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                          "post_feedforward_layernorm.weight": "post_ffw_norm.weight"})
     if cfg.attention_bias:
         per_layer.update({f"self_attn.{x}_proj.bias": f"attn_{x}.bias" for x in "qkv"})
     if cfg.qk_norm:
@@ -185,6 +191,25 @@ def file_type(model: Transformer, precision: str):
     return gguf.LlamaFileType.MOSTLY_F16 if precision == "fp16" else gguf.LlamaFileType.ALL_F32
 
 
+def check_gemma(cfg: ModelConfig) -> None:
+    """What llama.cpp's gemma2 / gemma3 compute differently from the model, in one line: its query scale is
+    1/sqrt(head_dim) (1/sqrt(dim/heads) for the 27B shapes), gemma2 always soft-caps attention and the final
+    logits, gemma3 never caps attention."""
+    if cfg.family not in ("gemma2", "gemma3"):
+        return
+    big = cfg.n_layers == {"gemma2": 46, "gemma3": 62}[cfg.family]  # llama.cpp's 27B type
+    theirs = (cfg.dim // cfg.n_heads if big else cfg.head_dim) ** -0.5
+    if abs(cfg.attn_scale - theirs) > 1e-9 * theirs:
+        raise EdgesmithError(f"gguf: query_pre_attn_scalar={cfg.query_pre_attn_scalar:g}: llama.cpp's {cfg.family} scales "
+                             f"queries by 1/sqrt({round(theirs ** -2)}); export it to onnx or executorch")
+    if cfg.family == "gemma2" and (cfg.attn_softcap is None or cfg.final_softcap is None):
+        raise EdgesmithError("gguf: a gemma2 model without attention and final-logit soft-capping: llama.cpp's gemma2 "
+                             "always applies both; export it to onnx or executorch")
+    if cfg.family == "gemma3" and cfg.attn_softcap is not None:
+        raise EdgesmithError(f"gguf: attn_softcap={cfg.attn_softcap:g} on a gemma3 model: llama.cpp's gemma3 does not "
+                             "soft-cap attention; export it to onnx")
+
+
 def write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, precision: str, max_seq_len: int,
                name: str = "edgesmith") -> None:
     import gguf
@@ -203,8 +228,9 @@ def write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, precision: 
         raise EdgesmithError(f"gguf: rope_scaling llama3 on a {cfg.family} model: llama.cpp reads its frequency "
                              "factors (rope_freqs) for the llama architecture; export it to onnx or executorch")
 
+    check_gemma(cfg)
     window = cfg.sliding_window
-    if window is not None and window < max_seq_len:
+    if window is not None and window < max_seq_len and ARCH[cfg.family] not in SWA:
         raise EdgesmithError(f"gguf: sliding_window={window} binds past {window} tokens of this {cfg.family} model and "
                              f"llama.cpp's {ARCH[cfg.family]} architecture attends to the whole context; export with "
                              f"--max-seq-len {window} (the window never binds), or to onnx or executorch")
@@ -230,6 +256,18 @@ def write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, precision: 
     if cfg.family == "phi3":  # the keys llama.cpp's converter writes for Phi-3 (a window never binds here)
         w.add_rope_scaling_orig_ctx_len(max_seq_len)
         w.add_sliding_window(cfg.sliding_window or 0)
+    if ARCH[cfg.family] in SWA:  # Gemma: the window and which layers have it, head width, caps, local rope base
+        w.add_sliding_window(cfg.sliding_window or 0)
+        w.add_sliding_window_pattern([cfg.window_of(i) is not None for i in range(cfg.n_layers)])
+        if cfg.n_heads * cfg.head_dim == cfg.dim:  # (otherwise written below)
+            w.add_key_length(cfg.head_dim)
+            w.add_value_length(cfg.head_dim)
+        if cfg.attn_softcap is not None:
+            w.add_attn_logit_softcapping(cfg.attn_softcap)
+        if cfg.final_softcap is not None:
+            w.add_final_logit_softcapping(cfg.final_softcap)
+        if cfg.rope_local_theta is not None:
+            w.add_rope_freq_base_swa(cfg.rope_local_theta)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(file_type(model, precision))
     tokens, types, merges = vocab_for_gguf(tokenizer, cfg.vocab_size)
@@ -278,7 +316,15 @@ def runtime_options(ckpt: Checkpoint, cfg) -> dict:
     return {"flash_attn": False, "kv_cache": "f16"} if quantized or cfg.precision != "fp32" else {}
 
 
+def activations(ckpt: Checkpoint) -> tuple[str, str] | None:
+    """llama.cpp's CPU GELU (ggml_vec_gelu_f32, GGML_GELU_FP16) looks each activation up in an fp16 table: a
+    GELU model's fp32 GGUF is held to the fp16 threshold (measured 1.5e-4 of the logits on a tiny Gemma)."""
+    if ckpt.config.hidden_act == "gelu_tanh":
+        return "fp16", "llama.cpp computes GELU through an fp16 table (GGML_GELU_FP16)"
+    return None
+
+
 register_format(FormatSpec(name="gguf", precisions=("fp32", "fp16"), write=write, backend=LlamaCppBackend,
-                           runtime_package="llama-cpp-python",
+                           runtime_package="llama-cpp-python", activations=activations,
                            toolkit="llama_cpp", estimate_s=5.0,
                            runtime_options=runtime_options))
