@@ -2,14 +2,19 @@
 
     python scripts/bench_families.py                                   # qwen2.5-0.5b, qwen3-0.6b, smollm2-135m
     python scripts/bench_families.py --shapes qwen3-0.6b --formats gguf --repeat 1
+    python scripts/bench_families.py --shapes gemma-3-270m,phi-3-mini-4k:4,gemma-2-2b:2,mistral-7b:2 \
+        --formats gguf,onnx,executorch --max-seq-len 512
+
+A shape `NAME:N` keeps the public shape's width and its first N layers (the window pattern with them): Phi-3-mini,
+Gemma-2-2B and Mistral-7B at about half a billion parameters, which this machine can fit and export.
 
 For each shape (devices/shapes.py PUBLIC: the published config.json of the family's model) a randomly initialized model of
 the family is built (Qwen2's q/k/v biases, Qwen3's q/k norms, tied embeddings), fitted a few steps on a little text
 (peaked logits: parity then measures the exporter, not near-ties), RTN 4-bit group 32 (embedding included, so the
 tied head reads it), then exported to each format through the same `export` the CLI runs (parity in the runtime
 options the artifact records) and timed through `devices.bench.bench`, the code path of `edgesmith bench`: prefill
-and decode tok/s, median of --repeat, peak RSS. The context is capped at --max-seq-len. ExecuTorch is left out by
-default: its 4-bit export of a model this size takes tens of minutes here (issue 20).
+and decode tok/s, median of --repeat, peak RSS. The context is capped at --max-seq-len (for a GGUF of a family whose
+llama.cpp architecture has no sliding window, at the window too: llama.cpp would attend past it).
 """
 
 from __future__ import annotations
@@ -48,8 +53,21 @@ def fit(model: Transformer, tokens: torch.Tensor, steps: int, seq: int = 64, bat
     model.eval()
 
 
+def shape_config(shape: str, max_seq_len: int):
+    """PUBLIC[name], or with `name:N` its first N layers; the context capped at max_seq_len."""
+    name, _, layers = shape.partition(":")
+    cfg = PUBLIC[name]
+    changes = {"max_seq_len": min(cfg.max_seq_len, max_seq_len)}
+    if layers:
+        n = int(layers)
+        changes["n_layers"] = n
+        if cfg.sliding_layers is not None:
+            changes["sliding_layers"] = tuple(i for i in cfg.sliding_layers if i < n) or None
+    return dataclasses.replace(cfg, **changes)
+
+
 def make_checkpoint(shape: str, root: Path, max_seq_len: int, steps: int) -> tuple[Path, int]:
-    cfg = dataclasses.replace(PUBLIC[shape], max_seq_len=min(PUBLIC[shape].max_seq_len, max_seq_len))
+    cfg = shape_config(shape, max_seq_len)
     torch.manual_seed(0)
     model = Transformer(cfg)
     with torch.no_grad():
@@ -62,7 +80,7 @@ def make_checkpoint(shape: str, root: Path, max_seq_len: int, steps: int) -> tup
     fit(model, torch.tensor(tok.encode(text)), steps)
     quantize_linear_(model, 4, 32)
     quantize_embedding_(model, 4, 32)
-    path = save_checkpoint(model, tok, root / shape, child_lineage(None, {"kind": "quantize", "method": "rtn",
+    path = save_checkpoint(model, tok, root / shape.replace(":", "-"), child_lineage(None, {"kind": "quantize", "method": "rtn",
                                                                          "bits": 4, "group_size": 32}))
     return path, n_params
 
@@ -85,12 +103,16 @@ def main() -> None:
     for shape in args.shapes.split(","):
         t0 = time.perf_counter()
         ckpt, n_params = make_checkpoint(shape, root, args.max_seq_len, args.fit_steps)
-        print(f"{shape}: {n_params / 1e6:.0f} M parameters, family {PUBLIC[shape].family}, fitted and RTN 4-bit in "
+        cfg = shape_config(shape, args.max_seq_len)
+        print(f"{shape}: {n_params / 1e6:.0f} M parameters, family {cfg.family}, fitted and RTN 4-bit in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         for fmt in args.formats.split(","):
-            out = root / f"{shape}-{fmt}"
+            out = root / f"{shape.replace(':', '-')}-{fmt}"
+            seq = cfg.max_seq_len
+            if fmt == "gguf" and cfg.sliding_window and cfg.family not in ("gemma2", "gemma3"):
+                seq = min(seq, cfg.sliding_window)  # llama.cpp's llama / qwen2 / phi3 have no window
             t0 = time.perf_counter()
-            manifest = export(ckpt, out, ExportConfig(format=fmt, force=True), log=lambda line: None)
+            manifest = export(ckpt, out, ExportConfig(format=fmt, force=True, max_seq_len=seq), log=lambda line: None)
             export_s = time.perf_counter() - t0
             [r] = bench([out], prompt_len=args.prompt_len, gen_len=args.gen_len, repeat=args.repeat)
             par = manifest["parity"]
