@@ -1,7 +1,9 @@
 """A GGUF file becomes a checkpoint, its quantized tensors' codes kept exactly (`edgesmith import-gguf`).
 
 The header is bounded first (runtimes.headers.gguf_header), then read with gguf-py. Architectures: `llama`
-(Llama, SmolLM, Mistral), `qwen2` and `qwen3`, with the tensor names toolchain/export/formats/gguf.py writes (llama.cpp's).
+(Llama, SmolLM, Mistral), `qwen2`, `qwen3`, `phi3` (attn_qkv / ffn_up split by rows), `gemma2` and `gemma3` (their
+window pattern, soft-caps and local RoPE base), with the tensor names toolchain/export/formats/gguf.py writes
+(llama.cpp's).
 Tensor types: F32 and F16 become floats; Q8_0 and Q4_0 become our codes and fp16 scales block for block (Q4_0:
 `code = q - 8`, the block's first 16 weights in the low nibbles), so `export` takes the checkpoint to ONNX or
 ExecuTorch with the same numbers. The `llama` architecture's q/k rows go back to Hugging Face's rotate-half order
@@ -28,7 +30,8 @@ from models.tokenizer import BOS, EOT, PAD, Tokenizer
 from runtimes.headers import gguf_header
 from toolchain.export.formats.gguf import ARCH, NEOX, tensor_map
 
-FAMILY = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # llama.cpp architecture -> our family
+# llama.cpp architecture -> our family
+FAMILY = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3"}
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -83,19 +86,49 @@ def read_config(reader, path: Path) -> ModelConfig:
         scaling = (("factor", float(get("rope.scaling.factor"))), ("rope_type", "linear"))
     elif kind not in (None, "none"):
         raise EdgesmithError(f"{path}: {arch}.rope.scaling.type {kind!r:.40} is not supported; allowed: none, linear")
+    n_layers = get("block_count")
+    head_dim = key_length or (dim // heads if isinstance(dim, int) and isinstance(heads, int) and heads else None)
+    switches = window_and_gemma(arch, get, n_layers, dim, heads, head_dim)
     try:
         return ModelConfig(
-            vocab_size=get("vocab_size", False) or len(tokens), dim=dim, n_layers=get("block_count"),
+            vocab_size=get("vocab_size", False) or len(tokens), dim=dim, n_layers=n_layers,
             n_heads=heads, n_kv_heads=get("attention.head_count_kv", False) or heads,
             ffn_dim=get("feed_forward_length"), max_seq_len=get("context_length"),
             rope_theta=float(get("rope.freq_base", False) or 10000.0),
             norm_eps=float(get("attention.layer_norm_rms_epsilon")),
             tie_embeddings="output.weight" not in names,
             head_dim_override=key_length if key_length and key_length * heads != dim else None,
-            family=FAMILY[arch], attention_bias="blk.0.attn_q.bias" in names, qk_norm=arch == "qwen3",
-            rope_scaling=scaling)
+            family=FAMILY[arch], attention_bias="blk.0.attn_q.bias" in names, qk_norm=arch in ("qwen3", "gemma3"),
+            rope_scaling=scaling, **switches)
     except (EdgesmithError, TypeError, ValueError) as e:
         raise EdgesmithError(f"{path}: its hyperparameters do not make a model ({e})") from None
+
+
+def window_and_gemma(arch: str, get, n_layers, dim, heads, head_dim) -> dict:
+    """The sliding window (Phi-3's as written, which llama.cpp itself turns off; Gemma's per-layer pattern, or
+    llama.cpp's default one: every 2nd layer full for gemma2, every 6th for gemma3) and Gemma's switches, with the
+    query scale llama.cpp computes (1/sqrt(head_dim); dim/heads for its 27B shapes)."""
+    if arch not in ("phi3", "gemma2", "gemma3"):
+        return {}
+    window = get("attention.sliding_window", False) or (4096 if arch == "gemma2" else None)
+    out = {"sliding_window": window or None}
+    if arch == "phi3" or not isinstance(n_layers, int):
+        return out
+    pattern = get("attention.sliding_window_pattern", False)
+    if pattern is None or isinstance(pattern, int):
+        every = pattern or (2 if arch == "gemma2" else 6)
+        pattern = [bool((i + 1) % every) for i in range(n_layers)]
+    layers = tuple(i for i, sliding in enumerate(pattern) if sliding)
+    big = n_layers == {"gemma2": 46, "gemma3": 62}[arch]
+    out.update(sliding_window=window if layers and window else None,
+               sliding_layers=layers if window and layers and len(layers) < n_layers else None,
+               hidden_act="gelu_tanh", embed_scale=True, sandwich_norms=True,
+               query_pre_attn_scalar=float(dim // heads if big else head_dim),
+               attn_softcap=get("attn_logit_softcapping", False) if arch == "gemma2" else None,
+               final_softcap=get("final_logit_softcapping", False))
+    if arch == "gemma3":
+        out["rope_local_theta"] = float(get("rope.freq_base_swa", False) or 10000.0)
+    return out
 
 
 def read_tokenizer(reader, path: Path) -> Tokenizer:
@@ -152,17 +185,24 @@ def import_gguf(src: str | Path, out: str | Path) -> Path:
         raise EdgesmithError(f"{path}: tensor {unexpected[0]!r} is not one this architecture's model has")
     model = Transformer(cfg)
     state, T = {}, gguf.GGMLQuantizationType
+    # phi3's attn_qkv / ffn_up hold several of ours, rows in order: (ours, first row, rows) per GGUF tensor
+    rows, start = {}, {}
+    for ours, name in names.items():
+        n = model.get_submodule(ours.rsplit(".", 1)[0]).weight.shape[0] if ours.endswith("proj.weight") else None
+        rows[ours], start[name] = (start.get(name, 0), n), start.get(name, 0) + (n or 0)
     for ours, name in names.items():
         if name not in tensors:
             raise EdgesmithError(f"{path}: tensor {name!r} is missing")
         t = tensors[name]
+        first, n = rows[ours]
+        part = slice(first, first + n) if n is not None and start[name] != n else slice(None)
         if t.tensor_type in (T.F32, T.F16):
-            state[ours] = _unpermute(cfg, ours, torch.from_numpy(np.array(t.data, dtype=np.float32)))
+            state[ours] = _unpermute(cfg, ours, torch.from_numpy(np.array(t.data, dtype=np.float32))[part])
             continue
         if t.tensor_type not in (T.Q4_0, T.Q8_0):
             raise EdgesmithError(f"{path}: tensor {name!r} is {t.tensor_type.name}; allowed: F32, F16, Q8_0, Q4_0")
         bits = 4 if t.tensor_type == T.Q4_0 else 8
-        codes, scales = (decode_q4_0 if bits == 4 else decode_q8_0)(np.asarray(t.data))
+        codes, scales = (decode_q4_0 if bits == 4 else decode_q8_0)(np.asarray(t.data)[part])
         codes, scales = _unpermute(cfg, ours, codes), _unpermute(cfg, ours, scales)
         module = ours.removesuffix(".weight")
         if module == "embed_tokens":

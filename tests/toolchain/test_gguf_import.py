@@ -61,7 +61,7 @@ def test_quantized_codes_come_back_exactly_and_export_to_onnx_with_the_same_numb
     assert manifest["parity"]["passed"]
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
 def test_a_family_gguf_comes_back_as_that_family(tokenizer, tmp_path, family):
     # setup: a transformers model of the family, imported, 4-bit (Qwen2's biases stay float), to GGUF
     src = tmp_path / "hf"
