@@ -1,6 +1,6 @@
 """Our GGUF export against llama.cpp's own converter (issue 21's families): convert_hf_to_gguf.py from the
 llama-cpp-python 0.3.36 sdist, run on the same fitted Hugging Face directory (our checkpoint is one), writes what
-we write. Per family (Llama untied, SmolLM tied, Mistral, Qwen2, Qwen3, Phi-3), at fp32: the same architecture;
+we write. Per family (Llama untied, SmolLM tied, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3), at fp32: the same architecture;
 the same tensors, bit for bit (names, shapes, F32, values: our RoPE row permutation and Phi-3's fused q/k/v and
 gate/up are theirs); every `{arch}.` and `tokenizer.ggml.` key they write, with their value (a key we leave out is
 listed in DEFAULTED with the value llama.cpp's loader falls back to, and that value must be theirs); and, when
@@ -40,7 +40,14 @@ DOWNLOAD = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-bi
 
 # family -> (tests/models/test_families.py FAMILIES key, config overrides); "llama" is the Llama with its own head
 FAMILIES = {"llama": ("smollm", {"tie_word_embeddings": False}), "smollm": ("smollm", {}), "mistral": ("mistral", {}),
-            "qwen2": ("qwen2", {}), "qwen3": ("qwen3", {}), "phi3": ("phi3", {})}
+            "qwen2": ("qwen2", {}), "qwen3": ("qwen3", {}), "phi3": ("phi3", {}),
+            # Their converter writes neither Gemma-2's rope.freq_base nor Gemma-3's layer pattern or local base:
+            # llama.cpp then assumes the published Gemma values (base 10000; every 6th layer full; local base 10000).
+            # Compared at those. Ours writes all three: off those values llama.cpp runs ours within 3e-3 of
+            # transformers' logits and theirs 4.4 off (Gemma-2 with the test families' base 1e6) and 1.7 off
+            # (Gemma-3 with layer 1 of 2 full).
+            "gemma2": ("gemma2", {"rope_theta": 10000.0}),
+            "gemma3": ("gemma3", {"rope_local_base_freq": 10000.0, "layer_types": ["sliding_attention"] * 2})}
 
 # Keys their converter writes and our writer leaves out, where llama.cpp's loader falls back to the value they write:
 # key without the "{arch}." prefix -> (that fallback, computed from our file's fields; why we leave it out)
@@ -61,6 +68,7 @@ from pathlib import Path
 import convert_hf_to_gguf  # puts its own gguf-py first on sys.path, unless NO_LOCAL_GGUF is set
 import gguf
 from conversion.base import TextModel
+from conversion.gemma import Gemma2Model
 from conversion.phi import Phi3MiniModel
 
 # Its own gguf-py (0.19.0 too, but newer than PyPI's gguf 0.19.0, whose MODEL_ARCH lacks DFLASH that it registers).
@@ -71,6 +79,8 @@ TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
 # Phi-3's converter reads a SentencePiece tokenizer.model unless tokenizer_config.json names GPT2Tokenizer (Phi-4);
 # ours names PreTrainedTokenizerFast and is byte-level BPE: take the converter's own BPE path, as for Phi-4.
 Phi3MiniModel.set_vocab = TextModel._set_vocab_gpt2
+# Gemma-2's likewise (Gemma-3's takes the BPE path itself when there is no tokenizer.model).
+Gemma2Model.set_vocab = TextModel._set_vocab_gpt2
 sys.argv[0] = convert_hf_to_gguf.__file__
 convert_hf_to_gguf.main()
 '''
