@@ -77,7 +77,8 @@ def test_a_family_exports_with_parity_and_runs_greedy_as_torch(family_checkpoint
 
 # ExecuTorch for Qwen2 only (its biases after XNNPACK's planes); Qwen3's norm is no Linear: the fp32 case covers it
 @pytest.mark.parametrize("family, fmt", [("qwen2", "gguf"), ("qwen2", "onnx"), ("qwen2", "executorch"),
-                                         ("qwen3", "gguf"), ("qwen3", "onnx"), ("phi3", "gguf")])
+                                         ("qwen3", "gguf"), ("qwen3", "onnx"), ("phi3", "gguf"), ("gemma2", "onnx"),
+                                         ("gemma3", "gguf"), ("gemma3", "executorch")])
 def test_a_4bit_gptq_child_of_a_family_exports_with_parity(family_checkpoints, tmp_path, family, fmt):
     # setup
     ckpt = family_checkpoints(family, quantized=True)
