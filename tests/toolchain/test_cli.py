@@ -138,3 +138,27 @@ def test_export_target_records_the_device_and_says_whether_it_fits(checkpoints, 
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("edgesmith: error: --target: unknown device profile 'moon'")
     assert "pixel-8" in err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("family, fmt", [("phi3", "executorch"), ("gemma2", "gguf"), ("gemma3", "onnx")])
+def test_a_family_goes_from_import_to_generate_through_the_cli(tokenizer, tmp_path, family, fmt):
+    from tests.models.test_families import hf_model
+
+    # setup: a transformers model of the family, saved as a user's download would be
+    src = tmp_path / "hf"
+    hf_model(family).save_pretrained(src)
+    tokenizer.save(src)
+    # execute: import, quantize, export, generate, as a user types them
+    steps = [("import-hf", src, "--out", tmp_path / "ckpt"),
+             ("compress", tmp_path / "ckpt", "--pass", "quantize:method=rtn,bits=4", "--out", tmp_path / "q4",
+              "--seq-len", 64, "--max-tokens", 2048),
+             ("export", tmp_path / "q4", "--format", fmt, "--out", tmp_path / fmt)]
+    for args in steps:
+        done = edgesmith(*args)
+        assert done.returncode == 0, (args[0], done.stderr[-2000:])
+    args = ("--prompt", "def ", "--max-new-tokens", 8, "--temperature", 0)
+    got, want = edgesmith("generate", tmp_path / fmt, *args), edgesmith("generate", tmp_path / "q4", *args)
+    # assert: the family survives each step, and the artifact writes what the checkpoint writes
+    assert json.loads((tmp_path / "q4" / "config.json").read_text())["model_type"] == hf_model(family).config.model_type
+    assert got.returncode == 0 and want.returncode == 0, got.stderr[-2000:] + want.stderr[-2000:]
+    assert got.stdout == want.stdout and got.stdout.startswith("def ")
