@@ -1,7 +1,9 @@
 """The one model: a Llama-compatible decoder with a static KV cache.
 
 RMSNorm, rotary embeddings (Hugging Face's rotate-half convention, so HF Llama weights load with
-no permutation), grouped-query attention, SwiGLU MLP, optional tied embeddings. Module names mirror
+no permutation), grouped-query attention, SwiGLU MLP, optional tied embeddings; the families' switches
+(ModelConfig: Qwen's biases and q/k norms, sliding windows, Gemma's GELU-tanh, four norms, soft-caps and local
+RoPE base) change a step, never add a second model. Module names mirror
 `transformers.LlamaForCausalLM` (`layers.0.self_attn.q_proj`, ...) so a checkpoint key is ours with
 `model.` in front. Training, compression, export and the torch runtime all use this definition;
 backend variants are module swaps applied by a pass. The layers name the steps a variant replaces
