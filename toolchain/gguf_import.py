@@ -9,10 +9,11 @@ Tensor types: F32 and F16 become floats; Q8_0 and Q4_0 become our codes and fp16
 ExecuTorch with the same numbers. The `llama` architecture's q/k rows go back to Hugging Face's rotate-half order
 (the inverse of the exporter's permutation); qwen2/qwen3 rotate NEOX-style, which is rotate-half already.
 
-The tokenizer: llama.cpp's `gpt2` model with the `gpt-2` pre-tokenizer (byte-level BPE with GPT-2's split, what
-edgesmith writes) becomes tokenizer.json from the file's tokens, types and merges. Refused in one line, naming the
-key or tensor: other architectures, other tensor types (K-quants, i-quants, BF16), other tokenizer models or
-pre-tokenizers (their split rules differ: a wrong tokenizer would be silent), a file without its hyperparameters.
+The tokenizer: llama.cpp's `gpt2` model with the `gpt-2`, `llama-bpe`, `qwen2` or `smollm` split, or its `llama`
+model (SentencePiece BPE, merges rebuilt from the scores), becomes tokenizer.json (toolchain/gguf_vocab.py).
+Refused in one line, naming the key or tensor: other architectures, other tensor types (K-quants, i-quants, BF16),
+other tokenizer models or pre-tokenizers (their split rules differ: a wrong tokenizer would be silent), a file
+without its hyperparameters.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from models.checkpoint import save_checkpoint, sha256_file
 from models.errors import EdgesmithError
 from models.llama import ModelConfig, Transformer
 from models.quant import QuantizedEmbedding, QuantizedLinear, TiedQuantizedHead, replace_module_
-from models.tokenizer import BOS, EOT, PAD, Tokenizer
+from models.tokenizer import Tokenizer
 from runtimes.headers import gguf_header
 from toolchain.export.formats.gguf import ARCH, NEOX, tensor_map
+from toolchain.gguf_vocab import GGUFVocab, tokenizer_from_gguf
 
 # llama.cpp architecture -> our family
 FAMILY = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3"}
@@ -132,26 +134,13 @@ def window_and_gemma(arch: str, get, n_layers, dim, heads, head_dim) -> dict:
 
 
 def read_tokenizer(reader, path: Path) -> Tokenizer:
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    model, pre = _field(reader, "tokenizer.ggml.model", path), _field(reader, "tokenizer.ggml.pre", path, False)
-    if model != "gpt2" or pre not in ("gpt-2", None):
-        raise EdgesmithError(f"{path}: tokenizer.ggml.model {model!r:.40} / tokenizer.ggml.pre {pre!r:.40} is not "
-                             "supported; allowed: 'gpt2' / 'gpt-2' (byte-level BPE with GPT-2's split)")
-    tokens = _field(reader, "tokenizer.ggml.tokens", path)
-    types = _field(reader, "tokenizer.ggml.token_type", path)
-    merges = _field(reader, "tokenizer.ggml.merges", path, False) or []
-    import gguf
-
-    unused, control = int(gguf.TokenType.UNUSED), int(gguf.TokenType.CONTROL)
-    vocab = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k != unused}
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True) for t, k in zip(tokens, types) if k == control])
-    pad = PAD if PAD in vocab else None
-    return Tokenizer(tok, BOS, EOT, pad, source=str(path))
+    """tokenizer.json from the file's vocabulary keys (toolchain/gguf_vocab.py rebuilds llama.cpp's split)."""
+    get = lambda key, required=False: _field(reader, f"tokenizer.ggml.{key}", path, required)  # noqa: E731
+    prefix = get("add_space_prefix")
+    vocab = GGUFVocab(model=get("model", True), pre=get("pre"), tokens=get("tokens", True), types=get("token_type", True),
+                      scores=get("scores"), merges=get("merges") or [],
+                      add_space_prefix=True if prefix is None else bool(prefix), unk_id=get("unknown_token_id"))
+    return tokenizer_from_gguf(vocab, get("bos_token_id"), get("eos_token_id"), str(path))
 
 
 def _unpermute(cfg: ModelConfig, ours: str, t: torch.Tensor) -> torch.Tensor:

@@ -105,8 +105,10 @@ def rewritten(src, dst, edit):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda v: v.__setitem__("tokenizer.ggml.pre", ("llama-bpe", v["tokenizer.ggml.pre"][1])),
-     r"tokenizer.ggml.model 'gpt2' / tokenizer.ggml.pre 'llama-bpe' is not supported; allowed: 'gpt2' / 'gpt-2'"),
+    (lambda v: v.__setitem__("tokenizer.ggml.pre", ("deepseek-coder", v["tokenizer.ggml.pre"][1])),
+     r"tokenizer.ggml.pre 'deepseek-coder' is not supported; allowed: gpt-2, llama-bpe, qwen2, smollm"),
+    (lambda v: v.__setitem__("tokenizer.ggml.model", ("bert", v["tokenizer.ggml.model"][1])),
+     r"tokenizer.ggml.model 'bert' is not supported; allowed: 'gpt2' \(byte-level BPE\), 'llama'"),
     (lambda v: v.pop("llama.block_count"), r"llama.block_count is missing"),
 ])
 def test_what_the_importer_cannot_represent_is_refused_in_one_line(artifact, tmp_path, edit, message):

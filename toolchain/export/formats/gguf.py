@@ -7,8 +7,8 @@ Face's rotate-half RoPE while llama.cpp's llama RoPE rotates adjacent pairs, so 
 q_proj / k_proj are permuted per head the way llama.cpp's convert_hf_to_gguf.py does
 (`LlamaModel.permute`: reshape (heads, 2, hd/2, in), swap axes 1 and 2); qwen2, qwen3 and phi3 use NEOX
 rotation, which is rotate-half, and are written as they are. The tokenizer goes in as
-byte-level BPE with its merges (`tokenizer.ggml.model = "gpt2"`, pre-tokenizer `"gpt-2"`), padded
-with unused tokens up to the model's vocab_size. Norm weights stay F32 at every precision, as
+llama.cpp's tokenizer of the same kind (toolchain/gguf_vocab.py: `gpt2` byte-level BPE with the family's split,
+or `llama` SentencePiece BPE with scores), padded with unused tokens up to the model's vocab_size. Norm weights stay F32 at every precision, as
 llama.cpp's converter keeps them.
 
 Quantized checkpoints (models/quant.py `QuantizedLinear`, `QuantizedEmbedding`) keep their codes:
@@ -25,7 +25,6 @@ the file; parity runs it through `runtimes.backends.llamacpp`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from models.lowrank import LowRankLinear
 from models.quant import Int8KVAttention, QuantizedEmbedding, QuantizedLinear
 from models.tokenizer import Tokenizer
 from runtimes.backends.llamacpp import LlamaCppBackend
+from toolchain.gguf_vocab import vocab_for_gguf
 from toolchain.export.spec import FormatSpec, quantization_scheme, register_format
 
 FILE = "model.gguf"
@@ -156,32 +156,6 @@ def gguf_tensors(model: Transformer, precision: str) -> dict[str, tuple[np.ndarr
     return out
 
 
-def vocab_for_gguf(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """Tokens, token types and merges ("a b") in llama.cpp's gpt2 layout, padded to `vocab_size`."""
-    import gguf
-
-    data = json.loads(tokenizer.tok.to_str())
-    if data["model"].get("type") != "BPE":
-        raise EdgesmithError(f"tokenizer.json: model type {data['model'].get('type')!r} cannot be embedded "
-                             "in GGUF as gpt2; allowed: 'BPE'")
-    by_id = {i: t for t, i in tokenizer.tok.get_vocab(with_added_tokens=True).items()}
-    added = {a["content"]: a.get("special", False) for a in data.get("added_tokens", [])}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        t = by_id[i]
-        tokens.append(t)
-        if t in added:
-            types.append(gguf.TokenType.CONTROL if added[t] else gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
-    return tokens, [int(t) for t in types], merges
-
-
 def file_type(model: Transformer, precision: str):
     import gguf
 
@@ -270,12 +244,20 @@ def write_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, precision: 
             w.add_rope_freq_base_swa(cfg.rope_local_theta)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(file_type(model, precision))
-    tokens, types, merges = vocab_for_gguf(tokenizer, cfg.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
+    vocab = vocab_for_gguf(tokenizer, cfg.vocab_size)
+    w.add_tokenizer_model(vocab.model)
+    if vocab.pre is not None:
+        w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
+    if vocab.scores is not None:
+        w.add_token_scores(vocab.scores)
+    if vocab.merges:
+        w.add_token_merges(vocab.merges)
+    if vocab.add_space_prefix is not None:
+        w.add_add_space_prefix(vocab.add_space_prefix)
+    if vocab.unk_id is not None:
+        w.add_unk_token_id(vocab.unk_id)
     w.add_bos_token_id(tokenizer.bos_id)
     w.add_eos_token_id(tokenizer.eos_id)
     if tokenizer.pad_id is not None:
