@@ -9,50 +9,41 @@ API (stable; the trainer's QLoRA and the GGUF / ONNX / ExecuTorch exporters impo
                `group_size` consecutive input columns;
   symmetric, no zero point: `w[o, i] = scales[o, i // group_size] * qweight[o, i]`.
   `act_bits=8` also quantizes the input dynamically per token to int8 (SmoothQuant W8A8 / 8da4w).
-  `forward` dequantizes and runs a float matmul (`kernels.fuse_(model)` swaps in a subclass whose kernel
-  reads the codes).
-  `dequantize(dtype)` returns the float weight; `QuantizedLinear.from_float(linear, bits, group_size)`
-  rounds to nearest (the rule below); `QuantizedLinear.from_codes(qweight, scales, bits, group_size)`
-  wraps codes chosen by any method (GPTQ, AWQ). `.to(dtype)` never casts codes or scales.
+  `forward` dequantizes a block of rows at a time and runs float matmuls (`kernels.fuse_(model)` swaps in a
+  subclass whose kernel reads the codes). `dequantize(dtype)` returns the float weight; `from_float(linear, bits,
+  group_size)` rounds to nearest (the rule below); `from_codes(qweight, scales, bits, group_size)` wraps codes
+  chosen by any method (GPTQ, AWQ). `.to(dtype)` never casts codes or scales.
 - `quantize_rtn(w, bits, group_size, target) -> (qweight, scales)` and `quantize_codes(w, d, bits, target)`
   (codes of `w` for given per-element fp32 scales `d`; `target` in TARGETS), the building blocks of every method.
 - `QuantizedEmbedding(num_embeddings, embedding_dim, bits=4, group_size=32)`: the token embedding in
   the same representation, grouped along the embedding dim (`qweight` `(vocab, dim)`, `scales`
-  `(vocab, dim // group_size)`), i.e. exactly the layout of a QuantizedLinear with out = vocab, in =
-  dim, and of GGUF's token_embd Q4_0 / Q8_0. `forward(ids)` gathers the rows of codes and scales and
-  multiplies them (never the whole table); `weight` is the dequantized table for code that asks
-  `embed_tokens.weight` for its dtype or device. Codes are round to nearest: a lookup has no
-  activations to weigh errors by, so there is nothing for GPTQ / AWQ to trade.
-- Tied embeddings: `TiedQuantizedHead(table)` is the lm_head of a tied model whose embedding is
-  quantized. It reads the embedding's codes and scales (no tensors of its own), as llama.cpp runs a
-  tied model's output from `token_embd`; the checkpoint stores the table once.
+  `(vocab, dim // group_size)`): a QuantizedLinear with out = vocab, in = dim, and GGUF's token_embd Q4_0 / Q8_0.
+  `forward(ids)` gathers the rows of codes and scales (never the whole table); `weight` is the dequantized table.
+  Codes are round to nearest: a lookup has no activations to weigh errors by, nothing for GPTQ / AWQ to trade.
+- `TiedQuantizedHead(table)`: a tied model's lm_head over a quantized embedding, reading its codes and scales
+  (as llama.cpp runs a tied model's output from `token_embd`); the checkpoint stores the table once.
 - `quantize_linear_(model, bits, group_size, include=None) -> list[str]` swaps `nn.Linear`
   submodules in place; `quantize_embedding_(model, bits, group_size)` swaps the token embedding (and
   ties a tied head to it); `replace_module_(model, name, module)`; `check_scheme(bits, group_size,
   in_features, name)` raises one clear EdgesmithError; `scheme_of(model)` lists every quantized
   module's scheme for `edgesmith.json`; `quantized_numel(model)` counts the codes once.
-- `Int8KVAttention(attn, k_scale, v_scale)`: an Attention whose KV cache is `Int8KVCache` (int8 codes,
-  one fixed scale per KV head for K and for V, persistent buffers `k_scale`/`v_scale` `(n_kv_heads,)`
-  float32). Without a cache it quantize-dequantizes K and V the same way, so evaluation sees the loss.
-- `quantization_meta(model)` / `apply_quantization_meta_(model, meta)`: the `edgesmith.json`
-  "quantization" entry (keys are HF module names) and the module swaps that rebuild a model from it.
+- `Int8KVAttention(attn, k_scale, v_scale)`: an Attention whose KV cache is `Int8KVCache` (int8 codes, one fixed
+  fp32 scale per KV head for K and for V, buffers `(n_kv_heads,)`); without a cache it quantize-dequantizes K and V.
+- `quantization_meta(model)` / `apply_quantization_meta_(model, meta)`: the `edgesmith.json` "quantization" entry
+  (keys are HF module names) and the module swaps that rebuild a model from it.
 
-The rounding rule is llama.cpp's reference quantizer (`quantize_row_q4_0_ref`, `quantize_row_q8_0_ref`
-in ggml-quants.c; `gguf.quants.Q4_0/Q8_0` in Python), so our round-to-nearest codes are bit-identical
-to llama.cpp's own Q4_0 / Q8_0 of the same float32 weights:
+The rounding rule is llama.cpp's reference quantizer (`quantize_row_q4_0_ref` / `_q8_0_ref` in ggml-quants.c;
+`gguf.quants.Q4_0/Q8_0`): our round-to-nearest codes are bit-identical to llama.cpp's Q4_0 / Q8_0 of the weights:
 
-- 4 bits: codes in [-8, 7]. Per group, `m` is the signed value of largest magnitude,
-  `d = m / -8` (fp32), codes `trunc(w / d + 8.5)` clamped to [0, 15], minus 8; stored scale
-  `fp16(d)`. The scale is signed (the extreme lands on code -8, so all 16 levels are used).
+- 4 bits: codes in [-8, 7]. Per group, `m` is the signed value of largest magnitude, `d = m / -8` (fp32), codes
+  `trunc(w / d + 8.5)` clamped to [0, 15], minus 8; stored scale `fp16(d)` (signed: the extreme lands on -8).
   GGUF Q4_0 block (group 32): `d = scale` (fp16), `q = code + 8` in [0, 15], low nibbles are columns
   0..15 and high nibbles 16..31. ONNX Runtime MatMulNBits bits=4: `q = code + 8` with the default
   zero point 8 (= 2^(bits-1)), `scale` as is.
-- 8 bits: codes in [-127, 127]. `d = max|w| / 127` (fp32, positive), codes `roundf(w / d)` (half away
-  from zero), stored scale `fp16(d)`. GGUF Q8_0 block: `d = scale`, `qs = code` (int8). MatMulNBits
-  bits=8: `q = code + 128` with the default zero point 128.
-- An all-zero group has scale 0 and codes 0.
-
-This module does not choose codes from data (toolchain/compress does), pack nibbles or write files.
+- 8 bits: codes in [-127, 127]. `d = max|w| / 127` (fp32, positive), codes `roundf(w / d)` (half away from zero),
+  stored scale `fp16(d)`. GGUF Q8_0: `d = scale`, `qs = code`. MatMulNBits bits=8: `q = code + 128` (zero point 128).
+- An all-zero group has scale 0 and codes 0. This module does not choose codes from data (toolchain/compress
+  does), pack nibbles or write files.
 """
 
 from __future__ import annotations
@@ -68,6 +59,7 @@ from models.llama import Attention
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 ACT_BITS = (None, 8)
+CHUNK = 1 << 21  # weights dequantized per F.linear call (8 MB in fp32)
 CODE_RANGE = {4: (-8, 7), 8: (-127, 127)}
 # "any": llama.cpp's Q4_0 / Q8_0 rule. "xnnpack": positive bf16-exact scales, codes XNNPACK's int4 planes hold
 # (8 bits as 16 * hi + lo: [-127, 119]); every format holds those exactly, ExecuTorch's 8da4w kernel included.
@@ -142,9 +134,17 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, target: str = "any
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     out_f, in_f = qweight.shape
-    g = in_f // scales.shape[1]
-    w = qweight.float().reshape(out_f, -1, g) * scales.float().unsqueeze(-1)  # (out, ng, g)
+    w = qweight.float().reshape(out_f, scales.shape[1], -1).mul_(scales.float().unsqueeze(-1))  # (out, ng, g)
     return w.reshape(out_f, in_f).to(dtype)
+
+
+def linear_dequantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias=None) -> torch.Tensor:
+    """F.linear over the dequantized weight; one larger than CHUNK goes a block of rows at a time, which the allocator
+    reuses (a 256k-row head dequantized whole is GBs of fresh pages per call: 3-8 s against 0.2 s)."""
+    b, rows = None if bias is None else bias.to(x.dtype), max(1, CHUNK // qweight.shape[1])
+    return torch.cat([F.linear(x, dequantize(qweight[r:r + rows], scales[r:r + rows], x.dtype),
+                               None if b is None else b[r:r + rows]) for r in range(0, qweight.shape[0], rows)], -1) \
+        if qweight.numel() > CHUNK else F.linear(x, dequantize(qweight, scales, x.dtype), b)
 
 
 def fake_quantize_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
@@ -195,7 +195,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is not None:
             x = fake_quantize_per_token(x, self.act_bits)
-        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return linear_dequantized(x, self.qweight, self.scales, self.bias)
 
     def scheme(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "act_bits": self.act_bits}

@@ -107,6 +107,22 @@ def test_forward_is_matmul_with_dequantized_weight_and_casts_keep_scales():
     assert q(x.bfloat16()).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_weight_larger_than_a_chunk_gives_the_whole_matmul(dtype, monkeypatch):
+    # setup: 5 rows per chunk over 23 rows (a short last chunk), with a bias
+    import models.quant as quant
+
+    monkeypatch.setattr(quant, "CHUNK", 5 * 64)
+    lin = nn.Linear(64, 23, bias=True)
+    q = QuantizedLinear.from_float(lin, bits=8, group_size=32).to(dtype)
+    x = torch.randn(2, 7, 64, dtype=dtype)
+    # execute
+    y = q(x)
+    # assert
+    whole = torch.nn.functional.linear(x, q.dequantize(dtype), q.bias.to(dtype))
+    torch.testing.assert_close(y, whole)  # up to the summation order of a narrower matmul
+
+
 @pytest.mark.parametrize("bits, group_size, message", [
     (3, 32, "bits=3 is not allowed; allowed: 4, 8"),
     (4, 16, "group_size=16 is not allowed; allowed: 32, 64, 128"),
