@@ -78,6 +78,8 @@ class ExecuTorchSession(Session):
                                  f"({type(e).__name__}: {' '.join(str(e).split())[:200]}){native}") from None
         self.program_path = program
         self.per_call = int(options.get("max_tokens_per_call", options["max_seq_len"]))  # longer: in chunks
+        self.ring = options.get("ring_cache")  # sliding layers on a ring of window + per_call positions
+        self.written = -1  # the furthest position written since the last reset (a ring's stale slots)
         super().__init__(int(manifest["options"]["max_seq_len"]), int(manifest["model"]["vocab_size"]), tokenizer,
                          manifest, directory)
         self.run_options = {"n_threads": n_threads} if n_threads is not None else {}  # else ExecuTorch's own pool
@@ -89,6 +91,7 @@ class ExecuTorchSession(Session):
             return np.concatenate(parts) if all_logits else parts[-1]
         tokens = torch.tensor([ids], dtype=torch.long)
         input_pos = positions(start, len(ids), self.input_pos)
+        self.written = max(self.written, start + len(ids) - 1)
         try:
             (logits,) = self.method.execute((tokens, input_pos))
         except (RuntimeError, ValueError, TypeError) as e:  # a program that loaded but cannot run these inputs
@@ -96,6 +99,17 @@ class ExecuTorchSession(Session):
                                  f"({' '.join(str(e).split())[:200]})") from None
         logits = logits[0] if all_logits else logits[0, -1:]
         return logits.float().numpy()
+
+
+    def _rewind(self, n: int) -> None:
+        """A ring (toolchain/export/executorch_lowering.RingKVCache) masks stale slots up to per_call positions past
+        the new end; a longer rewind would leave some in a window: refused (a reset leaves none)."""
+        if n == 0:
+            self.written = -1
+        elif self.ring and self.written > n + self.per_call:
+            raise EdgesmithError(f"rewind: to {n} from {self.written + 1} positions; this program's sliding layers keep "
+                                 f"{self.ring['positions']} positions, a rewind of at most {self.per_call} (reset and "
+                                 "prefill instead)")
 
 
 ExecuTorchBackend = ExecuTorchSession  # the name the exporter's parity check uses

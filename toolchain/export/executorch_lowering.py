@@ -58,6 +58,32 @@ class CustomOpKVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
 
+class RingKVCache(CustomOpKVCache):
+    """A sliding layer's cache as a ring of `window + per_call` positions: position p lives in slot p % size, so a
+    call of up to `per_call` tokens writes first and still finds the window of its first query (ExecuTorch's own
+    RingKVCache keeps twice the window for the same reason). Which position a slot holds is computed from the
+    call's positions alone, no state beside the buffers: after a call ending at `end`, slot j holds
+    `end - (end - j) mod size` (negative: never written since a reset). A rewind of up to `per_call` positions
+    leaves only stale slots that the window masks (runtimes/backends/executorch.py refuses a longer one)."""
+
+    def __init__(self, n_kv_heads: int, window: int, per_call: int, head_dim: int, dtype: torch.dtype):
+        super().__init__(n_kv_heads, window + per_call, head_dim, dtype)
+        self.window = window
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, start) -> torch.Tensor:
+        """Write k, v `(1, T, nkv, hd)` at positions start..start+T-1; the `(T, size)` bool mask of what each
+        query sees (held, not after it, within its window)."""
+        T, size = k.shape[1], self.k_cache.shape[1]
+        pos = torch.arange(T, dtype=torch.long) + start  # (T,)
+        slots = torch.remainder(pos, size).view(1, T)
+        torch.ops.llama.update_cache_with_indices(k.to(self.k_cache.dtype), self.k_cache, start, slots)
+        torch.ops.llama.update_cache_with_indices(v.to(self.v_cache.dtype), self.v_cache, start, slots)
+        end = start + T - 1
+        held = end - torch.remainder(end - torch.arange(size, dtype=torch.long), size)  # (size,)
+        age = pos.view(T, 1) - held.view(1, size)  # (T, size)
+        return (held.view(1, size) >= 0) & (age >= 0) & (age < self.window)
+
+
 class CustomOpAttention(Attention):
     """Attention through `llama::update_cache` + `llama::custom_sdpa` (export only; batch 1)."""
 
@@ -72,9 +98,12 @@ class CustomOpAttention(Attention):
         cache = self.kv_cache
         start = input_pos[0].item()
         torch._check(start >= 0)
-        torch._check(start + T <= cache.k_cache.shape[1])
-        torch.ops.llama.update_cache(k.to(cache.k_cache.dtype), cache.k_cache, start)
-        torch.ops.llama.update_cache(v.to(cache.v_cache.dtype), cache.v_cache, start)
+        if isinstance(cache, RingKVCache):
+            mask = cache.write(k, v, start)  # (T, size): the window over the ring
+        else:
+            torch._check(start + T <= cache.k_cache.shape[1])
+            torch.ops.llama.update_cache(k.to(cache.k_cache.dtype), cache.k_cache, start)
+            torch.ops.llama.update_cache(v.to(cache.v_cache.dtype), cache.v_cache, start)
         if self.softcap is not None:  # Gemma-2: custom_sdpa does not soft-cap; plain ops over the whole cache. The
             # cache and q are read through index_select, which XNNPACK does not take: one partition would otherwise
             # hold the projections (through q) and the attention after the cache update (a dependency cycle).
@@ -82,9 +111,9 @@ class CustomOpAttention(Attention):
             k_all, v_all = (c.index_select(0, first).transpose(1, 2) for c in (cache.k_cache, cache.v_cache))
             y = softcapped_attention(q.index_select(0, first).transpose(1, 2), k_all, v_all, mask, self.scale,
                                      self.softcap).transpose(1, 2)
-        elif self.window is not None and self.window < cache.k_cache.shape[1]:
-            # A sliding layer: the model's window mask rows `(T, S)` as an additive mask (ExecuTorch's own
-            # ring-buffer attention passes its mask the same way; start_pos is then unused).
+        elif isinstance(cache, RingKVCache) or (self.window is not None and self.window < cache.k_cache.shape[1]):
+            # A sliding layer: the ring's mask, or the model's window mask rows `(T, S)`, as an additive mask
+            # (ExecuTorch's own ring-buffer attention passes its mask the same way; start_pos is then unused).
             bias = torch.where(mask.view(T, -1), 0.0, float("-inf")).to(q.dtype)
             y = torch.ops.llama.custom_sdpa(q, cache.k_cache, cache.v_cache, 0, bias, 0.0, False, self.scale)
         else:
@@ -129,14 +158,24 @@ class TanhGeluMLP(MLP):
         return 0.5 * gate * (1 + torch.tanh(inner)) * up
 
 
-def swap_attention_(model: Transformer, max_seq_len: int, dtype: torch.dtype) -> None:
-    """Every layer's attention through the custom ops, with a cache of `max_seq_len` positions; every RMSNorm as
-    XnnpackRMSNorm. A layer is then two XNNPACK partitions."""
+def ring_layers(cfg, max_seq_len: int, per_call: int | None) -> list[int]:
+    """The sliding layers whose cache is a ring: those where `window + per_call` positions save memory."""
+    return [i for i in range(cfg.n_layers)
+            if per_call and cfg.window_of(i) is not None and cfg.window_of(i) + per_call < max_seq_len]
+
+
+def swap_attention_(model: Transformer, max_seq_len: int, dtype: torch.dtype, per_call: int | None = None) -> None:
+    """Every layer's attention through the custom ops, with a cache of `max_seq_len` positions, or a ring of
+    `window + per_call` (ring_layers); every RMSNorm as XnnpackRMSNorm. A layer is then two XNNPACK partitions."""
     _load_custom_ops()
-    for layer in model.layers:
+    rings = ring_layers(model.config, max_seq_len, per_call)
+    for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         attn.__class__ = CustomOpAttention  # same parameters and submodules; only forward differs
-        attn.kv_cache = CustomOpKVCache(attn.n_kv_heads, max_seq_len, attn.head_dim, dtype)
+        if i in rings:
+            attn.kv_cache = RingKVCache(attn.n_kv_heads, attn.window, per_call, attn.head_dim, dtype)
+        else:
+            attn.kv_cache = CustomOpKVCache(attn.n_kv_heads, max_seq_len, attn.head_dim, dtype)
         attn.register_buffer("rotate_half", rotate_half_matrix(attn.head_dim, dtype), persistent=False)
     for mlp in [m for m in model.modules() if type(m) is MLP and m.gelu]:
         mlp.__class__ = TanhGeluMLP

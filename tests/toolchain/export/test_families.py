@@ -200,3 +200,35 @@ def test_gguf_refuses_a_query_scale_llama_cpp_does_not_compute(family_checkpoint
                                              r"1/sqrt\(32\); export it to onnx or executorch$"):
         export(family_checkpoints("gemma3-scalar"), tmp_path / "g", ExportConfig(format="gguf"), log=lambda line: None)
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("family", ["mistral-window", "gemma2"])  # custom_sdpa's ring; Gemma-2's soft-capped one
+def test_executorch_keeps_sliding_layers_on_a_ring_of_window_plus_one_call(family_checkpoints, tmp_path, family,
+                                                                           monkeypatch):
+    import toolchain.export.formats.executorch as executorch_format
+
+    # setup: 8 tokens per call, so a window of 16 keeps 24 positions of the 128 the export holds
+    monkeypatch.setattr(executorch_format, "MAX_TOKENS_PER_CALL", 8)
+    ckpt = family_checkpoints(family)
+    cfg = load_checkpoint(ckpt, with_model=False).config
+    prompt = [1, *runtimes.load(ckpt).tokenizer.encode(PARITY_TEXT)][:40]  # past the ring: it wraps
+    want = list(runtimes.load(ckpt).generate(prompt, runtimes.GenerationConfig(max_new_tokens=24)))
+    # execute
+    with torch_threads(1):
+        manifest = export(ckpt, tmp_path / "et", ExportConfig(format="executorch"), log=lambda line: None)
+    session = runtimes.load(tmp_path / "et")
+    got = list(session.generate(prompt, runtimes.GenerationConfig(max_new_tokens=24)))
+    # assert: the ring and parity over 64 positions; greedy text as the torch runtime's past the ring
+    assert manifest["options"]["ring_cache"] == {
+        "layers": [i for i in range(cfg.n_layers) if cfg.window_of(i) is not None],
+        "positions": cfg.sliding_window + 8}
+    assert manifest["parity"]["passed"], manifest["parity"]
+    assert got == want
+    # a rewind of a call's length (speculative decoding's) reads the same again; a longer one is refused in one line
+    session.prefill(prompt)
+    first = session.extend(want[:6])
+    session.rewind(len(prompt))
+    assert np.array_equal(session.extend(want[:6]), first)
+    with pytest.raises(EdgesmithError, match=r"^rewind: to 30 from 46 positions; this program's sliding layers keep "
+                                             r"24 positions, a rewind of at most 8"):
+        session.rewind(30)

@@ -43,7 +43,7 @@ from models.lowrank import LowRankLinear
 from models.quant import QuantizedEmbedding, QuantizedLinear, _hf
 from runtimes.backends.executorch import ExecuTorchBackend
 from runtimes.probe import remember
-from toolchain.export.executorch_lowering import StartPosDecoder, swap_attention_, swap_quantized_
+from toolchain.export.executorch_lowering import StartPosDecoder, ring_layers, swap_attention_, swap_quantized_
 from toolchain.export.heap import freed_memory_returned
 from toolchain.export.spec import FormatSpec, quantization_scheme, refuse_int8_kv_cache, register_format
 
@@ -89,7 +89,7 @@ def export_program(model: Transformer, precision: str, max_seq_len: int, exact: 
     dtype = _DTYPES[precision]
     model = model.to(dtype).eval()
     model.setup_cache(1, max_seq_len)  # the rope tables and the mask at this length
-    swap_attention_(model, max_seq_len, dtype)
+    swap_attention_(model, max_seq_len, dtype, min(MAX_TOKENS_PER_CALL, max_seq_len))
     linears = swap_quantized_(model, exact, portable_embedding)  # after setup_cache, which asks the embedding for its dtype
     # One greedy partitioner for every precision: the dynamically quantized Linears and the element-wise ops between
     # them share partitions (with the norms and the rotation in XNNPACK's ops, two per layer: a 6-layer 1024-wide
@@ -151,10 +151,13 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
               f"{quant['deviation']['max_abs_dw']:.3g}); --exact keeps them (one more plane per Linear), "
               f"quantize with target=xnnpack avoids them") if clamped else None
     kernels = isinstance(ckpt.model.embed_tokens, QuantizedEmbedding) and not cfg.portable_embedding
-    return {"entry": FILE, "notice": notice, "quantization": quant,
-            "options": {"backend": "xnnpack", "method": "forward", "input_pos": "start",
-                        "max_tokens_per_call": min(MAX_TOKENS_PER_CALL, max_seq_len),
-                        "custom_ops": ["llama", "quantized"] if kernels else ["llama"]}}
+    per_call = min(MAX_TOKENS_PER_CALL, max_seq_len)
+    options = {"backend": "xnnpack", "method": "forward", "input_pos": "start", "max_tokens_per_call": per_call,
+               "custom_ops": ["llama", "quantized"] if kernels else ["llama"]}
+    rings = ring_layers(ckpt.config, max_seq_len, per_call)
+    if rings:  # sliding layers keep window + per_call positions (a rewind may go back per_call at most)
+        options["ring_cache"] = {"layers": rings, "positions": ckpt.config.sliding_window + per_call}
+    return {"entry": FILE, "notice": notice, "quantization": quant, "options": options}
 
 
 register_format(FormatSpec(name="executorch", precisions=("fp32", "fp16"), write=write, backend=ExecuTorchBackend,
