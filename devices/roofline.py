@@ -52,7 +52,7 @@ def bytes_per_token(manifest: dict, context: float, runner: str = "agent", kv_ca
     """Bytes read to decode one token with `context` tokens in the cache."""
     cfg = model_config(manifest)
     kv = kv_bytes_per_element(manifest, runner, kv_cache)
-    return weight_bytes_per_token(manifest) + kv_cache_bytes(cfg, 1, kv) * context
+    return weight_bytes_per_token(manifest) + kv_cache_bytes(cfg, context, kv)
 
 
 def model_config(manifest: dict) -> ModelConfig:

@@ -11,7 +11,8 @@ or `(T,)` every position (artifacts from before). The kernels of the custom op l
 (`options.custom_ops`: "llama", ExecuTorch's LLM ops) are loaded before the program. The KV cache lives in
 the program's mutable buffers, written at the given positions, and persists between calls; `reset` and
 `rewind` only move the position, because attention never reads past the positions of the current call
-(ExecuTorch's static-cache runners do the same). `n_threads` resizes
+(ExecuTorch's static-cache runners do the same). A sliding layer's cache may be a ring (manifest
+`options.ring_cache`): a rewind of more than one call's tokens is refused there. `n_threads` resizes
 ExecuTorch's process-wide XNNPACK threadpool (the llama runner's `_unsafe_reset_threadpool`); by
 default it is left as the runtime sized it. No sampling (the Session does it).
 """

@@ -2,7 +2,8 @@
 
 import pytest
 
-from devices.planner import (bytes_per_weight, kv_cache_bytes, linear_read_bytes, param_count, plan)
+from devices.planner import (bytes_per_weight, format_plan, kv_cache_bytes, linear_read_bytes, param_count,
+                             plan)
 from devices.profiles import load_profile
 from devices.shapes import PUBLIC, resolve_model
 from models.errors import EdgesmithError
@@ -36,6 +37,20 @@ def test_gqa_and_public_parameter_counts():
     assert round(param_count(PUBLIC["qwen3-0.6b"]) / 1e9, 1) == 0.6
     assert round(param_count(PUBLIC["smollm2-135m"]) / 1e6) == 135
     assert kv_cache_bytes(PUBLIC["qwen3-0.6b"], 4096, 2) == 2 * 28 * 8 * 128 * 2 * 4096  # head_dim 128, not 64
+
+
+def test_a_sliding_layer_keeps_only_its_window_in_the_plan():
+    # setup: Gemma-3-270M, 15 of 18 layers on a 512-token window; Mistral-7B, every layer on 4096
+    gemma, mistral = PUBLIC["gemma-3-270m"], PUBLIC["mistral-7b"]
+    # execute
+    p = plan("pixel-8", "gemma-3-270m", context=32768, bits=4)
+    # assert: full layers hold the context, sliding ones their window (llama.cpp's and our ExecuTorch ring's cache)
+    assert kv_cache_bytes(gemma, 32768, 2) == 2 * 1 * 256 * 2 * (3 * 32768 + 15 * 512)
+    assert kv_cache_bytes(gemma, 300, 2) == 2 * 1 * 256 * 2 * 18 * 300  # shorter than the window: every layer alike
+    assert kv_cache_bytes(mistral, 32768, 2) == kv_cache_bytes(mistral, 4096, 2) == 2 * 32 * 8 * 128 * 2 * 4096
+    assert p.kv_bytes == kv_cache_bytes(gemma, 32768, 2) and p.window_layers == 15
+    assert p.max_context == 32768  # the whole context fits a phone's budget once the window layers stop growing
+    assert "(15 sliding layers: their window)" in format_plan(p)
 
 
 def test_decode_bound_is_bandwidth_over_bytes_read():
