@@ -14,7 +14,7 @@ from models.errors import EdgesmithError
 from tests.conftest import TEXT
 from toolchain.recipe import load_recipe
 from toolchain.tune import tune
-from toolchain.tune.search import frontier, pick
+from toolchain.tune.search import frontier, pick, uniform
 
 FAST = dict(method="rtn", calib_windows=4, calib_seq_len=64, eval_seq_len=64, eval_tokens=512,
             bench_args={"prompt_len": 16, "gen_len": 8, "repeat": 1}, log=lambda line: None)
@@ -52,6 +52,31 @@ def test_pick_starts_at_uniform_4_bit_and_stays_within_the_size_limit():
     assert picked[-1] == max((a for a in path if a.est_bytes <= 600), key=lambda a: a.est_bytes)
     assert pick(path, 3, max_bytes=600) == picked  # deterministic
     assert picked[1].rules()[1] == [r"layers\.0\..*", 8]
+
+
+SENS_DROP = {"units": {**SENS["units"], "layers.0": {**SENS["units"]["layers.0"], "drop": 0.9},
+                       "layers.1": {**SENS["units"]["layers.1"], "drop": 0.05}},
+             "bytes": {**SENS["bytes"], "layers.0": {**SENS["bytes"]["layers.0"], "drop": 0},
+                       "layers.1": {**SENS["bytes"]["layers.1"], "drop": 0}}}
+
+
+def test_with_blocks_allowed_to_drop_the_frontier_starts_below_uniform_4_bit():
+    # execute
+    path = frontier(SENS_DROP, max_drop=1)
+    # assert: the cheapest block per byte (layers.1) dropped first, then the same upward path as without dropping
+    assert path[0].by_unit["layers.1"] == "drop" and path[0].dropped() == (1,) and path[0].label() == \
+        "4-bit x3, dropped x1"
+    assert path[0].est_bytes == 300 and path[1] == uniform(path) and path[1:] == frontier(SENS)
+    assert [a.est_bytes for a in path] == sorted(a.est_bytes for a in path)
+    # the quantize rules name the blocks left after the drop; pick still builds uniform 4-bit first
+    assert [r[0] for r in path[0].rules()] == ["embed_tokens", r"layers\.0\..*", "lm_head"]
+    assert pick(path, 2, max_bytes=350) == [uniform(path), path[0]]
+    # dropping layers.0 instead renumbers layers.1 to layers.0
+    two = frontier(SENS_DROP, max_drop=2)
+    assert len(two) == len(path)  # never every block
+    assert frontier({**SENS_DROP, "units": {**SENS_DROP["units"], "layers.1": {**SENS_DROP["units"]["layers.1"],
+                                                                              "drop": 2.0}}}, 1)[0].rules()[1] == \
+        [r"layers\.0\..*", 4]
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -123,3 +148,23 @@ def test_a_killed_tune_resumes_from_its_cache(checkpoints, corpus, tmp_path):
     assert "(cached, rtn" in r.stdout and "measured before (cached)" in r.stdout
     assert first.stat().st_mtime_ns == stamp
     assert "chosen:" in r.stdout and (out / "best" / "model.safetensors").is_file()
+
+
+def test_structured_pruning_in_the_search_drops_a_block_to_meet_a_size_limit(checkpoints, corpus, tmp_path):
+    # setup: a limit below uniform 4-bit's file (0.073 MB), above its size with one of the two blocks dropped (0.052)
+    out = tmp_path / "tune"
+    # execute
+    doc = tune(checkpoints["float"], "local", out, formats=["gguf"], candidates=2, max_size_mb=0.06,
+               drop_layers=1, data=corpus, **FAST)
+    # assert: uniform 4-bit measured first and too large; the chosen candidate dropped a block and fits
+    first, *rest = doc["candidates"]
+    assert first["label"] == "4-bit x4" and first["misses"] == ["--max-size-mb 0.06"]
+    (best,) = [r for r in rest if r["chosen"]]
+    assert best["dropped"] and best["label"] == "4-bit x3, dropped x1" and best["size_mb"] <= 0.06
+    assert best["kld_mean"] > first["kld_mean"] and doc["sensitivity"]["units"]["layers.0"]["drop"] > 0
+    # the best checkpoint has one block, and the recipe prunes exactly that block before quantizing
+    assert load_checkpoint(out / "best", with_model=False).config.n_layers == 1
+    recipe = load_recipe(out / "recipe.toml")
+    assert [type(p).__name__ for p in recipe.passes] == ["Prune", "RTN"] and recipe.passes[0].drop == \
+        tuple(best["dropped"])
+    assert "KLD dropped" in (out / "report.html").read_text()

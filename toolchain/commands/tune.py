@@ -16,6 +16,7 @@ def run(args: argparse.Namespace) -> None:
     doc = tune(args.checkpoint, args.target, args.out, max_size_mb=args.max_size_mb,
                min_decode_tok_s=args.min_decode_tok_s, max_kld=args.max_kld, formats=formats, method=args.method,
                budget_minutes=args.budget_minutes, candidates=args.candidates, seed=args.seed, data=args.data,
+               drop_layers=args.drop_layers,
                calib_windows=args.calib_windows, eval_tokens=args.eval_tokens)
     print()
     print(text_table(COLUMNS, candidate_rows(doc)))
@@ -44,6 +45,8 @@ def register(sub) -> None:
     t.add_argument("--method", default="gptq", choices=METHODS, help="quantization method (default gptq)")
     t.add_argument("--candidates", type=int, default=4, help="frontier points built and measured (default 4), "
                    "plus one measured refinement under --max-size-mb")
+    t.add_argument("--drop-layers", type=int, default=0, metavar="N", help="structured pruning in the search: "
+                   "up to N whole blocks may be removed, each priced by its measured KLD (default 0: none)")
     t.add_argument("--budget-minutes", type=float, default=None, help="stop building candidates after this long")
     t.add_argument("--seed", type=int, default=0, help="calibration windows seed (default 0)")
     t.add_argument("--data", default="stdlib", help="corpus: calibration from its train split, KLD on validation")

@@ -197,9 +197,13 @@ def pruned_channels_state(model: Transformer, cfg, calib: torch.Tensor):
 
 def pruned_layers_state(model: Transformer, cfg, calib: torch.Tensor):
     n = model.config.n_layers
-    k = _count(cfg.ratio, n, "layers")
     imp = layer_importance(model, calib)
-    keep = _drop_lowest(imp, k)
+    if cfg.drop is not None:  # the blocks named
+        if max(cfg.drop) >= n or len(cfg.drop) >= n:
+            raise EdgesmithError(f"prune: drop={list(cfg.drop)} must name some, not all, of blocks 0..{n - 1}")
+        keep = [i for i in range(n) if i not in cfg.drop]
+    else:
+        keep = _drop_lowest(imp, _count(cfg.ratio, n, "layers"))
     state = {}
     for key, v in model.state_dict().items():
         if not key.startswith("layers."):

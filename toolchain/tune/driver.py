@@ -1,6 +1,8 @@
 """`tune`: choose per-unit precisions for a device by building and measuring the candidates.
 
-1. sensitivities (toolchain.tune.sensitivity, cached) -> the greedy frontier (toolchain.tune.search);
+1. sensitivities (toolchain.tune.sensitivity, cached) -> the greedy frontier (toolchain.tune.search); with
+   `drop_layers` N, structured pruning joins the search: up to N whole blocks removed (`prune:method=layers`
+   with the blocks named, before the quantize pass), each priced by its measured KLD;
 2. uniform 4-bit is built and measured first; its measured file size and speed correct the estimates (the
    size by the overhead the estimate leaves out, the speed by how it scales with the weight bytes), and the
    other candidates are spread over the frontier points the corrected estimates say meet the limits. Each: `compress` with the candidate's rules, `export` to each format (parity
@@ -37,12 +39,13 @@ from models.errors import EdgesmithError
 from runtimes.artifact import read_manifest
 from toolchain.compress import calibration_tokens, config_class
 from toolchain.compress.driver import compress_checkpoint
+from toolchain.compress.passes.prune import Prune
 from toolchain.compress.quality import compare_sessions
 from toolchain.data import load_corpus, tokenize_corpus
 from toolchain.export import ExportConfig, export
 from toolchain.recipe import to_toml
 from toolchain.tune.report import write_tune_report
-from toolchain.tune.search import Assignment, frontier, pick
+from toolchain.tune.search import Assignment, frontier, pick, uniform
 from toolchain.tune.sensitivity import sensitivities
 
 METHODS = ("gptq", "awq", "rtn")
@@ -57,6 +60,7 @@ def _check(value, flag: str, low: float = 0.0) -> None:
 def tune(checkpoint: str | Path, target: str, out: str | Path, *, max_size_mb: float | None = None,
          min_decode_tok_s: float | None = None, max_kld: float | None = None, formats: list[str] | None = None,
          method: str = "gptq", budget_minutes: float | None = None, candidates: int = 4, seed: int = 0,
+         drop_layers: int = 0,
          data: str = "stdlib", calib_windows: int = 16, calib_seq_len: int = 128, eval_seq_len: int = 128,
          eval_tokens: int = 16 * 1024, bench_args: dict | None = None, log=print) -> dict:
     """Search, build, measure and choose; returns the pareto document (also `out/pareto.json`)."""
@@ -69,6 +73,8 @@ def tune(checkpoint: str | Path, target: str, out: str | Path, *, max_size_mb: f
         raise EdgesmithError(f"--method: {method!r}; allowed: {', '.join(METHODS)}")
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
         raise EdgesmithError(f"--candidates: {candidates!r} must be an integer >= 1")
+    if isinstance(drop_layers, bool) or not isinstance(drop_layers, int) or drop_layers < 0:
+        raise EdgesmithError(f"--drop-layers: {drop_layers!r} must be an integer >= 0")
     profile = load_profile(target)
     formats = list(formats or [next((f for f in profile.formats if f in ("gguf", "onnx", "executorch")), "gguf")])
     ckpt = load_checkpoint(checkpoint)
@@ -77,17 +83,20 @@ def tune(checkpoint: str | Path, target: str, out: str | Path, *, max_size_mb: f
     tokens = tokenize_corpus(load_corpus(data), ckpt.tokenizer)
     calib = calibration_tokens(tokens.train, calib_windows, min(calib_seq_len, ckpt.config.max_seq_len), seed)
     sha = ckpt.meta["files"]["model.safetensors"]["sha256"]
-    sens = sensitivities(ckpt.model, calib, method, GROUP_SIZE, sha, out / "cache", ckpt.tokenizer)
-    log(f"sensitivity: {len(sens['units'])} units x 4/8 bits ({'cached' if sens['cached'] else 'measured'}, "
-        f"{method}, {calib.shape[0]} calibration windows of {calib.shape[1]})")
-    path = frontier(sens)
+    sens = sensitivities(ckpt.model, calib, method, GROUP_SIZE, sha, out / "cache", ckpt.tokenizer,
+                         drop=drop_layers > 0)
+    log(f"sensitivity: {len(sens['units'])} units x 4/8 bits{' and blocks dropped' if drop_layers else ''} "
+        f"({'cached' if sens['cached'] else 'measured'}, {method}, {calib.shape[0]} calibration windows of "
+        f"{calib.shape[1]})")
+    path = frontier(sens, drop_layers)
     max_bytes = None if max_size_mb is None else max_size_mb * 1e6
     settings = {"checkpoint": str(Path(checkpoint).resolve()), "weights_sha256": sha, "method": method,
                 "group_size": GROUP_SIZE, "formats": formats, "target": profile.name, "seed": seed, "data": data,
-                "calibration": list(calib.shape), "eval_seq_len": eval_seq_len, "eval_tokens": eval_tokens}
+                "calibration": list(calib.shape), "eval_seq_len": eval_seq_len, "eval_tokens": eval_tokens,
+                "drop_layers": drop_layers}
     job = _Job(Path(checkpoint), out, settings, formats, profile, tokens, ckpt, bench_args or {}, log)
     n_todo = candidates
-    results = [job.candidate(path[0], f"1/{n_todo} (uniform 4-bit, the baseline)")]
+    results = [job.candidate(uniform(path), f"1/{n_todo} (uniform 4-bit, the baseline)")]
     for i, a in enumerate(_plan(path, results, candidates, max_bytes, min_decode_tok_s, max_kld), start=2):
         if budget_minutes is not None and time.monotonic() - t0 > 60 * budget_minutes:
             log(f"budget of {budget_minutes:g} min reached: {len(results)} of {n_todo} candidates built")
@@ -141,7 +150,8 @@ class _Job:
         self.reference = None
 
     def candidate(self, a: Assignment, label: str) -> dict:
-        key = hashlib.sha256(json.dumps({**self.settings, "rules": a.rules()}, sort_keys=True).encode()).hexdigest()
+        build = {"rules": a.rules(), **({"drop": list(a.dropped())} if a.dropped() else {})}
+        key = hashlib.sha256(json.dumps({**self.settings, **build}, sort_keys=True).encode()).hexdigest()
         cdir = self.out / "candidates" / key[:12]
         done = cdir / "result.json"
         if done.is_file():
@@ -151,7 +161,9 @@ class _Job:
         self.log(f"candidate {label}: {a.label()} (estimated {a.est_bytes / 1e6:.2f} MB, KLD {a.est_kld:.4g})")
         cfg = config_class(self.settings["method"])(bits=4, group_size=GROUP_SIZE, rules=tuple(map(tuple, a.rules())),
                                                     n_calib=self.settings["calibration"][0])
-        report = compress_checkpoint(self.checkpoint, cdir / "checkpoint", [cfg], self.settings["data"],
+        prune = [Prune(method="layers", drop=a.dropped(), n_calib=self.settings["calibration"][0])] if a.dropped() \
+            else []
+        report = compress_checkpoint(self.checkpoint, cdir / "checkpoint", [*prune, cfg], self.settings["data"],
                                      self.settings["calibration"][1], self.settings["eval_seq_len"],
                                      self.settings["eval_tokens"], self.settings["seed"], force=True)
         for fmt in self.formats:
@@ -161,7 +173,8 @@ class _Job:
         manifest = read_manifest(artifact, verify=False)
         quality = self._kld(artifact)
         speed = self._speed(artifact, manifest)
-        result = {"key": key[:12], "bits": a.by_unit, "rules": a.rules(), "label": a.label(),
+        result = {"key": key[:12], "bits": a.by_unit, "rules": a.rules(), "dropped": list(a.dropped()),
+                  "label": a.label(),
                   "est_kld": a.est_kld, "est_bytes": a.est_bytes, "format": self.formats[0],
                   "size_bytes": (artifact / manifest["entry"]).stat().st_size,
                   "size_mb": round((artifact / manifest["entry"]).stat().st_size / 1e6, 4),
@@ -251,7 +264,9 @@ def _write_best(job: _Job, best: dict) -> None:
               "description": f"edgesmith tune: {best['label']}, mean KLD {best['kld_mean']:.4g} measured through "
                              f"{best['kld_through']}",
               "source": {"checkpoint": str(job.checkpoint.resolve())},
-              "pass": [{"kind": "quantize", "method": job.settings["method"], "bits": 4, "group_size": GROUP_SIZE,
+              "pass": [*([{"kind": "prune", "method": "layers", "drop": best["dropped"]}] if best.get("dropped")
+                         else []),
+                       {"kind": "quantize", "method": job.settings["method"], "bits": 4, "group_size": GROUP_SIZE,
                         "rules": best["rules"]}],
               "export": {"formats": job.formats}, "target": {"device": job.profile.name}}
     write_text_atomic(job.out / "recipe.toml", to_toml(recipe))

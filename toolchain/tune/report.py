@@ -28,13 +28,16 @@ def candidate_rows(doc: dict) -> list[list[str]]:
 
 
 def unit_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
-    """Units down, candidates across, with each unit's measured KLD at 4 and 8 bits first."""
-    cands = doc["candidates"]
-    headers = ["unit", "KLD at 4 bits", "KLD at 8 bits"] + [f"#{i + 1}" + (" (chosen)" if r.get("chosen") else "")
-                                                          for i, r in enumerate(cands)]
+    """Units down, candidates across, with each unit's measured KLD at 4 and 8 bits (and dropped, for blocks when
+    the search could drop them) first."""
+    cands, units = doc["candidates"], doc["sensitivity"]["units"]
+    drop = any("drop" in kld for kld in units.values())
+    headers = ["unit", "KLD at 4 bits", "KLD at 8 bits"] + (["KLD dropped"] if drop else []) + \
+        [f"#{i + 1}" + (" (chosen)" if r.get("chosen") else "") for i, r in enumerate(cands)]
     rows = []
-    for unit, kld in doc["sensitivity"]["units"].items():
-        rows.append([unit, f"{kld['4']:.3g}", f"{kld['8']:.3g}"] + [r["bits"].get(unit, "?") for r in cands])
+    for unit, kld in units.items():
+        dropped = [f"{kld['drop']:.3g}" if "drop" in kld else "-"] if drop else []
+        rows.append([unit, f"{kld['4']:.3g}", f"{kld['8']:.3g}", *dropped] + [r["bits"].get(unit, "?") for r in cands])
     return headers, rows
 
 

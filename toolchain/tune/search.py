@@ -7,14 +7,16 @@ unit whose upgrade (4 -> 8, or 8 -> float) removes the most estimated KLD per by
 assignments after each step is the frontier, smallest first. `pick` chooses the candidates to build and
 measure: uniform 4-bit (the baseline every run measures), the largest assignment within the size limit,
 and evenly spaced ones between them. Ties break on the unit order, so a seed and the same sensitivities
-give the same candidates. This module measures nothing and builds nothing.
+give the same candidates. With structured pruning allowed (`max_drop` blocks, measured as state "drop": 0 bytes),
+the path also goes down from uniform 4-bit: each step drops the block that adds the least estimated KLD per
+byte saved; those points come first (smallest). This module measures nothing and builds nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from toolchain.tune.sensitivity import FLOAT, unit_rule
+from toolchain.tune.sensitivity import DROP, FLOAT, unit_rule
 
 NEXT = {"4": "8", "8": FLOAT}
 
@@ -30,13 +32,28 @@ class Assignment:
         return dict(self.bits)
 
     def label(self) -> str:
-        """Short: how many units at each precision, e.g. "4-bit x5, 8-bit x1"."""
-        counts = {p: sum(1 for _, b in self.bits if b == p) for p in ("4", "8", FLOAT)}
-        return ", ".join(f"{p if p == FLOAT else p + '-bit'} x{n}" for p, n in counts.items() if n)
+        """Short: how many units at each precision, e.g. "4-bit x5, 8-bit x1" ("dropped x1": blocks removed)."""
+        counts = {p: sum(1 for _, b in self.bits if b == p) for p in ("4", "8", FLOAT, DROP)}
+        names = {FLOAT: FLOAT, DROP: "dropped"}
+        return ", ".join(f"{names.get(p, p + '-bit')} x{n}" for p, n in counts.items() if n)
+
+    def dropped(self) -> tuple[int, ...]:
+        """The blocks this assignment removes (prune:method=layers,drop=...), in order."""
+        return tuple(int(u.split(".")[1]) for u, b in self.bits if b == DROP)
 
     def rules(self) -> list[list]:
-        """Ordered quantize rules (regex, 4 | 8 | "skip") that build this assignment, one per unit."""
-        return [[unit_rule(u), "skip" if b == FLOAT else int(b)] for u, b in self.bits]
+        """Ordered quantize rules (regex, 4 | 8 | "skip") that build this assignment, one per kept unit, under
+        the block indices left after the dropped blocks are removed."""
+        gone = self.dropped()
+        out = []
+        for u, b in self.bits:
+            if b == DROP:
+                continue
+            if u.startswith("layers."):
+                i = int(u.split(".")[1])
+                u = f"layers.{i - sum(1 for d in gone if d < i)}"
+            out.append([unit_rule(u), "skip" if b == FLOAT else int(b)])
+        return out
 
 
 def estimate(bits: dict[str, str], sens: dict) -> Assignment:
@@ -45,10 +62,31 @@ def estimate(bits: dict[str, str], sens: dict) -> Assignment:
     return Assignment(tuple(bits.items()), kld, size)
 
 
-def frontier(sens: dict) -> list[Assignment]:
-    """Every assignment on the greedy path from all-4-bit to all-float, smallest first."""
+def uniform(path: list[Assignment]) -> Assignment:
+    """The all-4-bit point of a frontier (the baseline every tune builds first)."""
+    return next(a for a in path if all(b == "4" for _, b in a.bits))
+
+
+def dropping(sens: dict, max_drop: int) -> list[Assignment]:
+    """From all-4-bit, drop up to `max_drop` blocks (never all), cheapest estimated KLD per byte first; the points
+    after each drop, largest first."""
     bits = {u: "4" for u in sens["units"]}
-    path = [estimate(bits, sens)]
+    blocks = [u for u in bits if DROP in sens["units"][u]]
+    out = []
+    for _ in range(min(max_drop, len(blocks) - 1)):
+        cost = {u: (sens["units"][u][DROP] - sens["units"][u]["4"]) / max(sens["bytes"][u]["4"], 1)
+                for u in blocks if bits[u] == "4"}
+        u = min(cost, key=cost.get)
+        bits[u] = DROP
+        out.append(estimate(bits, sens))
+    return out
+
+
+def frontier(sens: dict, max_drop: int = 0) -> list[Assignment]:
+    """Every assignment on the greedy path from all-4-bit to all-float, smallest first; with `max_drop`, the
+    points with blocks dropped before it."""
+    bits = {u: "4" for u in sens["units"]}
+    path = [*reversed(dropping(sens, max_drop)), estimate(bits, sens)]
     while True:
         best, best_gain = None, None
         for u, b in bits.items():
@@ -70,11 +108,12 @@ def pick(path: list[Assignment], n: int, max_bytes: float | None = None,
          max_kld: float | None = None) -> list[Assignment]:
     """Up to `n` assignments to build: uniform 4-bit first, then the best estimated within the limits, then evenly
     spaced between them (by size). `max_kld` drops the estimated-worse ones only when some meet it."""
+    base = uniform(path) if any(all(b == "4" for _, b in a.bits) for a in path) else path[0]
     within = [a for a in path if max_bytes is None or a.est_bytes <= max_bytes] or path[:1]
-    chosen = [path[0]]
-    if len(within) > 1 and n > 1:
+    chosen = [base]
+    if n > 1 and within[-1].bits != base.bits:
         chosen.append(within[-1])
-        middle = within[1:-1]
+        middle = [a for a in within[:-1] if a.bits != base.bits]
         k = min(n - 2, len(middle))
         for i in range(k):
             chosen.insert(-1, middle[round((i + 1) * (len(middle) + 1) / (k + 1)) - 1])

@@ -6,7 +6,8 @@ embedding: one unit). For each bit width (4 and 8) the model is quantized once, 
 method; then each unit alone is swapped into the float model and the mean KL divergence of the
 next-token distribution against the float model is measured on calibration windows of the TRAIN
 split (validation stays for judging the candidates). Each unit's deployed bytes at each width come from
-the same quantized modules. The result is cached in a JSON file keyed by the checkpoint's weights sha256
+the same quantized modules. With `drop`, each block is also measured skipped (structured layer pruning:
+state "drop", 0 bytes). The result is cached in a JSON file keyed by the checkpoint's weights sha256
 and the settings, so a second tune (or a killed one, resumed) does not measure it again.
 This module builds no candidate and reads no artifact.
 """
@@ -31,6 +32,19 @@ from toolchain.compress.common import embedding_names
 
 BITS = (4, 8)
 FLOAT = "float"  # a unit kept in floating point (fp16 as deployed)
+DROP = "drop"  # a block removed (prune:method=layers)
+
+
+class Skip(nn.Module):
+    """A dropped block: the residual stream passes through unchanged (the block's attention stays readable, not
+    registered, for what the model asks of each layer)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.__dict__["self_attn"] = block.self_attn
+
+    def forward(self, x, *args, **kwargs):
+        return x
 
 
 def units(model: nn.Module) -> dict[str, list[str]]:
@@ -58,8 +72,8 @@ def deployed_bytes(module: nn.Module) -> int:
     return 2 * sum(p.numel() for p in module.parameters(recurse=False))
 
 
-def cache_key(weights_sha256: str, method: str, group_size: int, calib: torch.Tensor) -> str:
-    h = hashlib.sha256(f"{weights_sha256}|{method}|{group_size}|".encode())
+def cache_key(weights_sha256: str, method: str, group_size: int, calib: torch.Tensor, drop: bool = False) -> str:
+    h = hashlib.sha256(f"{weights_sha256}|{method}|{group_size}|{'drop|' if drop else ''}".encode())
     h.update(calib.numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -76,14 +90,26 @@ def _mean_kld(model: nn.Module, calib: torch.Tensor, ref_logp: list[torch.Tensor
 
 @torch.no_grad()
 def measure(model: nn.Module, calib: torch.Tensor, method: str, group_size: int, tokenizer=None,
-            batch: int = 4, progress: bool = True) -> dict:
-    """{"units": {unit: {"4": kld, "8": kld}}, "bytes": {unit: {"4": b, "8": b, "float": b}}} for `model` (float)."""
+            batch: int = 4, progress: bool = True, drop: bool = False) -> dict:
+    """{"units": {unit: {"4": kld, "8": kld}}, "bytes": {unit: {"4": b, "8": b, "float": b}}} for `model` (float);
+    with `drop`, blocks also {"drop": kld} and 0 bytes."""
     model.eval()
     plan = units(model)
     ref_logp = [F.log_softmax(model(calib[i:i + batch]).float(), dim=-1) for i in range(0, calib.shape[0], batch)]
     kld = {u: {} for u in plan}
     size = {u: {FLOAT: sum(deployed_bytes(model.get_submodule(n)) for n in names)} for u, names in plan.items()}
-    steps = tqdm(total=len(BITS) * (1 + len(plan)), desc=f"sensitivity ({method})", unit="step", disable=not progress)
+    blocks = [u for u in plan if u.startswith("layers.")] if drop else []
+    steps = tqdm(total=len(BITS) * (1 + len(plan)) + len(blocks), desc=f"sensitivity ({method})", unit="step",
+                 disable=not progress)
+    for unit in blocks:
+        i = int(unit.split(".")[1])
+        block = model.layers[i]
+        model.layers[i] = Skip(block)
+        try:
+            kld[unit][DROP], size[unit][DROP] = _mean_kld(model, calib, ref_logp, batch), 0
+        finally:
+            model.layers[i] = block
+        steps.update()
     for bits in BITS:
         cfg = config_class(method)(bits=bits, group_size=group_size, n_calib=calib.shape[0])
         ctx = Context(tokenizer=tokenizer, calibration=calib, reference=model)
@@ -106,16 +132,16 @@ def measure(model: nn.Module, calib: torch.Tensor, method: str, group_size: int,
 
 
 def sensitivities(model: nn.Module, calib: torch.Tensor, method: str, group_size: int, weights_sha256: str,
-                  cache_dir: Path, tokenizer=None, progress: bool = True) -> dict:
+                  cache_dir: Path, tokenizer=None, progress: bool = True, drop: bool = False) -> dict:
     """`measure`, read from `cache_dir` when these settings were measured before (written atomically after)."""
-    key = cache_key(weights_sha256, method, group_size, calib)
+    key = cache_key(weights_sha256, method, group_size, calib, drop)
     path = Path(cache_dir) / f"sensitivity-{key}.json"
     if path.is_file():
         cached = read_json(path)
         if cached.get("key") == key and set(cached.get("units", {})) == set(units(model)):
             return {**cached, "cached": True}
     result = {"key": key, "method": method, "group_size": group_size, "calibration_windows": list(calib.shape),
-              **measure(model, calib, method, group_size, tokenizer, progress=progress)}
+              **measure(model, calib, method, group_size, tokenizer, progress=progress, drop=drop)}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(result, indent=2) + "\n")
     return {**result, "cached": False}

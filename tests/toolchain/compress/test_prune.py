@@ -93,6 +93,25 @@ def test_structured_pruning_removes_the_requested_share(trained, spec, changes, 
     assert logits.shape == (2, 16, trained.model.config.vocab_size) and torch.isfinite(logits).all()
 
 
+def test_layer_pruning_drops_exactly_the_blocks_named(trained):
+    # setup
+    from toolchain.compress.passes.prune import Prune
+
+    ctx = Context(calibration=trained.calib)
+    # execute: blocks 1 and 2 of 4, as edgesmith tune names them
+    small = apply(copy.deepcopy(trained.model), Prune(method="layers", drop=(2, 1)), ctx)
+    # assert: blocks 0 and 3 kept, in order, with their weights
+    assert small.config.n_layers == 2 and ctx.report["kept"] == [0, 3]
+    assert torch.equal(small.layers[1].mlp.down_proj.weight, trained.model.layers[3].mlp.down_proj.weight)
+    for bad, message in ((dict(method="channels", drop=(1,)), "drop= names blocks for method=layers"),
+                         (dict(method="layers", ratio=0.5, drop=(1,)), "in place of ratio="),
+                         (dict(method="layers", drop=(1, 1)), "must be distinct block indices")):
+        with pytest.raises(EdgesmithError, match=message):
+            Prune(**bad)
+    with pytest.raises(EdgesmithError, match=r"drop=\[0, 1, 2, 3\] must name some, not all, of blocks 0..3"):
+        apply(copy.deepcopy(trained.model), Prune(method="layers", drop=(0, 1, 2, 3)), Context(calibration=trained.calib))
+
+
 def test_structured_pruning_keeps_the_most_important_units(trained):
     # setup: zero one KV group's query heads' output projection in every layer: it is then worthless
     model = copy.deepcopy(trained.model)

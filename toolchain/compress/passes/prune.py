@@ -54,11 +54,20 @@ class Prune:
     unit: str = "groups"  # heads: whole KV groups (a KV head and its query heads) or query heads per group
     targets: str = DEFAULT_TARGETS  # magnitude / 2:4: which Linears (regex on module names)
     n_calib: int = 16  # structured: calibration sequences that rank heads, channels or layers
+    drop: tuple[int, ...] | None = None  # layers: exactly these blocks (edgesmith tune's choice), instead of a ratio
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise EdgesmithError(f"prune: method={self.method!r} is not supported; allowed: {', '.join(METHODS)}")
-        if self.method == "2:4":
+        if self.drop is not None:
+            drop = (self.drop,) if isinstance(self.drop, int) and not isinstance(self.drop, bool) else self.drop
+            if self.method != "layers" or self.ratio is not None:
+                raise EdgesmithError("prune: drop= names blocks for method=layers, in place of ratio=")
+            if not isinstance(drop, tuple) or not drop or len(set(drop)) != len(drop) or \
+                    any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in drop):
+                raise EdgesmithError(f"prune: drop={self.drop!r} must be distinct block indices >= 0")
+            object.__setattr__(self, "drop", tuple(sorted(drop)))
+        elif self.method == "2:4":
             if self.ratio not in (None, 0.5):
                 raise EdgesmithError(f"prune: ratio={self.ratio!r} does not apply to 2:4 (always 0.5); leave it out")
         elif self.ratio is None:
