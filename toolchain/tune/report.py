@@ -86,7 +86,8 @@ def write_tune_report(out: Path, doc: dict) -> Path:
     parts += ["<h2>Candidates</h2>", _table(COLUMNS, candidate_rows(doc)),
               "<h2>Per-unit precision</h2>", _table(headers, rows),
               "<p class='note'>KLD at 4 / 8 bits: the whole model's mean KLD on calibration windows with only that "
-              "unit quantized (the search's estimate adds them up).</p>"]
+              "unit quantized (the search's estimate adds them up)" + ("; KLD dropped: with only that block removed "
+              "(prune:method=layers)" if "KLD dropped" in headers else "") + ".</p>"]
     page = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>edgesmith tune</title><style>{CSS}</style>" \
            f"</head><body>{''.join(parts)}</body></html>\n"
     write_text_atomic(out / "report.html", page)
