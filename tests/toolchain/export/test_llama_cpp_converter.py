@@ -6,6 +6,7 @@ gate/up are theirs); every `{arch}.` and `tokenizer.ggml.` key they write, with 
 listed in DEFAULTED with the value llama.cpp's loader falls back to, and that value must be theirs); and, when
 llama.cpp runs either file, the same prompt logits (bit for bit) and the same 16 greedy tokens."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,6 +63,7 @@ DEFAULTED = {
 
 # Run in a subprocess as `python convert.py HF_DIR --outfile X --outtype f32`: their converter, two patches.
 WRAPPER = '''\
+import os
 import sys
 from pathlib import Path
 
@@ -75,7 +77,8 @@ from conversion.phi import Phi3MiniModel
 assert Path(gguf.__file__).is_relative_to(Path(convert_hf_to_gguf.__file__).parent / "gguf-py"), gguf.__file__
 # Our tokenizer is a tiny byte-level BPE trained by the tests: the hash of its tokens for the converter's check text
 # is in no table (get_vocab_base_pre raises). Name the pre-tokenizer we write, GPT-2's byte-level regex.
-TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+# (test_our_tokenizer_keys_... names the family's split, whose hash would be in their table for the real tokenizer.)
+TextModel.get_vocab_base_pre = lambda self, tokenizer: os.environ.get("EDGESMITH_PRE", "gpt-2")
 # Phi-3's converter reads a SentencePiece tokenizer.model unless tokenizer_config.json names GPT2Tokenizer (Phi-4);
 # ours names PreTrainedTokenizerFast and is byte-level BPE: take the converter's own BPE path, as for Phi-4.
 Phi3MiniModel.set_vocab = TextModel._set_vocab_gpt2
@@ -225,3 +228,56 @@ def test_llama_cpp_runs_our_gguf_and_theirs_to_the_same_logits_and_greedy_text(c
     assert np.abs(logits - their_logits).max() == 0
     assert len(want) == 16 and len(set(want)) > 2, want
     assert got == want
+
+
+@pytest.mark.parametrize("kind", ["llama-bpe", "qwen2", "smollm", "spm-legacy"])
+def test_our_tokenizer_keys_are_what_llama_cpps_converter_writes_for_the_family(tmp_path, llama_cpp_converter, kind):
+    """Llama-3's, Qwen2's and SmolLM's byte-level tokenizers and a Llama-2 / Mistral SentencePiece one (built as in
+    tests/toolchain/test_gguf_vocab.py), each in a tiny Hugging Face Llama directory: their converter and ours."""
+    # setup
+    from models.tokenizer import Tokenizer
+    from tests.toolchain.test_gguf_vocab import BYTE_LEVEL, TEXTS, byte_level, sentencepiece
+    from toolchain.export.formats.gguf import write_gguf
+
+    src = tmp_path / "hf"
+    src.mkdir()
+    (byte_level if kind in BYTE_LEVEL else sentencepiece)(kind, src)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config.pop("add_prefix_space", None)  # else transformers rebuilds the fast tokenizer from a tokenizer.model
+    (src / "tokenizer_config.json").write_text(json.dumps(config))  # (the prefix is in tokenizer.json's normalizer)
+    tok = Tokenizer.load(src)
+    hf_model("smollm", vocab_size=tok.vocab_size, tie_word_embeddings=False, bos_token_id=tok.bos_id,
+             eos_token_id=tok.eos_id).save_pretrained(src)
+    (tmp_path / "convert.py").write_text(WRAPPER)
+    paths = [str(llama_cpp_converter), str(llama_cpp_converter / "gguf-py"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "HF_HUB_OFFLINE": "1",
+           "EDGESMITH_PRE": kind}
+    env.pop("NO_LOCAL_GGUF", None)
+    # execute
+    done = subprocess.run([sys.executable, str(tmp_path / "convert.py"), str(src), "--outfile",
+                           str(tmp_path / "theirs.gguf"), "--outtype", "f32"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = load_checkpoint(import_hf(src, tmp_path / "ckpt"))
+    write_gguf(tmp_path / "ours.gguf", ckpt.model, ckpt.tokenizer, "fp32", 64)
+    ours, theirs = (fields(gguf.GGUFReader(str(tmp_path / f"{w}.gguf"))) for w in ("ours", "theirs"))
+    # assert: the same tokenizer, key by key
+    same = ["tokenizer.ggml.model", "tokenizer.ggml.tokens"]
+    if kind in BYTE_LEVEL:
+        same += ["tokenizer.ggml.pre", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"]
+    for key in same:
+        assert ours[key] == theirs[key], key
+    if kind not in BYTE_LEVEL:  # SentencePiece: the types but <unk> (theirs CONTROL, ours UNKNOWN, as
+        # llama.cpp's own SentencePiece path writes it); the scores are where theirs and ours differ by design
+        unk = tok.tok.token_to_id("<unk>")
+        assert [t for i, t in enumerate(ours["tokenizer.ggml.token_type"]) if i != unk] == \
+            [t for i, t in enumerate(theirs["tokenizer.ggml.token_type"]) if i != unk]
+        assert set(theirs["tokenizer.ggml.scores"]) == {-1000.0} and len(set(ours["tokenizer.ggml.scores"])) > 100
+        # with every score equal, llama.cpp merges the leftmost pair whatever its rank: their file splits
+        # texts differently from the tokenizer (3 of the 11 here); ours as it does
+        split = {w: llama_cpp.Llama(str(tmp_path / f"{w}.gguf"), vocab_only=True, verbose=False)
+                 for w in ("ours", "theirs")}
+        want = [tok.encode(t) for t in TEXTS]
+        got = {w: [llm.tokenize(t.encode(), add_bos=False, special=True) for t in TEXTS] for w, llm in split.items()}
+        assert got["ours"] == want
+        assert sum(a != b for a, b in zip(got["theirs"], want)) > 0
