@@ -39,20 +39,26 @@ def bytes_per_weight(bits: int, group_size: int = GROUP_SIZE, scale_bytes: float
     return bits / 8 if bits >= 16 else bits / 8 + scale_bytes / group_size
 
 
-def kv_cache_bytes(cfg, tokens: float, bytes_per_element: float = 2, batch: int = 1) -> int:
-    """2 (K and V) x kv_heads x head_dim x bytes x batch x the positions each layer keeps: `tokens`, or a sliding
-    layer's window where shorter (what llama.cpp's per-layer window cache and our ExecuTorch ring keep, and all a
-    decode step reads)."""
-    kept = sum(tokens if cfg.window_of(i) is None else min(tokens, cfg.window_of(i)) for i in range(cfg.n_layers))
+def keeps_window(fmt: str | None, cfg) -> bool:
+    """Whether `fmt`'s runtime keeps only a sliding layer's window: our ExecuTorch ring, llama.cpp's window cache of
+    its gemma2 / gemma3 (its llama / qwen2 / phi3 attend to the whole context; ONNX and TensorRT hold it all)."""
+    return fmt == "executorch" or (fmt == "gguf" and cfg.family in ("gemma2", "gemma3"))
+
+
+def kv_cache_bytes(cfg, tokens: float, bytes_per_element: float = 2, batch: int = 1, windows: bool = True) -> int:
+    """2 (K and V) x kv_heads x head_dim x bytes x batch x the positions each layer keeps: `tokens`, or with
+    `windows` a sliding layer's window where shorter (see keeps_window)."""
+    kept = sum(tokens if cfg.window_of(i) is None or not windows else min(tokens, cfg.window_of(i))
+               for i in range(cfg.n_layers))
     return int(2 * cfg.n_kv_heads * cfg.head_dim * bytes_per_element * kept * batch)
 
 
-def largest_context(cfg, room: float, bytes_per_element: float) -> int:
+def largest_context(cfg, room: float, bytes_per_element: float, windows: bool = True) -> int:
     """The most tokens (at most max_seq_len) whose KV cache fits in `room` bytes."""
     lo, hi = 0, cfg.max_seq_len
     while lo < hi:  # kv_cache_bytes grows with the tokens (flat past a window)
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if kv_cache_bytes(cfg, mid, bytes_per_element) <= room else (lo, mid - 1)
+        lo, hi = (mid, hi) if kv_cache_bytes(cfg, mid, bytes_per_element, windows=windows) <= room else (lo, mid - 1)
     return lo
 
 
@@ -135,7 +141,8 @@ class Plan:
     compute_precision: str
     recommended_format: str
     recommended_precision: str
-    window_layers: int = 0  # sliding layers, whose cache counts their window only
+    window_layers: int = 0  # sliding layers
+    windows_kept: bool = False  # the recommended format keeps only their window (keeps_window)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,7 +164,8 @@ def plan(profile: DeviceProfile | str, model, context: int | None = None, bits: 
     if isinstance(context, bool) or not isinstance(context, int) or context < 1:
         raise EdgesmithError(f"--context {context!r} must be a positive integer")
     budget, overhead = profile.ram_budget_bytes, overhead_bytes(cfg)
-    kv = kv_cache_bytes(cfg, context, kv_bytes_per_element)
+    windows = keeps_window(profile.formats[0], cfg)  # the format the plan recommends
+    kv = kv_cache_bytes(cfg, context, kv_bytes_per_element, windows=windows)
 
     def fits_at(b: int | None) -> bool:
         return weight_bytes(spec, b) + kv + overhead <= budget
@@ -169,7 +177,7 @@ def plan(profile: DeviceProfile | str, model, context: int | None = None, bits: 
     precision = BITS[bits] if bits is not None else _stored_label(spec)
     weights = weight_bytes(spec, bits)
     room = budget - weights - overhead
-    max_context = largest_context(cfg, room, kv_bytes_per_element) if room > 0 else 0
+    max_context = largest_context(cfg, room, kv_bytes_per_element, windows) if room > 0 else 0
     read = linear_read_bytes(spec, bits) + kv
     compute_precision, rate = compute_rate(profile, precision if precision in PRECISION_BITS else "int8")
     return Plan(device=profile.name, model=spec.name, precision=precision, context=context, weight_bytes=weights,
@@ -178,7 +186,7 @@ def plan(profile: DeviceProfile | str, model, context: int | None = None, bits: 
                 decode_tok_s_bound=profile.bandwidth_bytes_s / read,
                 prefill_tok_s_bound=rate / flops_per_token(cfg, context), compute_precision=compute_precision,
                 recommended_format=profile.formats[0], recommended_precision=recommended,
-                window_layers=sum(cfg.window_of(i) is not None for i in range(cfg.n_layers)))
+                window_layers=sum(cfg.window_of(i) is not None for i in range(cfg.n_layers)), windows_kept=windows)
 
 
 def _stored_label(spec: ModelSpec) -> str:
@@ -193,7 +201,8 @@ def format_plan(p: Plan) -> str:
     lines = [f"{p.model} on {p.device}: weights {p.precision}, context {p.context:,} tokens, batch 1",
              f"  weights            {p.weight_bytes:>16,} bytes  ({gb(p.weight_bytes)})",
              f"  KV cache           {p.kv_bytes:>16,} bytes  ({gb(p.kv_bytes)})"
-             + (f"  ({p.window_layers} sliding layers: their window)" if p.window_layers else ""),
+             + (f"  ({p.window_layers} sliding layers {'keep their window' if p.windows_kept else 'hold the whole context'}"
+                f" in {p.recommended_format})" if p.window_layers else ""),
              f"  runtime overhead   {p.overhead_bytes:>16,} bytes  ({gb(p.overhead_bytes)})",
              f"  total              {p.total_bytes:>16,} bytes  ({gb(p.total_bytes)}) of a "
              f"{gb(p.budget_bytes)} budget: {'fits' if p.fits else 'does NOT fit'}",

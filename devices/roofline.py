@@ -11,7 +11,7 @@ scheme stores one byte; a run that reports its KV cache type (runtime option `kv
 
 from __future__ import annotations
 
-from devices.planner import kv_cache_bytes
+from devices.planner import keeps_window, kv_cache_bytes
 from devices.shapes import linear_shapes
 from models.llama import ModelConfig
 
@@ -52,7 +52,8 @@ def bytes_per_token(manifest: dict, context: float, runner: str = "agent", kv_ca
     """Bytes read to decode one token with `context` tokens in the cache."""
     cfg = model_config(manifest)
     kv = kv_bytes_per_element(manifest, runner, kv_cache)
-    return weight_bytes_per_token(manifest) + kv_cache_bytes(cfg, context, kv)
+    return weight_bytes_per_token(manifest) + kv_cache_bytes(cfg, context, kv,
+                                                             windows=keeps_window(manifest.get("format"), cfg))
 
 
 def model_config(manifest: dict) -> ModelConfig:

@@ -50,7 +50,11 @@ def test_a_sliding_layer_keeps_only_its_window_in_the_plan():
     assert kv_cache_bytes(mistral, 32768, 2) == kv_cache_bytes(mistral, 4096, 2) == 2 * 32 * 8 * 128 * 2 * 4096
     assert p.kv_bytes == kv_cache_bytes(gemma, 32768, 2) and p.window_layers == 15
     assert p.max_context == 32768  # the whole context fits a phone's budget once the window layers stop growing
-    assert "(15 sliding layers: their window)" in format_plan(p)
+    assert "(15 sliding layers keep their window in executorch)" in format_plan(p)
+    # llama.cpp's llama architecture (a Raspberry Pi prefers GGUF) attends to Mistral's whole context: all of it
+    pi = plan("raspberry-pi-5", "mistral-7b", context=32768, bits=4)
+    assert pi.kv_bytes == kv_cache_bytes(mistral, 32768, 2, windows=False) == 2 * 32 * 8 * 128 * 2 * 32768
+    assert not pi.fits and "(32 sliding layers hold the whole context in gguf)" in format_plan(pi)
 
 
 def test_decode_bound_is_bandwidth_over_bytes_read():
