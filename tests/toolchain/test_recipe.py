@@ -38,7 +38,7 @@ DELETE = object()
 
 @pytest.mark.parametrize("path, value, message", [
     ("colour", "red", "colour: unknown key; allowed: compress, description, export, name, pass, source, target"),
-    ("pass[0].colour", 1, "pass[0].colour: unknown key; allowed: method, n_calib, ratio, scope, targets, unit"),
+    ("pass[0].colour", 1, "pass[0].colour: unknown key; allowed: drop, method, n_calib, ratio, scope, targets, unit"),
     ("source.train.colour", 1, "source.train.colour: unknown key; allowed: "),
     ("export.colour", 1, "export.colour: unknown key; allowed: exact, formats, fuse, max_seq_len, optional, portable_embedding, precision"),
     ("pass[1].bits", "4", "pass[1].bits: expected an integer, got a string '4'"),
