@@ -62,7 +62,7 @@ def register(sub) -> None:
                     f"{', '.join(PUBLIC)}")
     dp.add_argument("--context", type=int, default=None, metavar="N", help="tokens in the KV cache (default: "
                     "the model's max_seq_len, at most 4096)")
-    dp.add_argument("--bits", type=int, default=None, metavar="B", help="weight bits: 4, 8, 16 or 32 (default: "
+    dp.add_argument("--bits", type=int, default=None, metavar="B", help="weight bits: 4, 5 (GGUF Q5_0), 8, 16 or 32 (default: "
                     "as stored when quantized, else the device's recommended precision)")
     d.set_defaults(func=devices)
 

@@ -24,7 +24,7 @@ from devices.profiles import DeviceProfile, load_profile
 from devices.shapes import ModelSpec, linear_shapes, resolve_model
 from models.errors import EdgesmithError
 
-BITS = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
+BITS = {32: "fp32", 16: "fp16", 8: "int8", 5: "int5", 4: "int4"}  # 5: GGUF's Q5_0
 PRECISION_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
 GROUP_SIZE, SCALE_BYTES = 32, 2
 RUNTIME_BYTES = 256 << 20

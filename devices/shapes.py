@@ -134,5 +134,7 @@ def _from_manifest(path: Path) -> ModelSpec:
     if not isinstance(m.get("model"), dict):
         raise EdgesmithError(f"{path / 'manifest.json'}: no model config (not an edgesmith artifact manifest)")
     cfg = ModelConfig.from_dict(m["model"], str(path / "manifest.json"))
-    weights = (m.get("quantization") or {}).get("weights") or {}
-    return ModelSpec(path.name, cfg, dict(weights), m.get("precision"))
+    quant = m.get("quantization") or {}
+    held = quant.get("held_bits") or {}  # codes a format holds in a wider form (5-bit as 8 in ONNX): as stored
+    weights = {n: {**s, "bits": held.get(n, s.get("bits"))} for n, s in (quant.get("weights") or {}).items()}
+    return ModelSpec(path.name, cfg, weights, m.get("precision"))

@@ -21,6 +21,7 @@ from gui import bench_tab, devices_tab, run_options, runs, tune_tab, views
 from gui.actions import JOB_COLUMNS, SKIP, Actions
 from gui.playground import VERDICT_COLUMNS, Playground, verdict_line, verdict_table
 from models.llama import SIZES
+from models.quant import BITS as QUANT_BITS
 from models.registry import FORMATS, METHODS
 from toolchain.compress import pass_kinds
 from toolchain.export.spec import PRECISIONS
@@ -152,12 +153,12 @@ def _compress_tab(act: Actions, timer, demo):
         out = gr.Textbox("", label="Run directory (default runs/<checkpoint>-compressed)", elem_id="compress-out")
     with gr.Row():
         method = gr.Dropdown([*METHODS.names(), "none"], value="rtn", label="Quantization", elem_id="compress-method")
-        bits = gr.Dropdown([4, 8], value=4, label="Bits", elem_id="compress-bits")
+        bits = gr.Dropdown(list(QUANT_BITS), value=4, label="Bits (5: GGUF Q5_0)", elem_id="compress-bits")
         group = gr.Dropdown([32, 64, 128], value=32, label="Group size", elem_id="compress-group")
     with gr.Row():
         extra = gr.Textbox("", lines=2, label=f"More passes, one per line: KIND:key=value,… (kinds: "
                            f"{', '.join(pass_kinds())}; e.g. prune:method=heads,ratio=0.25)", elem_id="compress-extra")
-        rules = gr.Textbox("", lines=2, label="Per-layer rules REGEX=4|8|skip, first match wins", elem_id="compress-rules")
+        rules = gr.Textbox("", lines=2, label="Per-layer rules REGEX=4|5|8|skip, first match wins", elem_id="compress-rules")
     with gr.Row():
         data = gr.Textbox("stdlib", label="Calibration / evaluation corpus", elem_id="compress-data")
         seq = gr.Number(128, label="Sequence length", precision=0, minimum=8)
@@ -217,7 +218,7 @@ def _devices_tab(act: Actions):
         model = gr.Dropdown(devices_tab.shapes(), value="nano", allow_custom_value=True,
                             label="Model: size, public shape, checkpoint or artifact", elem_id="devices-model")
         context = gr.Number(0, label="Context tokens (0: the model's)", precision=0, minimum=0, elem_id="devices-context")
-        bits = gr.Dropdown(["auto", "4", "8", "16", "32"], value="auto", label="Weight bits", elem_id="devices-bits")
+        bits = gr.Dropdown(["auto", "4", "5", "8", "16", "32"], value="auto", label="Weight bits", elem_id="devices-bits")
     go = gr.Button("Plan", variant="primary", elem_id="devices-plan")
     verdict = gr.Markdown(elem_id="devices-verdict")
     with gr.Row():

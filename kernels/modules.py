@@ -40,7 +40,7 @@ from kernels import cpu
 from kernels.ops import CPU_GEMV_MAX_ROWS, EAGER, current_override, impl_for  # importing it registers the ops
 from models.errors import EdgesmithError
 from models.llama import MLP, Attention, Block, RMSNorm
-from models.quant import Int8KVAttention, QuantizedLinear, TiedQuantizedHead, fake_quantize_per_token
+from models.quant import Int8KVAttention, QuantizedLinear, TiedQuantizedHead, fake_quantize_per_token, held_bits
 
 MODES = ("reference", "fused")
 E = torch.ops.edgesmith
@@ -88,8 +88,8 @@ def _joint(owner: nn.Module, x: torch.Tensor, linears: tuple[nn.Module, ...]) ->
     parts = [(m.qweight, m.scales) for m in linears]
     if torch.autograd._profiler_enabled():  # named in a profile like the op
         with torch.profiler.record_function("edgesmith::weight_only_matmul (joint)"):
-            return cpu.joint_weight_only_matmul(x, owner, parts, first.bits)
-    return cpu.joint_weight_only_matmul(x, owner, parts, first.bits)
+            return cpu.joint_weight_only_matmul(x, owner, parts, held_bits(first.bits))
+    return cpu.joint_weight_only_matmul(x, owner, parts, held_bits(first.bits))
 
 
 class _FusedAttend:
@@ -165,7 +165,7 @@ class _FusedWeightOnly:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is not None:
             x = fake_quantize_per_token(x, self.act_bits)
-        y = _ops().weight_only_matmul(x, self.qweight, self.scales, self.bits)
+        y = _ops().weight_only_matmul(x, self.qweight, self.scales, held_bits(self.bits))  # 5 bits: the 8-bit kernel
         bias = getattr(self, "bias", None)
         return y if bias is None else y + bias
 

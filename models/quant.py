@@ -40,6 +40,11 @@ The rounding rule is llama.cpp's reference quantizer (`quantize_row_q4_0_ref` / 
   GGUF Q4_0 block (group 32): `d = scale` (fp16), `q = code + 8` in [0, 15], low nibbles are columns
   0..15 and high nibbles 16..31. ONNX Runtime MatMulNBits bits=4: `q = code + 8` with the default
   zero point 8 (= 2^(bits-1)), `scale` as is.
+- 5 bits: codes in [-16, 15], Q5_0's rule (`quantize_row_q5_0_ref`): `d = m / -16`, codes `trunc(w / d + 16.5)`
+  clamped to [0, 31], minus 16. GGUF Q5_0 block (group 32): `d` (fp16), `qh` (uint32: bit j is bit 4 of column j's
+  `q = code + 16`), `qs[16]` (low nibbles columns 0..15, high nibbles 16..31). It is the step between 4 and 8 bits that
+  a size limit between them can use. A format without a 5-bit type holds the codes in its 8-bit form (`held_bits`,
+  `widen_codes_`): exact, but no smaller than 8 bits there.
 - 8 bits: codes in [-127, 127]. `d = max|w| / 127` (fp32, positive), codes `roundf(w / d)` (half away from zero),
   stored scale `fp16(d)`. GGUF Q8_0: `d = scale`, `qs = code`. MatMulNBits bits=8: `q = code + 128` (zero point 128).
 - An all-zero group has scale 0 and codes 0. This module does not choose codes from data (toolchain/compress
@@ -53,18 +58,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.errors import EdgesmithError
-from models.kv_cache import Int8KVCache, KVCache, dequantize_kv, quantize_kv
-from models.llama import Attention
+from models.int8_kv import Int8KVAttention  # noqa: F401 (re-exported: part of this module's API)
 
-BITS = (4, 8)
+BITS = (4, 5, 8)
 GROUP_SIZES = (32, 64, 128)
 ACT_BITS = (None, 8)
 CHUNK = 1 << 21  # weights dequantized per F.linear call (8 MB in fp32)
-CODE_RANGE = {4: (-8, 7), 8: (-127, 127)}
+CODE_RANGE = {4: (-8, 7), 5: (-16, 15), 8: (-127, 127)}
 # "any": llama.cpp's Q4_0 / Q8_0 rule. "xnnpack": positive bf16-exact scales, codes XNNPACK's int4 planes hold
 # (8 bits as 16 * hi + lo: [-127, 119]); every format holds those exactly, ExecuTorch's 8da4w kernel included.
 TARGETS = ("any", "xnnpack")
-XNNPACK_LIMITS = {4: (8, 7), 8: (127, 119)}  # |most negative code|, most positive code
+XNNPACK_LIMITS = {4: (8, 7), 5: (16, 15), 8: (127, 119)}  # |most negative code|, most positive code
 
 
 def check_scheme(bits: int, group_size: int, in_features: int | None = None, name: str | None = None) -> None:
@@ -76,6 +80,22 @@ def check_scheme(bits: int, group_size: int, in_features: int | None = None, nam
     if in_features is not None and in_features % group_size:
         raise EdgesmithError(f"layer {name or '?'}: group_size={group_size} does not divide its in_features "
                              f"{in_features}")
+
+
+def held_bits(bits: int, widths: tuple[int, ...] = (4, 8)) -> int:
+    """The width a format that stores only `widths` holds `bits`-bit codes at: the smallest that fits them."""
+    return min(w for w in widths if w >= bits)
+
+
+def widen_codes_(model: nn.Module, widths: tuple[int, ...] = (4, 8)) -> list[str]:
+    """Relabel each quantized module whose width a format cannot store as the next width it can (5 -> 8): the codes
+    and scales stay as they are, so every value is unchanged. Names relabelled."""
+    done = []
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantizedLinear, QuantizedEmbedding)) and m.bits not in widths:
+            m.bits = held_bits(m.bits, widths)
+            done.append(name)
+    return done
 
 
 def _roundf(x: torch.Tensor) -> torch.Tensor:
@@ -99,8 +119,9 @@ def fit_scales(d: torch.Tensor, target: str = "any") -> torch.Tensor:
 
 
 def group_scales(w: torch.Tensor, bits: int, target: str = "any") -> torch.Tensor:
-    """fp32 scale `d` of each group: w `(..., G)` -> `(..., 1)` (llama.cpp's Q4_0 / Q8_0 rule; "xnnpack": positive,
-    4 bits the extreme on -8 or 7; 8 bits the smallest scale clipping neither end)."""
+    """fp32 scale `d` of each group: w `(..., G)` -> `(..., 1)` (llama.cpp's Q4_0 / Q5_0 / Q8_0 rule; "xnnpack":
+    positive, 4 and 5 bits the extreme on the most negative or positive code; 8 bits the smallest scale clipping
+    neither end)."""
     w = w.float()
     if target == "xnnpack":
         neg, pos = XNNPACK_LIMITS[bits]
@@ -108,8 +129,8 @@ def group_scales(w: torch.Tensor, bits: int, target: str = "any") -> torch.Tenso
             return fit_scales(torch.maximum(w.amax(-1, True) / pos, -w.amin(-1, True) / neg).clamp_min(0), target)
         m = torch.gather(w, -1, w.abs().argmax(dim=-1, keepdim=True))
         return fit_scales(torch.where(m < 0, -m / neg, m / pos), target)
-    if bits == 4:
-        return torch.gather(w, -1, w.abs().argmax(dim=-1, keepdim=True)) / -8.0
+    if bits < 8:  # the signed extreme lands on the most negative code
+        return torch.gather(w, -1, w.abs().argmax(dim=-1, keepdim=True)) / -float(1 << (bits - 1))
     return w.abs().amax(dim=-1, keepdim=True) / 127.0
 
 
@@ -118,8 +139,10 @@ def quantize_codes(w: torch.Tensor, d: torch.Tensor, bits: int, target: str = "a
     w, d = w.float(), d.float()
     inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
     top = XNNPACK_LIMITS[8][1] if target == "xnnpack" else 127
-    q = torch.trunc(w * inv + 8.5).clamp(0, 15) - 8 if bits == 4 else _roundf(w * inv).clamp(-127, top)
-    return q.to(torch.int8)
+    if bits < 8:
+        half = 1 << (bits - 1)
+        return (torch.trunc(w * inv + (half + 0.5)).clamp(0, 2 * half - 1) - half).to(torch.int8)
+    return _roundf(w * inv).clamp(-127, top).to(torch.int8)
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, target: str = "any") -> tuple[torch.Tensor, torch.Tensor]:
@@ -378,45 +401,6 @@ def quantized_numel(model: nn.Module) -> int:
     """Codes held by quantized modules, each table once (a tied head shares the embedding's)."""
     tensors = {id(m.qweight): m.qweight for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
     return sum(t.numel() for t in tensors.values())
-
-
-# ----------------------------------------------------------------------------- int8 KV cache
-
-
-class Int8KVAttention(Attention):
-    """Attention with an int8 KV cache and fixed per-head scales (see models/kv_cache.Int8KVCache)."""
-
-    def __init__(self, attn: Attention, k_scale: torch.Tensor, v_scale: torch.Tensor):
-        nn.Module.__init__(self)
-        for name in ("n_heads", "n_kv_heads", "head_dim", "window", "scale", "softcap", "q_proj", "k_proj", "v_proj",
-                     "o_proj", "q_norm", "k_norm"):  # q_norm / k_norm: Qwen3's and Gemma-3's only
-            if hasattr(attn, name):
-                setattr(self, name, getattr(attn, name))
-        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
-            self.register_buffer(name, t.detach().float().clone().reshape(self.n_kv_heads))
-        self.kv_cache = None
-
-    def _apply(self, fn, recurse=True):
-        # Like QuantizedLinear: dtype casts keep the calibrated fp32 scales; device moves apply.
-        k_scale, v_scale = self.k_scale, self.v_scale
-        super()._apply(fn, recurse)
-        device = fn(torch.zeros(0)).device
-        self.k_scale, self.v_scale = k_scale.to(device), v_scale.to(device)
-        return self
-
-    def __setattr__(self, name, value):
-        # Transformer.setup_cache assigns a float KVCache; this attention keeps its cache in int8.
-        if name == "kv_cache" and isinstance(value, KVCache):
-            B, H, S, D = value.k_cache.shape
-            value = Int8KVCache(B, H, S, D, self.k_scale, self.v_scale, value.k_cache.dtype).to(value.k_cache.device)
-        super().__setattr__(name, value)
-
-    def read_kv(self, input_pos, k, v):
-        if input_pos is not None:
-            return self.kv_cache.update(input_pos, k, v)  # int8 codes in, dequantized cache out
-        # No cache (evaluation): round K and V through int8 the same way, so the loss shows.
-        return (dequantize_kv(quantize_kv(k, self.k_scale), self.k_scale, k.dtype),
-                dequantize_kv(quantize_kv(v, self.v_scale), self.v_scale, v.dtype))
 
 
 # ----------------------------------------------------------------------------- checkpoint metadata

@@ -4,8 +4,9 @@ The header is bounded first (runtimes.headers.gguf_header), then read with gguf-
 (Llama, SmolLM, Mistral), `qwen2`, `qwen3`, `phi3` (attn_qkv / ffn_up split by rows), `gemma2` and `gemma3` (their
 window pattern, soft-caps and local RoPE base), with the tensor names toolchain/export/formats/gguf.py writes
 (llama.cpp's).
-Tensor types: F32 and F16 become floats; Q8_0 and Q4_0 become our codes and fp16 scales block for block (Q4_0:
-`code = q - 8`, the block's first 16 weights in the low nibbles), so `export` takes the checkpoint to ONNX or
+Tensor types: F32 and F16 become floats; Q8_0, Q5_0 and Q4_0 become our codes and fp16 scales block for block
+(Q4_0: `code = q - 8`, the block's first 16 weights in the low nibbles; Q5_0 the same with the fifth bits in qh,
+`code = q - 16`), so `export` takes the checkpoint to ONNX or
 ExecuTorch with the same numbers. The `llama` architecture's q/k rows go back to Hugging Face's rotate-half order
 (the inverse of the exporter's permutation); qwen2/qwen3 rotate NEOX-style, which is rotate-half already.
 
@@ -50,6 +51,18 @@ def decode_q4_0(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     qs = blocks[..., 2:]
     codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(np.int8) - 8
     return torch.from_numpy(codes.reshape(rows, -1)), torch.from_numpy(d.copy())
+
+
+def decode_q5_0(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q5_0 bytes `(rows, nb*22)` -> int8 codes in [-16, 15] `(rows, nb*32)` and fp16 scales `(rows, nb)`."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 22)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0]
+    qh = blocks[..., 2:6].copy().view("<u4")  # (rows, nb, 1)
+    qs = blocks[..., 6:]
+    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int16) << 4  # (rows, nb, 32)
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(np.int16) + high - 16
+    return torch.from_numpy(codes.astype(np.int8).reshape(rows, -1)), torch.from_numpy(d.copy())
 
 
 def decode_q8_0(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,10 +201,12 @@ def import_gguf(src: str | Path, out: str | Path) -> Path:
         if t.tensor_type in (T.F32, T.F16):
             state[ours] = _unpermute(cfg, ours, torch.from_numpy(np.array(t.data, dtype=np.float32))[part])
             continue
-        if t.tensor_type not in (T.Q4_0, T.Q8_0):
-            raise EdgesmithError(f"{path}: tensor {name!r} is {t.tensor_type.name}; allowed: F32, F16, Q8_0, Q4_0")
-        bits = 4 if t.tensor_type == T.Q4_0 else 8
-        codes, scales = (decode_q4_0 if bits == 4 else decode_q8_0)(np.asarray(t.data)[part])
+        decode = {T.Q4_0: (4, decode_q4_0), T.Q5_0: (5, decode_q5_0), T.Q8_0: (8, decode_q8_0)}
+        if t.tensor_type not in decode:
+            raise EdgesmithError(f"{path}: tensor {name!r} is {t.tensor_type.name}; allowed: F32, F16, Q8_0, Q5_0, "
+                                 "Q4_0")
+        bits, fn = decode[t.tensor_type]
+        codes, scales = fn(np.asarray(t.data)[part])
         codes, scales = _unpermute(cfg, ours, codes), _unpermute(cfg, ours, scales)
         module = ours.removesuffix(".weight")
         if module == "embed_tokens":

@@ -1,11 +1,14 @@
 """The planner's figures, exact where the issue fixes them, and its bounds against published ones."""
 
+import json
+
 import pytest
 
 from devices.planner import (bytes_per_weight, format_plan, kv_cache_bytes, linear_read_bytes, param_count,
                              plan)
 from devices.profiles import load_profile
 from devices.shapes import PUBLIC, resolve_model
+from models.checkpoint import load_checkpoint
 from models.errors import EdgesmithError
 from models.llama import ModelConfig
 
@@ -98,7 +101,7 @@ def test_too_big_does_not_fit_and_recommends_smallest():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"bits": 5}, r"--bits 5; allowed: 32, 16, 8, 4"),
+    ({"bits": 6}, r"--bits 6; allowed: 32, 16, 8, 5, 4"),
     ({"context": 0}, r"--context 0 must be a positive integer"),
 ])
 def test_bad_arguments_one_line(kwargs, match):
@@ -126,3 +129,22 @@ def test_bound_never_below_a_published_figure(device, model, bits, head_bits, co
     prof, spec = load_profile(device), resolve_model(model)
     read = linear_read_bytes(spec, bits, head_bits) + kv_cache_bytes(spec.config, context)
     assert prof.bandwidth_bytes_s / read > published
+
+
+def test_five_bit_codes_count_as_the_artifact_holds_them(checkpoints, tmp_path):
+    # setup: a manifest whose format holds 5-bit codes as 8-bit (ONNX, ExecuTorch) and one that stores them (GGUF)
+    cfg = load_checkpoint(checkpoints["float"]).config.to_dict()
+    weights = {"model.layers.0.mlp.down_proj": {"bits": 5, "group_size": 32, "act_bits": None}}
+    for name, held in (("gguf", {}), ("onnx", {"model.layers.0.mlp.down_proj": 8})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({
+            "format": name, "model": cfg, "precision": "fp32",
+            "quantization": {"weights": weights, **({"held_bits": held} if held else {})}}))
+    # execute
+    gguf, onnx = resolve_model(tmp_path / "gguf"), resolve_model(tmp_path / "onnx")
+    # assert: Q5_0's 5.5 bits per weight where the format stores them, 8.5 where it holds them as 8-bit codes
+    assert bytes_per_weight(5) == pytest.approx(5 / 8 + 2 / 32)
+    assert gguf.quantized["model.layers.0.mlp.down_proj"]["bits"] == 5
+    assert onnx.quantized["model.layers.0.mlp.down_proj"]["bits"] == 8
+    assert linear_read_bytes(onnx, None) - linear_read_bytes(gguf, None) == pytest.approx(
+        3 / 8 * cfg["ffn_dim"] * cfg["dim"])

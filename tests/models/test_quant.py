@@ -124,9 +124,9 @@ def test_a_weight_larger_than_a_chunk_gives_the_whole_matmul(dtype, monkeypatch)
 
 
 @pytest.mark.parametrize("bits, group_size, message", [
-    (3, 32, "bits=3 is not allowed; allowed: 4, 8"),
+    (3, 32, "bits=3 is not allowed; allowed: 4, 5, 8"),
     (4, 16, "group_size=16 is not allowed; allowed: 32, 64, 128"),
-    (True, 32, "allowed: 4, 8"),
+    (True, 32, "allowed: 4, 5, 8"),
 ])
 def test_bad_scheme_names_allowed_values(bits, group_size, message):
     with pytest.raises(EdgesmithError, match=message):

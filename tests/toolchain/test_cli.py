@@ -100,7 +100,7 @@ def test_import_hf_cli(tiny_model, tokenizer, tmp_path):
     (["run", "--set", "source.train.vocab_size=100"], "source.train.vocab_size: 100 is too small; byte-level BPE "
                                                       "needs at least 259"),
     (["run", "--set", "source.train.seq_len=4096"], "source.train.seq_len: 4096 exceeds the model's max_seq_len 1024"),
-    (["run", "--set", "pass[0].bits=5"], "pass[0].bits: 5 is not allowed; allowed: 4, 8"),
+    (["run", "--set", "pass[0].bits=6"], "pass[0].bits: 6 is not allowed; allowed: 4, 5, 8"),
     (["eval", "{tmp}/nockpt"], "nockpt: not a checkpoint directory"),
     (["generate", "{tmp}/nockpt", "--prompt", "x"], "nockpt: not a checkpoint directory"),
     (["import-hf", "{tmp}/nohf", "--out", "{tmp}/o"], "nohf: no such directory"),

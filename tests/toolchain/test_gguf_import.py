@@ -1,5 +1,6 @@
 """`edgesmith import-gguf`: a GGUF becomes a checkpoint with its quantized codes kept exactly (issue 21, item 4)."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -13,6 +14,7 @@ from edgesmith.cli import main
 from models.checkpoint import child_lineage, load_checkpoint, save_checkpoint
 from models.errors import EdgesmithError
 from models.hf import import_hf
+from models.llama import Transformer
 from models.quant import QuantizedEmbedding, QuantizedLinear, quantize_embedding_, quantize_linear_
 from tests.conftest import TEXT
 from tests.models.test_families import hf_model
@@ -38,9 +40,9 @@ def test_a_float_gguf_comes_back_as_the_checkpoint_it_was_exported_from(artifact
     assert json.loads((out / "edgesmith.json").read_text())["lineage"]["passes"][0]["kind"] == "import-gguf"
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 8])
 def test_quantized_codes_come_back_exactly_and_export_to_onnx_with_the_same_numbers(checkpoints, tmp_path, bits):
-    # setup: 4- or 8-bit Linears and embedding (tied head reads it) -> Q4_0 / Q8_0 GGUF
+    # setup: 4-, 5- or 8-bit Linears and embedding (tied head reads it) -> Q4_0 / Q5_0 / Q8_0 GGUF
     ckpt = load_checkpoint(checkpoints["float"])
     quantize_linear_(ckpt.model, bits, 32)
     quantize_embedding_(ckpt.model, bits, 32)
@@ -122,18 +124,24 @@ def test_what_the_importer_cannot_represent_is_refused_in_one_line(artifact, tmp
     assert not (tmp_path / "out").exists()
 
 
-def test_a_k_quant_tensor_is_refused_naming_it(artifact, tmp_path):
-    # setup: llama.cpp's own quantizer turns our F32 GGUF into Q4_K_M
+def test_a_k_quant_tensor_is_refused_naming_it(tokenizer, tiny_config, tmp_path):
+    # setup: llama.cpp's own quantizer turns our F32 GGUF into Q4_K_M; rows 256 wide, so it uses K-quants (it falls
+    # back to Q5_0 / Q8_0, which we hold, for narrower rows)
     import llama_cpp
 
-    src = shutil.copy(artifact("gguf") / "model.gguf", tmp_path / "f32.gguf")
+    torch.manual_seed(0)
+    wide = Transformer(dataclasses.replace(tiny_config, dim=256, ffn_dim=256, n_layers=1, max_seq_len=64))
+    ckpt = save_checkpoint(wide, tokenizer, tmp_path / "wide", {"parent": None, "passes": []})
+    with torch_threads(1):
+        export(ckpt, tmp_path / "gguf", ExportConfig(format="gguf"), log=lambda line: None)
+    src = shutil.copy(tmp_path / "gguf" / "model.gguf", tmp_path / "f32.gguf")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(tmp_path / "k.gguf").encode(), params) == 0
     # execute
     with pytest.raises(EdgesmithError) as e:
         import_gguf(tmp_path / "k.gguf", tmp_path / "out")
-    # assert: the first tensor of a type we cannot hold (a K-quant, or Q5_0 where a row is not 256 wide), named
-    m = re.search(r"tensor '[^']+' is (\w+); allowed: F32, F16, Q8_0, Q4_0$", str(e.value))
-    assert m and m.group(1) not in ("F32", "F16", "Q8_0", "Q4_0"), str(e.value)
+    # assert: the first tensor of a type we cannot hold (a K-quant), named
+    m = re.search(r"tensor '[^']+' is (\w+); allowed: F32, F16, Q8_0, Q5_0, Q4_0$", str(e.value))
+    assert m and m.group(1) not in ("F32", "F16", "Q8_0", "Q5_0", "Q4_0"), str(e.value)
     assert not (tmp_path / "out").exists()

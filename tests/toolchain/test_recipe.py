@@ -48,7 +48,7 @@ DELETE = object()
     ("pass[0].kind", "sparsify", "pass[0].kind: 'sparsify' is not one of quantize, distill, lowrank, prune, qat"),
     ("pass[0].kind", DELETE, "pass[0].kind: missing; allowed: quantize, distill, lowrank, prune, qat"),
     ("pass[1].method", "magic", "pass[1].method: 'magic' is not one of awq, gptq, kv_int8, rtn, smoothquant"),
-    ("pass[1].bits", 5, "pass[1].bits: 5 is not allowed; allowed: 4, 8"),
+    ("pass[1].bits", 6, "pass[1].bits: 6 is not allowed; allowed: 4, 5, 8"),
     ("pass[1].group_size", 48, "pass[1].group_size: 48 is not allowed; allowed: "),
     ("pass[0].method", "sideways", "pass[0].method: 'sideways' is not supported; allowed: "),
     ("pass[0].ratio", 1.5, "pass[0].ratio: 1.5 is out of range; allowed: 0 < ratio < 1"),
@@ -139,13 +139,13 @@ def test_unknown_recipe_and_bad_toml(tmp_path):
 def test_cli_run_bad_recipe_is_one_line_exit_2_nothing_written(tmp_path, capsys):
     # setup
     recipe = tmp_path / "r.toml"
-    recipe.write_text(to_toml(_with("pass[1].bits", 5)))
+    recipe.write_text(to_toml(_with("pass[1].bits", 6)))
     before = sorted(tmp_path.rglob("*"))
     # execute
     code = main(["run", str(recipe), "--out", str(tmp_path / "out")])
     # assert
     lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and lines == ["edgesmith: error: pass[1].bits: 5 is not allowed; allowed: 4, 8"]
+    assert code == 2 and lines == ["edgesmith: error: pass[1].bits: 6 is not allowed; allowed: 4, 5, 8"]
     assert sorted(tmp_path.rglob("*")) == before
     assert main(["run", str(recipe), "--set", "pass[1].bits=4", "--set", "source.train.steps=x",
                  "--out", str(tmp_path / "out")]) == 2

@@ -1,10 +1,10 @@
 """Per-layer quantization rules: ordered (regex, value) pairs, the first full match wins.
 
 Names are our module names: every Linear (`layers.0.self_attn.q_proj`, `lm_head`) and the token
-embedding (`embed_tokens`). A value is a bit width (4 or 8) or `"skip"` (the layer stays float). A
-layer no rule matches gets the pass's default bits. A rule that matches no layer at all is almost
-always a typo, so it warns (and the warning goes into the pass report). This module only resolves
-names; it quantizes nothing.
+embedding (`embed_tokens`). A value is a bit width (4, 5 or 8; 5 is GGUF's Q5_0, held as 8 bits by the other
+formats) or `"skip"` (the layer stays float). A layer no rule matches gets the pass's default bits. A rule that
+matches no layer at all is almost always a typo, so it warns (and the warning goes into the pass report). This
+module only resolves names; it quantizes nothing.
 """
 
 from __future__ import annotations

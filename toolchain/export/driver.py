@@ -20,6 +20,7 @@ from devices.profiles import load_profile
 from models.checkpoint import Checkpoint, load_checkpoint, replace_dir, temp_dir_for
 from models.errors import EdgesmithError
 from models.registry import FORMATS
+from models.quant import widen_codes_
 from toolchain.export.hf_optimum import export_hf, is_hf_directory
 from toolchain.export.manifest import build_manifest, write_manifest
 from toolchain.export.parity import check_parity
@@ -86,6 +87,7 @@ def export(checkpoint: str | Path, out: str | Path, cfg: ExportConfig, log=print
     if out.exists() and not cfg.force:
         raise EdgesmithError(f"{out}: already exists (pass --force to replace it)")
     ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
+    widen_codes_(ckpt.model, spec.code_bits)  # the reference too: the values are the same
     cfg_seq = cfg.seq_len_for(ckpt)
     tmp = temp_dir_for(out)
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from models.checkpoint import Checkpoint
 from models.errors import EdgesmithError
-from models.quant import Int8KVAttention
+from models.quant import Int8KVAttention, held_bits
 from models.registry import FORMATS
 
 PRECISIONS = ("fp32", "fp16")
@@ -40,6 +40,9 @@ class FormatSpec:
     # Where the runtime computes part of a float model at a lower precision by design: `activations(ckpt)` -> (the
     # precision whose parity threshold then applies, why), or None (llama.cpp's CPU GELU reads an fp16 table).
     activations: Callable[[Checkpoint], tuple[str, str] | None] = lambda ckpt: None
+    # The code widths the format stores at their own width; a checkpoint's others are held in the next wider one
+    # (models.quant.widen_codes_: 5-bit codes as 8-bit, exact, at 8-bit size) before `write`.
+    code_bits: tuple[int, ...] = (4, 8)
     toolkit: str = ""  # the module that must import for this format to be exported here (recipe `optional`)
     estimate_s: float = 10.0  # rough seconds for a nano export on 2 cores, only for the pipeline's ETA
 
@@ -67,9 +70,14 @@ def quantization_scheme(ckpt, target: dict[int, str], embedding: dict[int, str] 
     quant = ckpt.meta.get("quantization")
     if not quant:
         return None
-    stored = {name: (embedding or target)[s["bits"]] if name == EMBEDDING else target[s["bits"]]
+    def held(table: dict[int, str], bits: int) -> str:
+        return table[bits] if bits in table else f"{table[held_bits(bits, tuple(table))]}, holding {bits}-bit codes"
+
+    stored = {name: held(embedding or target if name == EMBEDDING else target, s["bits"])
               for name, s in (quant.get("weights") or {}).items()}
-    return {**quant, "stored_as": stored}
+    held = {name: held_bits(s["bits"], tuple(target)) for name, s in (quant.get("weights") or {}).items()
+            if s["bits"] not in target}  # what the planner counts for this artifact
+    return {**quant, "stored_as": stored, **({"held_bits": held} if held else {})}
 
 
 def refuse_int8_kv_cache(model, fmt: str) -> None:

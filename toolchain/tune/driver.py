@@ -5,7 +5,10 @@
    with the blocks named, before the quantize pass), each priced by its measured KLD;
 2. uniform 4-bit is built and measured first; its measured file size and speed correct the estimates (the
    size by the overhead the estimate leaves out, the speed by how it scales with the weight bytes), and the
-   other candidates are spread over the frontier points the corrected estimates say meet the limits. Each: `compress` with the candidate's rules, `export` to each format (parity
+   other candidates are spread over the frontier points the corrected estimates say meet the limits. The widths
+   searched are 4 and 8 bits, and 5 where the first format is GGUF (its Q5_0: 5.5 bits per weight; the other
+   formats hold 5-bit codes as 8-bit, so there it would cost 8 bits' size). Each: `compress` with the candidate's
+   rules, `export` to each format (parity
    checked there), mean / median / 99% KLD and same top p through the first format's own runtime against the
    float checkpoint on the validation split, and speed from `bench` on the target (the `local` profile here,
    ssh/adb devices when named) — or, where the device cannot be reached, the planner's bandwidth bound, and
@@ -83,9 +86,11 @@ def tune(checkpoint: str | Path, target: str, out: str | Path, *, max_size_mb: f
     tokens = tokenize_corpus(load_corpus(data), ckpt.tokenizer)
     calib = calibration_tokens(tokens.train, calib_windows, min(calib_seq_len, ckpt.config.max_seq_len), seed)
     sha = ckpt.meta["files"]["model.safetensors"]["sha256"]
+    widths = (4, 5, 8) if formats[0] == "gguf" else (4, 8)  # 5: a size only GGUF stores (Q5_0)
     sens = sensitivities(ckpt.model, calib, method, GROUP_SIZE, sha, out / "cache", ckpt.tokenizer,
-                         drop=drop_layers > 0)
-    log(f"sensitivity: {len(sens['units'])} units x 4/8 bits{' and blocks dropped' if drop_layers else ''} "
+                         drop=drop_layers > 0, bits=widths)
+    log(f"sensitivity: {len(sens['units'])} units x {'/'.join(map(str, widths))} bits"
+        f"{' and blocks dropped' if drop_layers else ''} "
         f"({'cached' if sens['cached'] else 'measured'}, {method}, {calib.shape[0]} calibration windows of "
         f"{calib.shape[1]})")
     path = frontier(sens, drop_layers)

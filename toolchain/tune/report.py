@@ -28,16 +28,17 @@ def candidate_rows(doc: dict) -> list[list[str]]:
 
 
 def unit_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
-    """Units down, candidates across, with each unit's measured KLD at 4 and 8 bits (and dropped, for blocks when
-    the search could drop them) first."""
+    """Units down, candidates across, with each unit's measured KLD at each width searched (4, 5 where the format
+    holds it, 8; and dropped, for blocks when the search could drop them) first."""
     cands, units = doc["candidates"], doc["sensitivity"]["units"]
     drop = any("drop" in kld for kld in units.values())
-    headers = ["unit", "KLD at 4 bits", "KLD at 8 bits"] + (["KLD dropped"] if drop else []) + \
+    widths = sorted({b for kld in units.values() for b in kld if b.isdigit()}, key=int)
+    headers = ["unit", *(f"KLD at {b} bits" for b in widths)] + (["KLD dropped"] if drop else []) + \
         [f"#{i + 1}" + (" (chosen)" if r.get("chosen") else "") for i, r in enumerate(cands)]
     rows = []
     for unit, kld in units.items():
         dropped = [f"{kld['drop']:.3g}" if "drop" in kld else "-"] if drop else []
-        rows.append([unit, f"{kld['4']:.3g}", f"{kld['8']:.3g}", *dropped] + [r["bits"].get(unit, "?") for r in cands])
+        rows.append([unit, *(f"{kld[b]:.3g}" for b in widths), *dropped] + [r["bits"].get(unit, "?") for r in cands])
     return headers, rows
 
 
@@ -85,7 +86,7 @@ def write_tune_report(out: Path, doc: dict) -> Path:
         parts.append(f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
     parts += ["<h2>Candidates</h2>", _table(COLUMNS, candidate_rows(doc)),
               "<h2>Per-unit precision</h2>", _table(headers, rows),
-              "<p class='note'>KLD at 4 / 8 bits: the whole model's mean KLD on calibration windows with only that "
+              "<p class='note'>KLD at b bits: the whole model's mean KLD on calibration windows with only that "
               "unit quantized (the search's estimate adds them up)" + ("; KLD dropped: with only that block removed "
               "(prune:method=layers)" if "KLD dropped" in headers else "") + ".</p>"]
     page = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>edgesmith tune</title><style>{CSS}</style>" \

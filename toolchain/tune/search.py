@@ -1,9 +1,10 @@
 """The precision search: a greedy knapsack frontier on measured per-unit sensitivities, then candidates.
 
-Each unit takes 4 bits, 8 bits or stays float. The model's KLD is estimated as the sum of the units'
-own KLDs (what `sensitivity` measured one unit at a time; a unit kept float adds nothing) and its size
-as the sum of the units' deployed bytes. Starting from every unit at 4 bits, each step upgrades the one
-unit whose upgrade (4 -> 8, or 8 -> float) removes the most estimated KLD per byte added; the list of
+Each unit takes 4 bits, 5 (where the sensitivities measured it: a GGUF's Q5_0), 8 bits or stays float. The
+model's KLD is estimated as the sum of the units' own KLDs (what `sensitivity` measured one unit at a time; a unit
+kept float adds nothing) and its size as the sum of the units' deployed bytes. Starting from every unit at 4 bits,
+each step makes the one upgrade (a unit to any wider width it was measured at, or to float) that removes the most
+estimated KLD per byte added; the list of
 assignments after each step is the frontier, smallest first. `pick` chooses the candidates to build and
 measure: uniform 4-bit (the baseline every run measures), the largest assignment within the size limit,
 and evenly spaced ones between them. Ties break on the unit order, so a seed and the same sensitivities
@@ -18,12 +19,12 @@ from dataclasses import dataclass
 
 from toolchain.tune.sensitivity import DROP, FLOAT, unit_rule
 
-NEXT = {"4": "8", "8": FLOAT}
+ORDER = ("4", "5", "8", FLOAT)  # narrowest first
 
 
 @dataclass(frozen=True)
 class Assignment:
-    bits: tuple[tuple[str, str], ...]  # (unit, "4" | "8" | "float") in unit order
+    bits: tuple[tuple[str, str], ...]  # (unit, "4" | "5" | "8" | "float" | "drop") in unit order
     est_kld: float
     est_bytes: int
 
@@ -33,7 +34,7 @@ class Assignment:
 
     def label(self) -> str:
         """Short: how many units at each precision, e.g. "4-bit x5, 8-bit x1" ("dropped x1": blocks removed)."""
-        counts = {p: sum(1 for _, b in self.bits if b == p) for p in ("4", "8", FLOAT, DROP)}
+        counts = {p: sum(1 for _, b in self.bits if b == p) for p in (*ORDER, DROP)}
         names = {FLOAT: FLOAT, DROP: "dropped"}
         return ", ".join(f"{names.get(p, p + '-bit')} x{n}" for p, n in counts.items() if n)
 
@@ -42,7 +43,7 @@ class Assignment:
         return tuple(int(u.split(".")[1]) for u, b in self.bits if b == DROP)
 
     def rules(self) -> list[list]:
-        """Ordered quantize rules (regex, 4 | 8 | "skip") that build this assignment, one per kept unit, under
+        """Ordered quantize rules (regex, 4 | 5 | 8 | "skip") that build this assignment, one per kept unit, under
         the block indices left after the dropped blocks are removed."""
         gone = self.dropped()
         out = []
@@ -90,14 +91,14 @@ def frontier(sens: dict, max_drop: int = 0) -> list[Assignment]:
     while True:
         best, best_gain = None, None
         for u, b in bits.items():
-            if b not in NEXT:
+            if b not in ORDER:
                 continue
-            up = NEXT[b]
-            removed = (sens["units"][u][b]) - (0.0 if up == FLOAT else sens["units"][u][up])
-            added = sens["bytes"][u][up] - sens["bytes"][u][b]
-            gain = removed / max(added, 1)
-            if best_gain is None or gain > best_gain:
-                best, best_gain = (u, up), gain
+            for up in [w for w in ORDER[ORDER.index(b) + 1:] if w == FLOAT or w in sens["units"][u]]:
+                removed = (sens["units"][u][b]) - (0.0 if up == FLOAT else sens["units"][u][up])
+                added = sens["bytes"][u][up] - sens["bytes"][u][b]
+                gain = removed / max(added, 1)
+                if best_gain is None or gain > best_gain:
+                    best, best_gain = (u, up), gain
         if best is None:
             return path
         bits[best[0]] = best[1]

@@ -2,7 +2,8 @@
 
 A *unit* is what `edgesmith tune` assigns a precision to: the token embedding, each transformer block
 (`layers.N`: its attention and MLP Linears) and `lm_head` (with tied embeddings the head is the
-embedding: one unit). For each bit width (4 and 8) the model is quantized once, whole, with the chosen
+embedding: one unit). For each bit width searched (4 and 8; 5 too where the size is a GGUF's, which holds it as
+Q5_0) the model is quantized once, whole, with the chosen
 method; then each unit alone is swapped into the float model and the mean KL divergence of the
 next-token distribution against the float model is measured on calibration windows of the TRAIN
 split (validation stays for judging the candidates). Each unit's deployed bytes at each width come from
@@ -30,7 +31,7 @@ from models.quant import linear_names, replace_module_
 from toolchain.compress import Context, apply, config_class
 from toolchain.compress.common import embedding_names
 
-BITS = (4, 8)
+BITS = (4, 8)  # the widths every format stores at their own size; 5 (GGUF's Q5_0) is asked for by the driver
 FLOAT = "float"  # a unit kept in floating point (fp16 as deployed)
 DROP = "drop"  # a block removed (prune:method=layers)
 
@@ -72,8 +73,10 @@ def deployed_bytes(module: nn.Module) -> int:
     return 2 * sum(p.numel() for p in module.parameters(recurse=False))
 
 
-def cache_key(weights_sha256: str, method: str, group_size: int, calib: torch.Tensor, drop: bool = False) -> str:
-    h = hashlib.sha256(f"{weights_sha256}|{method}|{group_size}|{'drop|' if drop else ''}".encode())
+def cache_key(weights_sha256: str, method: str, group_size: int, calib: torch.Tensor, drop: bool = False,
+              bits: tuple[int, ...] = BITS) -> str:
+    widths = "" if tuple(bits) == BITS else f"{','.join(map(str, bits))}|"  # (4, 8): the keys written before 5 bits
+    h = hashlib.sha256(f"{weights_sha256}|{method}|{group_size}|{'drop|' if drop else ''}{widths}".encode())
     h.update(calib.numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -90,16 +93,16 @@ def _mean_kld(model: nn.Module, calib: torch.Tensor, ref_logp: list[torch.Tensor
 
 @torch.no_grad()
 def measure(model: nn.Module, calib: torch.Tensor, method: str, group_size: int, tokenizer=None,
-            batch: int = 4, progress: bool = True, drop: bool = False) -> dict:
-    """{"units": {unit: {"4": kld, "8": kld}}, "bytes": {unit: {"4": b, "8": b, "float": b}}} for `model` (float);
-    with `drop`, blocks also {"drop": kld} and 0 bytes."""
+            batch: int = 4, progress: bool = True, drop: bool = False, bits: tuple[int, ...] = BITS) -> dict:
+    """{"units": {unit: {"4": kld, "8": kld}}, "bytes": {unit: {"4": b, "8": b, "float": b}}} for `model` (float),
+    one entry per width in `bits`; with `drop`, blocks also {"drop": kld} and 0 bytes."""
     model.eval()
     plan = units(model)
     ref_logp = [F.log_softmax(model(calib[i:i + batch]).float(), dim=-1) for i in range(0, calib.shape[0], batch)]
     kld = {u: {} for u in plan}
     size = {u: {FLOAT: sum(deployed_bytes(model.get_submodule(n)) for n in names)} for u, names in plan.items()}
     blocks = [u for u in plan if u.startswith("layers.")] if drop else []
-    steps = tqdm(total=len(BITS) * (1 + len(plan)) + len(blocks), desc=f"sensitivity ({method})", unit="step",
+    steps = tqdm(total=len(bits) * (1 + len(plan)) + len(blocks), desc=f"sensitivity ({method})", unit="step",
                  disable=not progress)
     for unit in blocks:
         i = int(unit.split(".")[1])
@@ -110,19 +113,19 @@ def measure(model: nn.Module, calib: torch.Tensor, method: str, group_size: int,
         finally:
             model.layers[i] = block
         steps.update()
-    for bits in BITS:
-        cfg = config_class(method)(bits=bits, group_size=group_size, n_calib=calib.shape[0])
+    for width in bits:
+        cfg = config_class(method)(bits=width, group_size=group_size, n_calib=calib.shape[0])
         ctx = Context(tokenizer=tokenizer, calibration=calib, reference=model)
         quantized = apply(copy.deepcopy(model), cfg, ctx)
         steps.update()
         for unit, names in plan.items():
             originals = {n: model.get_submodule(n) for n in names}
             swapped = {n: quantized.get_submodule(n) for n in names}
-            size[unit][str(bits)] = sum(deployed_bytes(m) for m in swapped.values())
+            size[unit][str(width)] = sum(deployed_bytes(m) for m in swapped.values())
             try:
                 for n, m in swapped.items():
                     replace_module_(model, n, m)
-                kld[unit][str(bits)] = _mean_kld(model, calib, ref_logp, batch)
+                kld[unit][str(width)] = _mean_kld(model, calib, ref_logp, batch)
             finally:
                 for n, m in originals.items():
                     replace_module_(model, n, m)
@@ -132,16 +135,17 @@ def measure(model: nn.Module, calib: torch.Tensor, method: str, group_size: int,
 
 
 def sensitivities(model: nn.Module, calib: torch.Tensor, method: str, group_size: int, weights_sha256: str,
-                  cache_dir: Path, tokenizer=None, progress: bool = True, drop: bool = False) -> dict:
+                  cache_dir: Path, tokenizer=None, progress: bool = True, drop: bool = False,
+                  bits: tuple[int, ...] = BITS) -> dict:
     """`measure`, read from `cache_dir` when these settings were measured before (written atomically after)."""
-    key = cache_key(weights_sha256, method, group_size, calib, drop)
+    key = cache_key(weights_sha256, method, group_size, calib, drop, bits)
     path = Path(cache_dir) / f"sensitivity-{key}.json"
     if path.is_file():
         cached = read_json(path)
         if cached.get("key") == key and set(cached.get("units", {})) == set(units(model)):
             return {**cached, "cached": True}
     result = {"key": key, "method": method, "group_size": group_size, "calibration_windows": list(calib.shape),
-              **measure(model, calib, method, group_size, tokenizer, progress=progress, drop=drop)}
+              **measure(model, calib, method, group_size, tokenizer, progress=progress, drop=drop, bits=bits)}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(result, indent=2) + "\n")
     return {**result, "cached": False}

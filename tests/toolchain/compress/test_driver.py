@@ -125,7 +125,7 @@ def test_kld_statistics_match_their_definitions():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--pass", "quantize:method=gptq,bits=3"], "bits=3 is not allowed; allowed: 4, 8"),
+    (["--pass", "quantize:method=gptq,bits=3"], "bits=3 is not allowed; allowed: 4, 5, 8"),
     (["--pass", "quantize:method=rtn,group_size=48"], "group_size=48 is not allowed; allowed: 32, 64, 128"),
     (["--pass", "quantize:method=hqq"], "unknown quantize method 'hqq'; allowed: awq, gptq, kv_int8, rtn, smoothquant"),
     (["--pass", "quantize:method=gptq,n_calib=100000"], "calibration set too small"),

@@ -116,7 +116,7 @@ def test_tied_head_reads_the_quantized_table(trained):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("quantize:method=awq,bits=2", "bits=2 is not allowed; allowed: 4, 8"),
+    ("quantize:method=awq,bits=2", "bits=2 is not allowed; allowed: 4, 5, 8"),
     ("quantize:method=gptq,group_size=256", "group_size=256 is not allowed; allowed: 32, 64, 128"),
     ("quantize:method=gptq,act_order=1", "act_order=1; allowed: true, false"),
     ("quantize:method=smoothquant,alpha=1.5", "alpha=1.5 must be in [0, 1]"),

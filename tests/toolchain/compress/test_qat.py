@@ -109,7 +109,7 @@ def test_qat_keeps_the_zeros_of_a_pruned_model(trained):
 
 
 @pytest.mark.parametrize("spec, rules, message", [
-    ("qat:bits=3", [], "bits=3 is not allowed; allowed: 4, 8"),
+    ("qat:bits=3", [], "bits=3 is not allowed; allowed: 4, 5, 8"),
     ("qat:group_size=48", [], "group_size=48 is not allowed; allowed: 32, 64, 128"),
     ("qat:steps=0", [], "qat: steps=0 must be an integer >= 1"),
     ("qat:keep_zeros=maybe", [], "qat: keep_zeros='maybe'; allowed: true, false"),

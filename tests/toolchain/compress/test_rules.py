@@ -56,8 +56,8 @@ def test_rule_matching_no_layer_warns_and_is_reported():
 
 
 @pytest.mark.parametrize("rules, message", [
-    ({"lm_head": 3}, r"rule 'lm_head': value 3 is not allowed; allowed: 4, 8, 'skip'"),
-    ({"lm_head": "float"}, r"value 'float' is not allowed; allowed: 4, 8, 'skip'"),
+    ({"lm_head": 3}, r"rule 'lm_head': value 3 is not allowed; allowed: 4, 5, 8, 'skip'"),
+    ({"lm_head": "float"}, r"value 'float' is not allowed; allowed: 4, 5, 8, 'skip'"),
     ({"(": 4}, r"rule '\(': not a valid regular expression"),
     ([("lm_head",)], r"expected a \(regex, value\) pair"),
 ])

@@ -231,3 +231,28 @@ def test_codes_outside_xnnpack_are_clamped_and_measured_or_kept_with_exact(quant
     assert "2 planes" in exact["quantization"]["stored_as"]["model.layers.0.mlp.down_proj"]
     assert exact["parity"]["passed"]
     assert exact["parity"]["max_abs_logit_diff"] < fast["parity"]["max_abs_logit_diff"]
+
+
+@pytest.mark.slow  # one lowering of a one-layer model
+def test_five_bit_codes_go_through_the_8_bit_path_and_meet_parity(tokenizer, tiny_config, tmp_path):
+    # setup: a one-layer model with its down projection and token embedding at 5 bits (llama.cpp's Q5_0 rule)
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(tiny_config, n_layers=1))
+    tokens = np.array(tokenizer.encode(TEXT + PARITY_TEXT * 20), dtype=np.uint16)
+    with torch_threads(1):
+        fit(model, tokens)
+    quantize_linear_(model, 5, 32, include=lambda name: name == "layers.0.mlp.down_proj")
+    quantize_embedding_(model, 5, 32)
+    step = {"kind": "quantize", "method": "rtn", "bits": 5, "group_size": 32,
+            "rules": ["embed_tokens=5", "layers.0.mlp.down_proj=5", ".*=skip"]}
+    src = save_checkpoint(model, tokenizer, tmp_path / "q5", {"parent": None, "passes": [{"kind": "train"}, step]})
+    # execute
+    manifest = export(src, tmp_path / "et", ExportConfig(format="executorch", max_seq_len=64, exact=True))
+    # assert: held in the 8-bit forms (XNNPACK has no 5-bit kernel), said so, and parity met; --exact keeps every code
+    stored = manifest["quantization"]["stored_as"]
+    assert stored["model.layers.0.mlp.down_proj"].startswith("8da8w") and "holding 5-bit codes" in \
+        stored["model.layers.0.mlp.down_proj"], stored
+    assert "holding 5-bit codes" in stored["model.embed_tokens"], stored
+    assert manifest["quantization"]["deviation"]["clamped_codes"] == 0
+    assert manifest["parity"]["passed"] and manifest["parity"]["greedy_matched"] == 32, manifest["parity"]
+    assert load_checkpoint(src).model.layers[0].mlp.down_proj.bits == 5  # the checkpoint itself is untouched

@@ -142,7 +142,9 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
     embedding = {bits: EMBEDDING_STORED_AS[bits, cfg.portable_embedding] for bits in (4, 8)}
     quant = quantization_scheme(ckpt, {4: "", 8: ""}, embedding)
     if quant:
-        quant["stored_as"].update({_hf(n): stored_as(info["bits"], info) for n, info in linears.items()})
+        theirs = {n: quant["weights"][_hf(n)]["bits"] for n in linears}  # before widen_codes_ (5 -> 8)
+        quant["stored_as"].update({_hf(n): stored_as(info["bits"], info) + (
+            f", holding {theirs[n]}-bit codes" if theirs[n] != info["bits"] else "") for n, info in linears.items()})
         quant["deviation"] = {"max_abs_dw": max((i["max_abs_dw"] for i in linears.values()), default=0.0),
                               "clamped_codes": sum(i["clamped_codes"] for i in linears.values()),
                               "exact": cfg.exact}

@@ -99,6 +99,19 @@ def pack_q4_0(qweight: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
     return np.concatenate([d, qs], axis=-1).reshape(out_f, -1)
 
 
+def pack_q5_0(qweight: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
+    """int8 codes in [-16, 15] `(out, in)` + fp16 scales `(out, in/32)` -> Q5_0 bytes `(out, in/32*22)`: d, then
+    qh (bit j: bit 4 of column j's `code + 16`, little-endian uint32), then Q4_0's nibble layout of the low 4 bits."""
+    out_f, in_f = qweight.shape
+    q = (qweight.numpy().astype(np.int16) + 16).astype(np.uint32).reshape(out_f, in_f // 32, 32)
+    qh = ((q >> 4) << np.arange(32, dtype=np.uint32)).sum(-1, dtype=np.uint32)  # (out, nb)
+    lo = (q & 0xF).astype(np.uint8)
+    qs = lo[..., :16] | (lo[..., 16:] << 4)  # (out, nb, 16)
+    d = scales.numpy().astype(np.float16).reshape(out_f, in_f // 32, 1).view(np.uint8)  # (out, nb, 2)
+    qh = qh.astype("<u4").reshape(out_f, in_f // 32, 1).view(np.uint8)  # (out, nb, 4)
+    return np.concatenate([d, qh, qs], axis=-1).reshape(out_f, -1)
+
+
 def pack_q8_0(qweight: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
     """int8 codes `(out, in)` + fp16 scales `(out, in/32)` -> Q8_0 bytes `(out, in/32*34)`."""
     out_f, in_f = qweight.shape
@@ -114,7 +127,7 @@ def check_holdable(model: Transformer) -> None:
             raise EdgesmithError(f"{name}: an int8 KV cache with calibrated per-head scales cannot be held by "
                                  "GGUF (llama.cpp quantizes its cache itself); export the checkpoint before that pass")
         if isinstance(m, (QuantizedLinear, QuantizedEmbedding)) and m.group_size != 32:
-            qtype = "Q4_0" if m.bits == 4 else "Q8_0"
+            qtype = f"Q{m.bits}_0"
             raise EdgesmithError(f"{name}.weight: {m.bits}-bit group {m.group_size} cannot be held by GGUF "
                                  f"{qtype} (blocks of 32 with one scale each); allowed: group_size 32")
 
@@ -135,10 +148,8 @@ def gguf_tensors(model: Transformer, precision: str) -> dict[str, tuple[np.ndarr
             qweight, scales = module.qweight.detach(), module.scales.detach()
             if heads:  # rows move together with their scales; blocks run along the input, so they stay whole
                 qweight, scales = permute_rope_rows(qweight, heads), permute_rope_rows(scales, heads)
-            if module.bits == 4:
-                tensor = (pack_q4_0(qweight, scales), gguf.GGMLQuantizationType.Q4_0)
-            else:
-                tensor = (pack_q8_0(qweight, scales), gguf.GGMLQuantizationType.Q8_0)
+            pack = {4: pack_q4_0, 5: pack_q5_0, 8: pack_q8_0}[module.bits]
+            tensor = (pack(qweight, scales), getattr(gguf.GGMLQuantizationType, f"Q{module.bits}_0"))
         else:
             # A low-rank pair is multiplied back: llama.cpp's llama architecture has no factorized Linear.
             w = module.dense_weight() if isinstance(module, LowRankLinear) and ours.endswith(".weight") \
@@ -161,7 +172,7 @@ def file_type(model: Transformer, precision: str):
 
     bits = {m.bits for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
     if bits:
-        return gguf.LlamaFileType.MOSTLY_Q4_0 if 4 in bits else gguf.LlamaFileType.MOSTLY_Q8_0
+        return getattr(gguf.LlamaFileType, f"MOSTLY_Q{min(bits)}_0")  # the narrowest, as llama.cpp names a mix
     return gguf.LlamaFileType.MOSTLY_F16 if precision == "fp16" else gguf.LlamaFileType.ALL_F32
 
 
@@ -284,7 +295,7 @@ def write(ckpt: Checkpoint, cfg, tmp: Path, max_seq_len: int) -> dict:
               "factorized Linear): this file is not smaller than the unfactorized model's") if lowrank else None
     options = {"tensor_types": types, **({"lowrank_multiplied_back": len(lowrank)} if lowrank else {})}
     return {"entry": FILE, "options": options,
-            "quantization": quantization_scheme(ckpt, {4: "Q4_0", 8: "Q8_0"}), "notice": notice}
+            "quantization": quantization_scheme(ckpt, {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}), "notice": notice}
 
 
 def runtime_options(ckpt: Checkpoint, cfg) -> dict:
@@ -308,5 +319,5 @@ def activations(ckpt: Checkpoint) -> tuple[str, str] | None:
 
 register_format(FormatSpec(name="gguf", precisions=("fp32", "fp16"), write=write, backend=LlamaCppBackend,
                            runtime_package="llama-cpp-python", activations=activations,
-                           toolkit="llama_cpp", estimate_s=5.0,
+                           toolkit="llama_cpp", estimate_s=5.0, code_bits=(4, 5, 8),
                            runtime_options=runtime_options))
