@@ -335,12 +335,13 @@ def float_precision(recipe: Recipe, quantized: bool) -> str:
 
 
 def _check_passes_for_device(configs: tuple, profile) -> None:
-    """A quantize / qat pass at a width the device profile does not run is refused, naming the pass."""
+    """A quantize / qat pass at a width the device profile does not run is refused, naming the pass (5 bits, GGUF's
+    Q5_0, runs where 4-bit weights do: the same int8 dot products)."""
     if profile is None or not getattr(profile, "precisions", None):
         return
     for i, cfg in enumerate(configs):
         bits = getattr(cfg, "bits", None)
-        if bits is not None and f"int{bits}" not in profile.precisions:
+        if bits is not None and f"int{4 if bits == 5 else bits}" not in profile.precisions:
             raise EdgesmithError(f"pass[{i}].bits: int{bits} is not a precision of device {profile.name}; "
                                  f"allowed: {', '.join(profile.precisions)}")
 

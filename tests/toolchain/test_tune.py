@@ -79,6 +79,24 @@ def test_with_blocks_allowed_to_drop_the_frontier_starts_below_uniform_4_bit():
         [r"layers\.0\..*", 4]
 
 
+SENS5 = {"units": {u: {**k, "5": k["4"] / 4} for u, k in SENS["units"].items()},
+         "bytes": {u: {**b, "5": 122} for u, b in SENS["bytes"].items()}}
+
+
+def test_a_five_bit_step_is_taken_where_it_buys_more_per_byte():
+    # execute
+    path = frontier(SENS5)
+    # assert: 4 -> 5 removes 3/4 of a unit's KLD for 22 bytes (4 -> 8: all of it for 90), so each unit goes to 5 bits
+    # first, most sensitive first, then on to 8 and float; rules and labels carry the width
+    assert path[1].by_unit["layers.0"] == "5" and path[1].est_bytes == 422
+    assert [a.by_unit for a in path[1:5]][-1] == dict.fromkeys(SENS5["units"], "5")
+    assert path[5].label() == "5-bit x3, 8-bit x1" and path[-1].by_unit == dict.fromkeys(SENS5["units"], "float")
+    assert [a.est_bytes for a in path] == sorted(a.est_bytes for a in path)
+    assert path[1].rules()[1] == [r"layers\.0\..*", 5]
+    # without 5-bit sensitivities (a format that holds 5-bit codes as 8-bit) the path is the 4/8 one
+    assert all("5" not in a.by_unit.values() for a in frontier(SENS))
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -89,6 +107,7 @@ def test_tune_builds_measures_and_chooses_within_the_limits(checkpoints, corpus,
     # assert: every candidate measured through llama.cpp and on this machine; the chosen one is the best that fits
     cands = doc["candidates"]
     assert cands[0]["label"] == "4-bit x4" and len(cands) >= 2
+    assert all(set(k) == {"4", "5", "8"} for k in doc["sensitivity"]["units"].values())  # GGUF stores Q5_0
     for r in cands:
         assert r["kld_through"] == "llamacpp" and r["speed_source"].startswith("measured on local")
         assert r["parity"] == {"gguf": True} and r["decode_tok_s"] > 0 and 0 < r["same_top_p"] <= 1

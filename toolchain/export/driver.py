@@ -87,7 +87,10 @@ def export(checkpoint: str | Path, out: str | Path, cfg: ExportConfig, log=print
     if out.exists() and not cfg.force:
         raise EdgesmithError(f"{out}: already exists (pass --force to replace it)")
     ckpt = load_checkpoint(checkpoint, dtype=torch.float32)
-    widen_codes_(ckpt.model, spec.code_bits)  # the reference too: the values are the same
+    widened = widen_codes_(ckpt.model, spec.code_bits)  # the reference too: the values are the same
+    if widened:
+        log(f"{cfg.format}: {len(widened)} tensor(s) of 5-bit codes held as 8-bit codes (the format has no 5-bit "
+            "form): same values, 8-bit size; GGUF stores them as Q5_0")
     cfg_seq = cfg.seq_len_for(ckpt)
     tmp = temp_dir_for(out)
     try:

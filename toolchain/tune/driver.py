@@ -6,8 +6,8 @@
 2. uniform 4-bit is built and measured first; its measured file size and speed correct the estimates (the
    size by the overhead the estimate leaves out, the speed by how it scales with the weight bytes), and the
    other candidates are spread over the frontier points the corrected estimates say meet the limits. The widths
-   searched are 4 and 8 bits, and 5 where the first format is GGUF (its Q5_0: 5.5 bits per weight; the other
-   formats hold 5-bit codes as 8-bit, so there it would cost 8 bits' size). Each: `compress` with the candidate's
+   searched are those the first format stores at their own size (FormatSpec.code_bits): 4 and 8 bits, and 5 in
+   GGUF (Q5_0: 5.5 bits per weight; the other formats hold 5-bit codes as 8-bit, at 8 bits' size). Each: `compress` with the candidate's
    rules, `export` to each format (parity
    checked there), mean / median / 99% KLD and same top p through the first format's own runtime against the
    float checkpoint on the validation split, and speed from `bench` on the target (the `local` profile here,
@@ -46,6 +46,7 @@ from toolchain.compress.passes.prune import Prune
 from toolchain.compress.quality import compare_sessions
 from toolchain.data import load_corpus, tokenize_corpus
 from toolchain.export import ExportConfig, export
+from toolchain.export.spec import get_format
 from toolchain.recipe import to_toml
 from toolchain.tune.report import write_tune_report
 from toolchain.tune.search import Assignment, frontier, pick, uniform
@@ -86,7 +87,7 @@ def tune(checkpoint: str | Path, target: str, out: str | Path, *, max_size_mb: f
     tokens = tokenize_corpus(load_corpus(data), ckpt.tokenizer)
     calib = calibration_tokens(tokens.train, calib_windows, min(calib_seq_len, ckpt.config.max_seq_len), seed)
     sha = ckpt.meta["files"]["model.safetensors"]["sha256"]
-    widths = (4, 5, 8) if formats[0] == "gguf" else (4, 8)  # 5: a size only GGUF stores (Q5_0)
+    widths = get_format(formats[0]).code_bits  # the widths whose size the first format stores (GGUF: 5 too, Q5_0)
     sens = sensitivities(ckpt.model, calib, method, GROUP_SIZE, sha, out / "cache", ckpt.tokenizer,
                          drop=drop_layers > 0, bits=widths)
     log(f"sensitivity: {len(sens['units'])} units x {'/'.join(map(str, widths))} bits"
