@@ -41,7 +41,7 @@ def _positive(value, what: str) -> str | None:
 
 
 def tune_start(act: Actions, checkpoint: str, device: str, max_size_mb, min_decode, max_kld, formats: list[str],
-               method: str, candidates, budget, data: str = "stdlib", drop_layers=0, job_id: str = ""):
+               method: str, candidates, budget, data: str = "stdlib", drop_layers=0, heal_steps=0, job_id: str = ""):
     """Start the tune job; returns (job id, status)."""
     try:
         ckpt = act.ws.resolve(checkpoint, "checkpoint", must_exist=True)
@@ -55,6 +55,8 @@ def tune_start(act: Actions, checkpoint: str, device: str, max_size_mb, min_deco
                 "--data", recipes.corpus(act.ws, data or "stdlib")]
         if drop_layers not in (None, "", 0):
             argv += ["--drop-layers", str(int(float(_positive(drop_layers, "drop blocks"))))]
+        if heal_steps not in (None, "", 0):
+            argv += ["--heal-steps", str(int(float(_positive(heal_steps, "heal steps"))))]
         for flag, value, what in (("--max-size-mb", max_size_mb, "max size"), ("--min-decode-tok-s", min_decode,
                                   "min decode tok/s"), ("--max-kld", max_kld, "max KLD"),
                                   ("--budget-minutes", budget, "budget minutes")):
@@ -123,6 +125,7 @@ def build(act: Actions, timer, demo):
                           elem_id="tune-data")
         drop = gr.Number(0, label="Drop up to N blocks (structured pruning; 0: none)", precision=0, minimum=0,
                          elem_id="tune-drop")
+        heal = gr.Number(0, label="Heal a drop: distill steps (0: none)", precision=0, minimum=0, elem_id="tune-heal")
     with gr.Row():
         start = gr.Button("Start", variant="primary", elem_id="tune-start")
         stop = gr.Button("Stop", variant="stop", elem_id="tune-stop")
@@ -143,7 +146,7 @@ def build(act: Actions, timer, demo):
         return job_id, text, "" if job_id else text
 
     start.click(start_fn, [ckpt, device, max_size, min_decode, max_kld, formats, method, candidates, budget, data,
-                           drop, job],
+                           drop, heal, job],
                 [job, status, note], api_name="tune")
     stop.click(act.cancel, [job], [status], api_name="cancel_tune")
     timer.tick(lambda job_id, key: tune_poll(act, job_id, key), [job, shown], [status, bar, table, plot, log, shown],

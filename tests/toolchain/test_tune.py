@@ -187,3 +187,25 @@ def test_structured_pruning_in_the_search_drops_a_block_to_meet_a_size_limit(che
     assert [type(p).__name__ for p in recipe.passes] == ["Prune", "RTN"] and recipe.passes[0].drop == \
         tuple(best["dropped"])
     assert "KLD dropped" in (out / "report.html").read_text()
+
+
+def test_a_dropped_block_healed_by_distillation_loses_less(checkpoints, corpus, tmp_path):
+    # setup: the same limit with and without healing (the sensitivities measured once, shared through the cache)
+    args = dict(formats=["gguf"], candidates=2, max_size_mb=0.06, drop_layers=1, data=corpus, **FAST)
+    plain = tune(checkpoints["float"], "local", tmp_path / "plain", **args)
+    (tmp_path / "healed" / "cache").mkdir(parents=True)
+    for f in (tmp_path / "plain" / "cache").iterdir():
+        (tmp_path / "healed" / "cache" / f.name).write_bytes(f.read_bytes())
+    # execute
+    healed = tune(checkpoints["float"], "local", tmp_path / "healed", heal_steps=40, **args)
+    # assert: the same block dropped, then distilled from the float model before quantizing: measured lower KLD
+    (a,) = [r for r in plain["candidates"] if r["chosen"]]
+    (b,) = [r for r in healed["candidates"] if r["chosen"]]
+    assert a["dropped"] == b["dropped"] and b["heal_steps"] == 40 and b["label"].endswith("healed 40 steps")
+    assert b["kld_mean"] < a["kld_mean"], (a["kld_mean"], b["kld_mean"])
+    assert healed["candidates"][0]["heal_steps"] == 0  # uniform 4-bit drops nothing, so nothing to heal
+    # the recipe rebuilds it: prune, distill, quantize
+    recipe = load_recipe(tmp_path / "healed" / "recipe.toml")
+    assert [type(p).__name__ for p in recipe.passes] == ["Prune", "Distill", "RTN"] and recipe.passes[1].steps == 40
+    with pytest.raises(EdgesmithError, match="--heal-steps: heals a model after dropped blocks; give --drop-layers"):
+        tune(checkpoints["float"], "local", tmp_path / "x", **{**args, "drop_layers": 0}, heal_steps=5)

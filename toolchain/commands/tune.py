@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> None:
     doc = tune(args.checkpoint, args.target, args.out, max_size_mb=args.max_size_mb,
                min_decode_tok_s=args.min_decode_tok_s, max_kld=args.max_kld, formats=formats, method=args.method,
                budget_minutes=args.budget_minutes, candidates=args.candidates, seed=args.seed, data=args.data,
-               drop_layers=args.drop_layers,
+               drop_layers=args.drop_layers, heal_steps=args.heal_steps,
                calib_windows=args.calib_windows, eval_tokens=args.eval_tokens)
     print()
     print(text_table(COLUMNS, candidate_rows(doc)))
@@ -47,6 +47,8 @@ def register(sub) -> None:
                    "plus one measured refinement under --max-size-mb")
     t.add_argument("--drop-layers", type=int, default=0, metavar="N", help="structured pruning in the search: "
                    "up to N whole blocks may be removed, each priced by its measured KLD (default 0: none)")
+    t.add_argument("--heal-steps", type=int, default=0, metavar="M", help="with --drop-layers: distill a candidate "
+                   "that drops blocks M steps from the float model before quantizing it (default 0: no healing)")
     t.add_argument("--budget-minutes", type=float, default=None, help="stop building candidates after this long")
     t.add_argument("--seed", type=int, default=0, help="calibration windows seed (default 0)")
     t.add_argument("--data", default="stdlib", help="corpus: calibration from its train split, KLD on validation")
