@@ -84,14 +84,14 @@ def train_doc(ws: Workspace, name: str, model: str, data: str, steps, nproc, bat
 
 
 def pass_tables(specs: list[str], rules: str) -> list[dict]:
-    """`kind:key=value,...` lines (as `--pass` takes them) as [[pass]] tables; `REGEX=4|8|skip` rule lines
+    """`kind:key=value,...` lines (as `--pass` takes them) as [[pass]] tables; `REGEX=4|5|8|skip` rule lines
     go to every pass that has rules."""
     pairs = []
     for line in (rules or "").splitlines():
         if line.strip():
             pattern, eq, value = line.strip().rpartition("=")
             if not eq or not pattern:
-                raise EdgesmithError(f"rule {line.strip()!r}: expected REGEX=4, REGEX=8 or REGEX=skip")
+                raise EdgesmithError(f"rule {line.strip()!r}: expected REGEX=4, REGEX=5, REGEX=8 or REGEX=skip")
             pairs.append((pattern, value.strip()))
     pairs = parse_rules(pairs)
     tables = []

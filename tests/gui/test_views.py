@@ -75,7 +75,7 @@ def test_compress_form_becomes_a_valid_recipe_with_rules_and_extra_passes(tmp_pa
 
 @pytest.mark.parametrize("specs, rules, message", [
     ([], "", "passes: choose a quantization method"),
-    (["quantize:method=rtn,bits=5,group_size=32"], "", "bits"),
+    (["quantize:method=rtn,bits=6,group_size=32"], "", "bits"),
     (["quantize:method=rtn,bits=4,group_size=32"], "lm_head", "expected REGEX=4"),
     (["nope:x=1"], "", "unknown pass kind 'nope'"),
 ])

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
 def _parse_rule(text: str) -> tuple[str, str]:
     pattern, eq, value = text.rpartition("=")
     if not eq or not pattern:
-        raise EdgesmithError(f"--rule {text!r}: expected REGEX=VALUE with VALUE 4, 8 or skip")
+        raise EdgesmithError(f"--rule {text!r}: expected REGEX=VALUE with VALUE 4, 5, 8 or skip")
     return pattern, value
 
 
@@ -52,7 +52,7 @@ def register(sub) -> None:
                         "prune:method=heads,ratio=0.25, lowrank:energy=0.9, distill:steps=300, qat:bits=4,steps=200; "
                         "repeat to chain")
     c.add_argument("--rule", action="append", default=[], metavar="REGEX=VALUE",
-                   help="per-layer rule, first match wins; VALUE 4, 8 or skip (e.g. --rule lm_head=8)")
+                   help="per-layer rule, first match wins; VALUE 4, 5, 8 or skip (e.g. --rule lm_head=8)")
     c.add_argument("--out", required=True, help="the compressed checkpoint's directory")
     # Data
     c.add_argument("--data", default="stdlib", help="corpus: calibration from its train split, quality on validation")
