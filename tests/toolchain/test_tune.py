@@ -126,6 +126,7 @@ def test_tune_builds_measures_and_chooses_within_the_limits(checkpoints, corpus,
     recipe = load_recipe(out / "recipe.toml")
     assert [list(r) for r in recipe.passes[0].rules] == best["rules"]
     assert "<img src='data:image/png;base64," in (out / "report.html").read_text()
+    assert "limits: --max-size-mb 0.1;" in (out / "report.html").read_text()
 
 
 def test_an_unreachable_device_gets_the_planner_bound_and_says_so(checkpoints, corpus, tmp_path):

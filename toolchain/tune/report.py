@@ -27,6 +27,12 @@ def candidate_rows(doc: dict) -> list[list[str]]:
     return rows
 
 
+def limits_text(limits: dict) -> str:
+    """The limits as the flags that set them ("none" without any)."""
+    flags = {"max_size_mb": "--max-size-mb", "min_decode_tok_s": "--min-decode-tok-s", "max_kld": "--max-kld"}
+    return ", ".join(f"{flags[k]} {v:g}" for k, v in limits.items() if v is not None and k in flags) or "none"
+
+
 def unit_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     """Units down, candidates across, with each unit's measured KLD at each width searched (4, 5 where the format
     holds it, 8; and dropped, for blocks when the search could drop them) first."""
@@ -81,7 +87,10 @@ def write_tune_report(out: Path, doc: dict) -> Path:
     parts = [f"<h1>edgesmith tune: {html.escape(Path(s['checkpoint']).name)} for {html.escape(s['target'])}</h1>",
              f"<p class='note'>method {s['method']}, group {s['group_size']}, formats {', '.join(s['formats'])}, "
              f"KLD through the {s['formats'][0]} runtime on {s['eval_tokens']} validation tokens of "
-             f"{html.escape(s['data'])}; limits {html.escape(str(doc['limits']))}; {doc['seconds']:.0f} s.</p>"]
+             f"{html.escape(s['data'])}; limits: {html.escape(limits_text(doc['limits']))}"
+             + (f"; blocks dropped at most {s['drop_layers']}" if s.get("drop_layers") else "")
+             + (f", healed {s['heal_steps']} distill steps" if s.get("heal_steps") else "")
+             + f"; {doc['seconds']:.0f} s.</p>"]
     if png:
         parts.append(f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
     parts += ["<h2>Candidates</h2>", _table(COLUMNS, candidate_rows(doc)),
